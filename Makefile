@@ -14,7 +14,7 @@ setup: $(STAMP)
 # Idempotent: the venv is rebuilt only when pyproject.toml changes. torch/torchvision come from
 # the local wheel cache (pip's constraint file pins them); Fashion-MNIST from Debian when apt is here.
 $(STAMP): pyproject.toml
-	@if [ ! -d /usr/share/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
 	  echo "note: could not install dataset-fashion-mnist; torchvision will download Fashion-MNIST when asked"; fi

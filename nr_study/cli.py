@@ -1,0 +1,50 @@
+"""`nr-study` entry point: dispatches to each subcommand's own `cli_main(argv) -> int`.
+
+Subcommands live next to the code they drive, so this file stays a table. A UserError anywhere becomes
+one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from nr_study.errors import UserError
+
+COMMANDS = {
+    "train": ("nr_study.train", "train one configuration (YAML) with MLflow tracking"),
+    "sweep": ("nr_study.sweep", "run a search space (YAML) on Ray Tune, one MLflow run per trial"),
+    "tables": ("analysis.tables", "regenerate the paper's tables from MLflow runs"),
+    "plots": ("analysis.plots", "regenerate figures and trade-off plots from MLflow runs"),
+    "bench": ("nr_study.bench", "measure NR's overheads side by side"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: nr-study COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `nr-study COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.cli_main(rest) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
