@@ -1,0 +1,151 @@
+"""NeuralRejuvenation: the one object a training loop calls (Algorithm 1 of the paper).
+
+Events: ``after_backward()`` adds the L1 subgradient; ``end_of_step()`` / ``end_of_epoch()`` count Δt and,
+when the NR flag is on, monitor r(θ), update λ and rejuvenate when r < Tr. A rejuvenation changes the model
+in place and is returned as a report dict; the caller must then rebuild its optimizer (we do not carry
+momentum over: the S weights restart their momentum, the R weights have none to carry).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch.nn as nn
+
+from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks
+from nr_study.nr.graph import build_graph
+from nr_study.nr.sparsity import LambdaController, l1_subgradient_
+from nr_study.nr.surgery import SCHEMES, base_cost, rejuvenate
+
+
+@dataclass
+class NRConfig:
+    tr: float = 0.5  # rejuvenate when r < tr
+    delta_r: float = 0.01
+    delta_lambda: float = 5e-5
+    delta_t: int = 1
+    delta_t_unit: str = "epoch"  # "epoch" | "step"
+    lambda_mode: str = "adaptive"  # "adaptive" | "fixed"
+    lambda_fixed: float = 1.5e-4
+    lambda_max: float | None = None
+    window_epochs: int | None = None  # NR flag on only during the first K epochs
+    max_rejuvenations: int = 1
+    target_ratio: float = 1.0
+    constraint: str = "params"  # the resource r(θ) and the budget are measured in
+    scheme: str = "nr"
+    rescale: bool = False
+    realloc: bool = True
+    gamma0: float = 1.0
+    dead_threshold: float = 0.01
+    impl: str = "two"  # NR-CA: "two" or "four" convolutions per layer
+
+    def __post_init__(self):
+        checks = [
+            ("tr", 0 < self.tr < 1, "0 < tr < 1"),
+            ("delta_r", self.delta_r > 0, "delta_r > 0"),
+            ("delta_lambda", self.delta_lambda >= 0, "delta_lambda >= 0"),
+            ("delta_t", isinstance(self.delta_t, int) and self.delta_t >= 1, "an integer >= 1"),
+            ("delta_t_unit", self.delta_t_unit in ("epoch", "step"), "epoch, step"),
+            ("lambda_mode", self.lambda_mode in ("adaptive", "fixed"), "adaptive, fixed"),
+            ("max_rejuvenations", self.max_rejuvenations >= 0, "an integer >= 0"),
+            ("target_ratio", 0 < self.target_ratio <= 1, "0 < target_ratio <= 1"),
+            ("constraint", self.constraint in CONSTRAINTS, ", ".join(CONSTRAINTS)),
+            ("scheme", self.scheme in SCHEMES, ", ".join(SCHEMES)),
+            ("impl", self.impl in ("two", "four"), "two, four"),
+            ("gamma0", self.gamma0 > 0, "gamma0 > 0"),
+            ("dead_threshold", 0 < self.dead_threshold < 1, "0 < dead_threshold < 1"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"nr.{key}: {getattr(self, key)!r} is not allowed; allowed: {allowed}")
+
+
+class NeuralRejuvenation:
+    def __init__(self, model: nn.Module, input_shape, config: NRConfig | None = None):
+        self.model = model
+        self.input_shape = tuple(input_shape)
+        self.cfg = config or NRConfig()
+        self.graph = build_graph(model, self.input_shape)
+        base_cost(model, self.graph)
+        self.lam = LambdaController(self.cfg.delta_r, self.cfg.delta_lambda, self.cfg.lambda_mode,
+                                    self.cfg.lambda_fixed, self.cfg.lambda_max)
+        self.step = 0
+        self.epoch = 0
+        self.rejuvenations = 0
+        self.last_ratio: dict[str, float] = {}
+        self._collect_gammas()
+
+    # -- events -----------------------------------------------------------------------------------------
+    def after_backward(self) -> None:
+        if self.flag_on:
+            l1_subgradient_(self._gammas, self.lam.lam)
+
+    def end_of_step(self) -> dict | None:
+        self.step += 1
+        if self.cfg.delta_t_unit == "step" and self.step % self.cfg.delta_t == 0:
+            return self._monitor()
+        return None
+
+    def end_of_epoch(self) -> dict | None:
+        self.epoch += 1
+        if self.cfg.delta_t_unit == "epoch" and self.epoch % self.cfg.delta_t == 0:
+            return self._monitor()
+        return None
+
+    @property
+    def flag_on(self) -> bool:
+        """NR flag: inside the window and with rejuvenations left."""
+        in_window = self.cfg.window_epochs is None or self.epoch < self.cfg.window_epochs
+        return in_window and self.rejuvenations < self.cfg.max_rejuvenations
+
+    # -- monitor / rejuvenate -------------------------------------------------------------------------
+    def utilization(self, constraint: str | None = None):
+        return graph_utilization(self.model, self.graph, constraint or self.cfg.constraint,
+                                 self.cfg.dead_threshold)
+
+    def _monitor(self) -> dict | None:
+        if not self.flag_on:
+            return None
+        masks = live_masks(self.model, self.graph, self.cfg.dead_threshold)
+        for c in CONSTRAINTS:
+            self.last_ratio[c] = graph_utilization(self.model, self.graph, c, masks=masks).ratio
+        r = self.last_ratio[self.cfg.constraint]
+        if r < self.cfg.tr:
+            _, report = rejuvenate(self.model, self.input_shape, self.cfg.target_ratio, self.cfg.constraint,
+                                   self.cfg.scheme, self.cfg.rescale, self.cfg.realloc, inplace=True,
+                                   threshold=self.cfg.dead_threshold, gamma0=self.cfg.gamma0, graph=self.graph,
+                                   impl=self.cfg.impl)
+            self.rejuvenations += 1
+            self.lam.reset()
+            self.last_ratio = {}
+            self._collect_gammas()
+            out = report.as_dict()
+            out.update(step=self.step, epoch=self.epoch, ratio=r, index=self.rejuvenations)
+            return out
+        self.lam.update(r)
+        return None
+
+    def _collect_gammas(self) -> None:
+        modules = dict(self.model.named_modules())
+        self._gammas = [modules[g.bn].weight for g in self.graph.free_groups()]
+
+    # -- reporting / persistence --------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        out = {"lambda": self.lam.lam if self.flag_on else 0.0, "rejuvenations": self.rejuvenations}
+        masks = live_masks(self.model, self.graph, self.cfg.dead_threshold)
+        for c in CONSTRAINTS:
+            u = graph_utilization(self.model, self.graph, c, masks=masks)
+            out[f"util_{c}"] = u.ratio
+            out[c] = u.total
+        return out
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "rejuvenations": self.rejuvenations,
+                "lambda": self.lam.state_dict(), "config": asdict(self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore counters and λ; the model must already have the checkpoint's architecture."""
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.rejuvenations = state["rejuvenations"]
+        self.lam.load_state_dict(state["lambda"])
+        self.graph = build_graph(self.model, self.input_shape)
+        self._collect_gammas()

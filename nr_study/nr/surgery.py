@@ -1,0 +1,443 @@
+"""Dead neuron rejuvenation (paper §3.2): remove dead channels, reallocate the budget, reinitialise, rescale.
+
+Every free group g goes from width w to w'' = [S; R]: S its survivors (old order), R new channels.
+The shared expansion rate α is the largest one whose widths w'' = floor(α·w') meet the target cost
+(bisection: √(all/live) is right only when every layer is free). Reinitialisation keeps the function of
+the pruned network: W_S→S kept, W_R→S = 0, W_S→R = 0, W_R→R Kaiming, R's γ = γ0, β = 0. Where a layer has no
+R input (it reads the image or a fixed residual stream) its R outputs are initialised from all inputs
+instead, since otherwise they would be constant. The same code prunes (no new channels) for Network
+Slimming and for the utilization invariants.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks, widths_cost
+from nr_study.nr.graph import ChannelGraph, Layer, build_graph
+from nr_study.nr.schemes import CAConv, CRConv, conv_like
+
+SCHEMES = ("nr", "cr", "ca")
+
+
+@dataclass
+class RejuvenationReport:
+    alpha: float
+    constraint: str
+    scheme: str
+    rescale: bool
+    realloc: bool
+    target_ratio: float
+    target: int  # target ratio · c(A as first built)
+    cost_before: int  # c(A)
+    utilized: int  # U(θ)
+    cost_after: int  # c(A'')
+    widths_before: dict[str, int] = field(default_factory=dict)
+    widths_live: dict[str, int] = field(default_factory=dict)
+    widths_after: dict[str, int] = field(default_factory=dict)
+    survivors: dict[str, int] = field(default_factory=dict)  # |S| per layer
+    rejuvenated: dict[str, int] = field(default_factory=dict)  # |R| per layer
+    rescaled_channels: int = 0
+    rescale_skipped: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# budget
+
+
+def base_cost(model: nn.Module, graph: ChannelGraph) -> dict[str, int]:
+    """c(A) of the model as first built; stored on the model so repeated rejuvenations share one C."""
+    if getattr(model, "nr_base_cost", None) is None:
+        model.nr_base_cost = {c: graph_utilization(model, graph, c, masks={}).total for c in CONSTRAINTS}
+    return model.nr_base_cost
+
+
+def expansion_widths(w_prime: dict[int, int], alpha: float) -> dict[int, int]:
+    return {g: max(1, math.floor(alpha * w)) for g, w in w_prime.items()}
+
+
+def split_counts(w_prime: dict[int, int], widths: dict[int, int]) -> tuple[dict[int, int], dict[int, int]]:
+    """(|S|, |R|) per group: survivors fill first; a width below w' keeps only the strongest survivors."""
+    s = {g: min(widths[g], w_prime[g]) for g in widths}
+    return s, {g: widths[g] - s[g] for g in widths}
+
+
+def solve_alpha(graph: ChannelGraph, w_prime: dict[int, int], target: float, constraint: str,
+                scheme: str = "nr") -> float:
+    """Largest α with cost(floor(α·w')) <= target, by bisection on the step function of α."""
+
+    def cost(alpha: float) -> int:
+        return widths_cost(graph, *split_counts(w_prime, expansion_widths(w_prime, alpha)), constraint, scheme)
+
+    if cost(0.0) > target:
+        raise ValueError(f"target_ratio: the fixed layers alone cost {cost(0.0)} {constraint}, more than the "
+                         f"target {int(target)}; allowed: a larger target_ratio")
+    lo, hi = 0.0, 1.0
+    while cost(hi) <= target:
+        lo, hi = hi, hi * 2
+        if hi > 2 ** 20:
+            return lo  # nothing free to grow (every layer fixed): any α meets the target
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        if cost(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# ---------------------------------------------------------------------------------------------------
+# the public entry points
+
+
+def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constraint: str = "params",
+               scheme: str = "nr", rescale: bool = True, realloc: bool = True, inplace: bool = False,
+               threshold: float = 0.01, gamma0: float = 1.0, graph: ChannelGraph | None = None,
+               impl: str = "two") -> tuple[nn.Module, RejuvenationReport]:
+    """Rejuvenate ``model``'s dead channels under target_ratio · c(A as first built); returns (model, report)."""
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"constraint: {constraint!r} is not allowed; allowed: {', '.join(CONSTRAINTS)}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme: {scheme!r} is not allowed; allowed: {', '.join(SCHEMES)}")
+    if not 0 < target_ratio <= 1:
+        raise ValueError(f"target_ratio: {target_ratio!r} is not allowed; allowed: 0 < target_ratio <= 1")
+    if not inplace:
+        model = copy.deepcopy(model)
+    graph = graph or build_graph(model, input_shape)
+    target = target_ratio * base_cost(model, graph)[constraint]
+    modules = dict(model.named_modules())
+    masks = live_masks(model, graph, threshold)
+    util = graph_utilization(model, graph, constraint, masks=masks)
+
+    free = graph.free_groups()
+    gammas = {g.id: modules[g.bn].weight.detach().abs() for g in free}
+    live_idx = {}
+    for g in free:
+        idx = torch.nonzero(masks[g.id]).flatten()
+        live_idx[g.id] = idx if len(idx) else gammas[g.id].argmax().view(1)  # a layer never vanishes
+    w_prime = {gid: len(idx) for gid, idx in live_idx.items()}
+    if realloc:
+        alpha = solve_alpha(graph, w_prime, target, constraint, scheme)
+        widths = expansion_widths(w_prime, alpha)
+    else:  # NR-IP: widths unchanged, dead channels reborn in place
+        alpha, widths = 1.0, {g.id: g.width for g in free}
+    s_count, r_count = split_counts(w_prime, widths)
+    keep = {}
+    for gid, idx in live_idx.items():
+        if s_count[gid] < len(idx):  # compressing below the survivors: keep the strongest
+            idx = idx[gammas[gid][idx].argsort(descending=True)[: s_count[gid]]].sort().values
+        keep[gid] = idx
+
+    report = RejuvenationReport(alpha, constraint, scheme, rescale, realloc, target_ratio, int(target),
+                                util.total, util.live, 0)
+    for g in free:
+        report.widths_before[g.producer] = g.width
+        report.widths_live[g.producer] = w_prime[g.id]
+        report.widths_after[g.producer] = widths[g.id]
+        report.survivors[g.producer] = s_count[g.id]
+        report.rejuvenated[g.producer] = r_count[g.id]
+    apply_surgery(model, graph, keep, r_count, scheme=scheme, rescale=rescale, gamma0=gamma0, impl=impl,
+                  report=report)
+    report.cost_after = graph_utilization(model, graph, constraint, masks={}).total
+    return model, report
+
+
+def prune(model: nn.Module, input_shape, keep_masks: dict[str, torch.Tensor], inplace: bool = False,
+          graph: ChannelGraph | None = None) -> nn.Module:
+    """Physically remove channels: ``keep_masks`` maps a unit BN's name to the bool mask of channels to keep."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    graph = graph or build_graph(model, input_shape)
+    base_cost(model, graph)
+    by_bn = {g.bn: g.id for g in graph.free_groups()}
+    unknown = sorted(set(keep_masks) - set(by_bn))
+    if unknown:
+        raise ValueError(f"keep_masks: {unknown} are not prunable BatchNorms; allowed: {sorted(by_bn)}")
+    keep = {}
+    for name, mask in keep_masks.items():
+        idx = torch.nonzero(mask.flatten()).flatten()
+        if len(idx) == 0:
+            idx = dict(model.named_modules())[name].weight.detach().abs().argmax().view(1)
+        keep[by_bn[name]] = idx
+    apply_surgery(model, graph, keep, {gid: 0 for gid in keep}, scheme="nr", rescale=False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# surgery
+
+
+def apply_surgery(model: nn.Module, graph: ChannelGraph, keep: dict[int, torch.Tensor], n_new: dict[int, int],
+                  scheme: str = "nr", rescale: bool = False, gamma0: float = 1.0, impl: str = "two",
+                  report: RejuvenationReport | None = None) -> None:
+    """Rebuild, in place, every layer and BN touching a changed group: group g becomes [keep[g]; n_new[g] new]."""
+    modules = dict(model.named_modules())
+    for layer in graph.layers:  # NR-CR's absent cross blocks become zeros: exact, and survivors are all S now
+        if isinstance(modules[layer.name], CRConv):
+            old = modules[layer.name]
+            dense = conv_like(old.conv_s, old.in_channels, old.out_channels)
+            with torch.no_grad():
+                dense.weight.copy_(old.to_dense())
+            model.set_submodule(layer.name, dense)
+            modules[layer.name] = dense
+    if rescale:
+        _rescale(modules, graph, keep, gamma0, report)
+    src = {}
+    for gid, idx in keep.items():
+        idx = idx.to(torch.long).cpu()
+        src[gid] = torch.cat([idx, torch.full((n_new.get(gid, 0),), -1, dtype=torch.long)])
+
+    def layout_src(layout) -> torch.Tensor:
+        parts, offset = [], 0
+        for g, f in layout:
+            width = graph.groups[g].width
+            s = src.get(g, torch.arange(width))
+            if f > 1:
+                s = torch.where(s[:, None] >= 0, s[:, None] * f + torch.arange(f), -1).flatten()
+            parts.append(torch.where(s >= 0, s + offset, -1))
+            offset += width * f
+        return torch.cat(parts)
+
+    with torch.no_grad():
+        for layer in graph.layers:
+            in_src = layout_src(layer.in_layout)
+            out_src = in_src if layer.kind == "depthwise" else layout_src(((layer.out_group, 1),))
+            if (in_src >= 0).all() and torch.equal(in_src, torch.arange(len(in_src))) and \
+                    torch.equal(out_src, torch.arange(len(out_src))):
+                continue
+            new = _remap_layer(modules[layer.name], layer, in_src, out_src, scheme, impl)
+            model.set_submodule(layer.name, new.train(modules[layer.name].training))
+        for bn in graph.bns:
+            s = layout_src(bn.layout)
+            if not torch.equal(s, torch.arange(len(s))):
+                model.set_submodule(bn.name, _remap_bn(modules[bn.name], s, gamma0))
+    for gid, s in src.items():
+        graph.groups[gid].width = len(s)
+
+
+def _rescale(modules, graph: ChannelGraph, keep, gamma0: float, report) -> None:
+    """Neural rescaling: survivors with |γ| < γ0 get |γ| = γ0, β·s, and their readers' weights / s."""
+    for g in graph.free_groups():
+        if g.id not in keep:
+            continue
+        if g.rescale_reason is not None:
+            if report is not None:
+                report.rescale_skipped[g.producer] = g.rescale_reason
+            continue
+        bn = modules[g.bn]
+        gamma = bn.weight.detach()
+        scale = torch.ones_like(gamma)
+        idx = keep[g.id].to(gamma.device)
+        small = idx[(gamma[idx].abs() < gamma0) & (gamma[idx] != 0)]
+        scale[small] = gamma0 / gamma[small].abs()
+        if report is not None:
+            report.rescaled_channels += len(small)
+        with torch.no_grad():
+            bn.weight.mul_(scale)
+            bn.bias.mul_(scale)
+            for layer in graph.consumers(g.id):
+                parts = [scale.repeat_interleave(f) if gid == g.id else torch.ones(graph.groups[gid].width * f,
+                         device=scale.device, dtype=scale.dtype) for gid, f in layer.in_layout]
+                _scale_input(modules[layer.name], torch.cat(parts))
+
+
+def _scale_input(module: nn.Module, vec: torch.Tensor) -> None:
+    if isinstance(module, CAConv):
+        _scale_input(module.inner, vec[module.s_idx])
+        if module.w_sr is not None:
+            _scale_input(module.w_sr, vec[module.s_idx])
+        if module.w_r is not None:
+            _scale_input(module.w_r, vec[module.r_idx])
+    elif isinstance(module, (nn.Conv2d, nn.Linear)):
+        shape = (1, -1) + (1,) * (module.weight.dim() - 2)
+        module.weight.div_(vec.view(shape))
+    else:
+        raise TypeError(f"cannot rescale the inputs of {type(module).__name__}")
+
+
+def _kaiming(shape, like: torch.Tensor) -> torch.Tensor:
+    t = torch.empty(shape, device=like.device, dtype=like.dtype)
+    if t.numel():
+        nn.init.kaiming_normal_(t, mode="fan_out", nonlinearity="relu")
+    return t
+
+
+def _new_dense(template: nn.Module, in_ch: int, out_ch: int, groups: int = 1) -> nn.Module:
+    has_bias = template.bias is not None
+    if isinstance(template, nn.Linear):
+        return nn.Linear(in_ch, out_ch, bias=has_bias, device=template.weight.device, dtype=template.weight.dtype)
+    return nn.Conv2d(in_ch, out_ch, template.kernel_size, template.stride, template.padding, template.dilation,
+                     groups=groups, bias=has_bias, padding_mode=template.padding_mode,
+                     device=template.weight.device, dtype=template.weight.dtype)
+
+
+def _remap_dense_weight(w: torch.Tensor, in_src: torch.Tensor, out_src: torch.Tensor) -> torch.Tensor:
+    """[S_out; R_out] × [S_in; R_in]: W_SS copied, W_RS = W_SR = 0, W_RR Kaiming (or R from all if no R_in)."""
+    dev = w.device
+    in_src, out_src = in_src.to(dev), out_src.to(dev)
+    new = w.new_zeros((len(out_src), len(in_src)) + tuple(w.shape[2:]))
+    s_out, s_in = torch.nonzero(out_src >= 0).flatten(), torch.nonzero(in_src >= 0).flatten()
+    new[s_out[:, None], s_in] = w[out_src[s_out][:, None], in_src[s_in]]
+    r_out, r_in = torch.nonzero(out_src < 0).flatten(), torch.nonzero(in_src < 0).flatten()
+    if len(r_out):
+        cols = r_in if len(r_in) else torch.arange(len(in_src), device=dev)
+        fresh = _kaiming(new.shape, w)
+        new[r_out[:, None], cols] = fresh[r_out[:, None], cols]
+    return new
+
+
+def _remap_bias(old: nn.Module, new: nn.Module, out_src: torch.Tensor) -> None:
+    if old.bias is not None:
+        out_src = out_src.to(old.bias.device)
+        ok = out_src >= 0
+        new.bias.zero_()
+        new.bias[ok] = old.bias[out_src[ok]]
+
+
+def _remap_layer(old: nn.Module, layer: Layer, in_src, out_src, scheme: str, impl: str) -> nn.Module:
+    if layer.kind == "depthwise":
+        new = _new_dense(old, len(in_src), len(in_src), groups=len(in_src))
+        ok = (in_src >= 0).to(old.weight.device)
+        fresh = _kaiming(new.weight.shape, old.weight)
+        new.weight.copy_(torch.where(ok.view(-1, 1, 1, 1), old.weight[in_src.clamp(min=0).to(ok.device)], fresh))
+        _remap_bias(old, new, in_src)
+        return new
+    if layer.kind == "grouped":
+        raise AssertionError(f"grouped conv '{layer.name}' has fixed channels and cannot change")
+    s_pos = torch.nonzero(in_src >= 0).flatten()
+    r_pos = torch.nonzero(in_src < 0).flatten()
+    s_out = int((out_src >= 0).sum())
+    r_out = len(out_src) - s_out
+    wants_split = layer.kind == "conv" and len(r_pos) > 0 and r_out > 0
+    if isinstance(old, CAConv) or (scheme == "ca" and wants_split):
+        inner = _select(old, in_src[s_pos], out_src[:s_out])
+        template = _template(old)
+        if not len(r_pos) and not r_out:
+            return inner
+        w_sr = w_r = None
+        if r_out:
+            w_sr = conv_like(template, len(s_pos), r_out)
+            if len(r_pos):
+                w_sr.weight.zero_()  # W_S->R = 0
+            else:  # no R input: S is R's only source
+                w_sr.weight.copy_(_kaiming(w_sr.weight.shape, template.weight))
+        if len(r_pos):
+            w_r = conv_like(template, len(r_pos), s_out + r_out)
+            w_r.weight.zero_()
+            w_r.weight[s_out:] = _kaiming((r_out, len(r_pos)) + tuple(w_r.weight.shape[2:]), template.weight)
+        return CAConv(s_pos, r_pos, inner, w_sr, w_r, template, s_out, r_out, impl=impl)
+    if scheme == "cr" and wants_split:
+        conv_s = _select(old, in_src[s_pos], out_src[:s_out])
+        conv_r = conv_like(old, len(r_pos), r_out)
+        conv_r.weight.copy_(_kaiming(conv_r.weight.shape, old.weight))
+        return CRConv(s_pos, r_pos, conv_s, conv_r)
+    new = _new_dense(old, len(in_src), len(out_src))
+    new.weight.copy_(_remap_dense_weight(old.weight, in_src, out_src))
+    _remap_bias(old, new, out_src)
+    return new
+
+
+def _template(module: nn.Module) -> nn.Conv2d:
+    while isinstance(module, CAConv):
+        module = module.inner
+    return module
+
+
+def _select(module: nn.Module, in_keep: torch.Tensor, out_keep: torch.Tensor) -> nn.Module:
+    """The same kind of module restricted to the given input and output channels (all old, no new ones)."""
+    if isinstance(module, CAConv):
+        pos_s = {int(p): i for i, p in enumerate(module.s_idx.tolist())}
+        pos_r = {int(p): i for i, p in enumerate(module.r_idx.tolist())}
+        new_s = [j for j, p in enumerate(in_keep.tolist()) if p in pos_s]
+        new_r = [j for j, p in enumerate(in_keep.tolist()) if p in pos_r]
+        inner_in = torch.tensor([pos_s[in_keep[j].item()] for j in new_s], dtype=torch.long)
+        r_in = torch.tensor([pos_r[in_keep[j].item()] for j in new_r], dtype=torch.long)
+        out_keep = out_keep.cpu()
+        out_s = out_keep[out_keep < module.s_out]
+        out_r = out_keep[out_keep >= module.s_out] - module.s_out
+        inner = _select(module.inner, inner_in, out_s)
+        w_sr = _slice_conv(module.w_sr, out_r, inner_in) if module.w_sr is not None and len(out_r) else None
+        w_r = None
+        if module.w_r is not None and len(r_in):
+            w_r = _slice_conv(module.w_r, torch.cat([out_s, out_r + module.s_out]), r_in)
+        return CAConv(torch.tensor(new_s, dtype=torch.long), torch.tensor(new_r, dtype=torch.long), inner, w_sr,
+                      w_r, _template(module), len(out_s), len(out_r), impl=module.impl)
+    new = _slice_conv(module, out_keep, in_keep)
+    _remap_bias(module, new, out_keep)
+    return new
+
+
+def _slice_conv(conv: nn.Module, out_keep: torch.Tensor, in_keep: torch.Tensor) -> nn.Module:
+    new = _new_dense(conv, len(in_keep), len(out_keep))
+    dev = conv.weight.device
+    new.weight.copy_(conv.weight[out_keep.to(dev)][:, in_keep.to(dev)])
+    return new
+
+
+def _remap_bn(old: nn.Module, src: torch.Tensor, gamma0: float) -> nn.Module:
+    new = type(old)(len(src), eps=old.eps, momentum=old.momentum, affine=old.affine,
+                    track_running_stats=old.track_running_stats, device=_device(old), dtype=_dtype(old))
+    src = src.to(_device(old))
+    ok = src >= 0
+    idx = src.clamp(min=0)
+    with torch.no_grad():
+        if old.affine:
+            new.weight.copy_(torch.where(ok, old.weight[idx], torch.full_like(new.weight, gamma0)))
+            new.bias.copy_(torch.where(ok, old.bias[idx], torch.zeros_like(new.bias)))
+        if old.track_running_stats:
+            new.running_mean.copy_(torch.where(ok, old.running_mean[idx], torch.zeros_like(new.running_mean)))
+            new.running_var.copy_(torch.where(ok, old.running_var[idx], torch.ones_like(new.running_var)))
+            new.num_batches_tracked.copy_(old.num_batches_tracked)
+    new.train(old.training)
+    return new
+
+
+def _device(m: nn.Module) -> torch.device:
+    return next(iter(m.state_dict().values())).device
+
+
+def _dtype(m: nn.Module) -> torch.dtype:
+    for t in m.state_dict().values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+
+def split_to_ca(model: nn.Module, input_shape, impl: str = "two", graph: ChannelGraph | None = None) -> nn.Module:
+    """BL-CA: every conv between free groups takes the CA form on a fixed half/half split, in place.
+
+    Channel order and parameter count are unchanged: the dense weight is cut into its four blocks.
+    """
+    graph = graph or build_graph(model, input_shape)
+    base_cost(model, graph)
+    modules = dict(model.named_modules())
+    s_of = {g.id: g.width - g.width // 2 for g in graph.free_groups()}
+    for layer in graph.layers:
+        old = modules[layer.name]
+        if layer.kind != "conv" or type(old) is not nn.Conv2d or layer.out_group not in s_of:
+            continue
+        is_r = torch.cat([torch.arange(graph.groups[g].width).repeat_interleave(f) >= s_of[g] if g in s_of
+                          else torch.zeros(graph.groups[g].width * f, dtype=torch.bool) for g, f in layer.in_layout])
+        s_pos, r_pos = torch.nonzero(~is_r).flatten(), torch.nonzero(is_r).flatten()
+        s_out = s_of[layer.out_group]
+        r_out = old.out_channels - s_out
+        if not len(r_pos) or not r_out:
+            continue
+        w = old.weight.detach()
+        inner, w_sr, w_r = conv_like(old, len(s_pos), s_out), conv_like(old, len(s_pos), r_out), \
+            conv_like(old, len(r_pos), old.out_channels)
+        dev = w.device
+        with torch.no_grad():
+            inner.weight.copy_(w[:s_out][:, s_pos.to(dev)])
+            w_sr.weight.copy_(w[s_out:][:, s_pos.to(dev)])
+            w_r.weight.copy_(w[:, r_pos.to(dev)])
+        model.set_submodule(layer.name, CAConv(s_pos, r_pos, inner, w_sr, w_r, old, s_out, r_out, impl=impl))
+    return model
