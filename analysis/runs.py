@@ -1,0 +1,293 @@
+"""Shared MLflow query helpers for the analysis: which store, which runs, which values.
+
+Reads MLflow only (never the trainer). Names follow docs/architecture.md ("Tracking names"):
+tags `nr.table`, `nr.cell`, `nr.method`, `nr.arch`, `nr.dataset`, `nr.constraint`, `nr.seed`, `nr.sweep`;
+per-epoch metrics (step = epoch) `test_err`, `test_err5`, `util_params`, `util_flops`, `lambda`, `params`,
+`flops`, `rejuvenations`; summaries `final_test_err`, `best_test_err`, `final_params`, `final_flops`.
+Run params are the flattened trainer config with dotted keys (`nr.tr`, `nr.delta_lambda`, `model.arch`,
+`method`, ...); every lookup here tolerates a missing key (returns None) so callers can skip and say so.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from nr_study.errors import ConfigError
+
+FINISHED = "FINISHED"
+
+# Where a value may live, in order of preference. Tags first (the contract), then the flattened config.
+ATTR_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
+    "method": (("tag", "nr.method"), ("param", "method"), ("param", "nr.method")),
+    "arch": (("tag", "nr.arch"), ("param", "model.arch"), ("param", "model.name"), ("param", "arch")),
+    "dataset": (("tag", "nr.dataset"), ("param", "data.dataset"), ("param", "data.name"), ("param", "dataset")),
+    "constraint": (("tag", "nr.constraint"), ("param", "nr.constraint"), ("param", "constraint")),
+    "seed": (("tag", "nr.seed"), ("param", "seed"), ("param", "train.seed")),
+    "scheme": (("tag", "nr.scheme"), ("param", "nr.scheme")),
+    "table": (("tag", "nr.table"),),
+    "cell": (("tag", "nr.cell"),),
+    "sweep": (("tag", "nr.sweep"),),
+    "trial": (("tag", "nr.trial"),),
+    "tr": (("param", "nr.tr"), ("param", "nr.Tr")),
+    "delta_lambda": (("param", "nr.delta_lambda"), ("param", "nr.dlambda")),
+    "delta_r": (("param", "nr.delta_r"), ("param", "nr.dr")),
+    "max_rejuvenations": (("param", "nr.max_rejuvenations"),),
+    "target_ratio": (("param", "nr.target_ratio"),),
+}
+
+NR_METHODS = ("NR", "NR-BR", "NR-CR", "NR-CA", "NR-CA-BR", "NR-IP")
+
+
+def runs_folder() -> Path:
+    return Path(os.environ.get("NR_STUDY_RUNS") or "runs").resolve()
+
+
+def default_tracking_uri() -> str:
+    """env MLFLOW_TRACKING_URI, else sqlite:///<abs runs folder>/mlflow.db (runs folder = env NR_STUDY_RUNS or ./runs)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{runs_folder() / 'mlflow.db'}"
+
+
+def check_tracking_uri(uri: str) -> str:
+    """Refuse a sqlite or file store that does not exist (MLflow would silently create an empty one)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise ConfigError(f"--tracking-uri: no MLflow database at {path} (run a sweep first, or pass --tracking-uri)")
+    elif uri.startswith("file:") or "://" not in uri:
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
+        if not path.is_dir():
+            raise ConfigError(f"--tracking-uri: no MLflow file store at {path}")
+    return uri
+
+
+def to_float(value: Any) -> float | None:
+    """Parse a param/tag string to float; None for missing or unparsable ("None", "", "auto")."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return None if isinstance(value, float) and math.isnan(value) else float(value)
+    try:
+        out = float(str(value).strip())
+    except ValueError:
+        return None
+    return None if math.isnan(out) else out
+
+
+def norm(name: Any) -> str:
+    """Normalise a name for matching: lower case, no 'tv:' prefix, alphanumerics only ('ResNet-50' -> 'resnet50')."""
+    s = str(name).strip().lower()
+    if s.startswith("tv:"):
+        s = s[3:]
+    return re.sub(r"[^a-z0-9.]", "", s).replace(".", "")
+
+
+@dataclass
+class RunRecord:
+    """One MLflow run as the analysis sees it. `metrics` holds MLflow's latest value per key (= the value
+    at the highest step, i.e. the final epoch for per-epoch metrics)."""
+
+    run_id: str
+    experiment: str
+    status: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    start_time: int = 0
+    name: str = ""
+    _client: Any = field(default=None, repr=False)
+    _history: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
+
+    # --- attributes -------------------------------------------------------------------------
+    def get(self, attr: str) -> str | None:
+        """A named attribute (see ATTR_KEYS) or, for an unknown name, the tag then the param of that name."""
+        for kind, key in ATTR_KEYS.get(attr, (("tag", attr), ("param", attr))):
+            src = self.tags if kind == "tag" else self.params
+            val = src.get(key)
+            if val not in (None, "", "None", "null"):
+                return str(val)
+        return None
+
+    def get_float(self, attr: str) -> float | None:
+        return to_float(self.get(attr))
+
+    @property
+    def label(self) -> str:
+        bits = [self.get("arch") or "?", self.get("method") or "?"]
+        seed = self.get("seed")
+        if seed is not None:
+            bits.append(f"seed {seed}")
+        return " ".join(bits)
+
+    # --- metrics ------------------------------------------------------------------------------
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """[(step, value)] sorted by step; one value per step (the last logged wins)."""
+        if key not in self._history:
+            points: dict[int, tuple[int, float]] = {}
+            if self._client is not None and key in self.metrics:
+                for m in self._client.get_metric_history(self.run_id, key):
+                    prev = points.get(m.step)
+                    if prev is None or m.timestamp >= prev[0]:
+                        points[m.step] = (m.timestamp, m.value)
+            self._history[key] = sorted((s, v) for s, (_, v) in points.items())
+        return self._history[key]
+
+    def final(self, key: str, summary: str | None = None) -> float | None:
+        """Value at the final epoch: latest of the per-epoch metric `key`, else the summary metric."""
+        if key in self.metrics:
+            return float(self.metrics[key])
+        if summary and summary in self.metrics:
+            return float(self.metrics[summary])
+        return None
+
+    def best(self, key: str, summary: str | None = None) -> float | None:
+        """Lowest value over the per-epoch history of `key`, else the summary metric."""
+        hist = self.history(key)
+        if hist:
+            return min(v for _, v in hist)
+        if summary and summary in self.metrics:
+            return float(self.metrics[summary])
+        return None
+
+    def error(self, mode: str = "final", top: int = 1) -> float | None:
+        """Top-1 (or top-5) error in % at the final epoch, or the best over epochs (mode='best')."""
+        if top == 1:
+            key, final_s, best_s = "test_err", "final_test_err", "best_test_err"
+        else:
+            key, final_s, best_s = "test_err5", "final_test_err5", "best_test_err5"
+        if mode == "best":
+            return self.best(key, best_s)
+        return self.final(key, final_s)
+
+    def n_params(self) -> float | None:
+        """Final parameter count: summary `final_params`, else the last per-epoch `params`."""
+        return self.final("final_params", "params")
+
+    def n_flops(self) -> float | None:
+        """Final FLOPs (multiply-adds): summary `final_flops`, else the last per-epoch `flops`."""
+        return self.final("final_flops", "flops")
+
+    def n_rejuvenations(self) -> float | None:
+        return self.final("rejuvenations")
+
+
+class RunStore:
+    """Runs of one tracking store, optionally restricted to some experiments."""
+
+    def __init__(self, tracking_uri: str | None = None, experiments: Iterable[str] | None = None, *, check: bool = True):
+        from mlflow.tracking import MlflowClient  # imported here: mlflow is slow to import
+
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        if check:
+            check_tracking_uri(self.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        known = {e.experiment_id: e.name for e in self._all_experiments()}
+        wanted = list(experiments or [])
+        if wanted:
+            by_name = {name: eid for eid, name in known.items()}
+            missing = [w for w in wanted if w not in by_name]
+            if missing:
+                raise ConfigError(
+                    f"--experiment: unknown experiment {missing[0]!r}; known: {', '.join(sorted(by_name)) or '(none)'}"
+                )
+            self.experiments = {by_name[w]: w for w in wanted}
+        else:
+            self.experiments = known
+        self._all: list[RunRecord] | None = None
+        self.parents: list[RunRecord] = []
+
+    def _all_experiments(self):
+        out, token = [], None
+        while True:
+            page = self.client.search_experiments(max_results=1000, page_token=token)
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def all_runs(self) -> list[RunRecord]:
+        """Every active run of the chosen experiments, any status, sweep parent runs excluded."""
+        if self._all is None:
+            records: list[RunRecord] = []
+            ids = list(self.experiments)
+            token = None
+            while ids:
+                page = self.client.search_runs(ids, max_results=5000, page_token=token)
+                for r in page:
+                    records.append(
+                        RunRecord(
+                            run_id=r.info.run_id,
+                            experiment=self.experiments.get(r.info.experiment_id, r.info.experiment_id),
+                            status=r.info.status,
+                            tags=dict(r.data.tags),
+                            params=dict(r.data.params),
+                            metrics=dict(r.data.metrics),
+                            start_time=r.info.start_time or 0,
+                            name=r.info.run_name or "",
+                            _client=self.client,
+                        )
+                    )
+                token = page.token
+                if not token:
+                    break
+            parents = {r.tags.get("mlflow.parentRunId") for r in records} - {None}
+            self.parents = [r for r in records if r.run_id in parents]
+            self._all = [r for r in records if r.run_id not in parents]
+        return self._all
+
+    def finished(self, where: dict[str, str] | None = None) -> list[RunRecord]:
+        """FINISHED runs whose attributes equal `where` (e.g. {"table": "table1"})."""
+        out = []
+        for r in self.all_runs():
+            if r.status != FINISHED:
+                continue
+            if where and any(r.get(k) != v for k, v in where.items()):
+                continue
+            out.append(r)
+        return out
+
+    def not_finished(self, where: dict[str, str] | None = None) -> list[RunRecord]:
+        return [
+            r for r in self.all_runs()
+            if r.status != FINISHED and not (where and any(r.get(k) != v for k, v in where.items()))
+        ]
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
+    """(mean, sample std (ddof=1; None when n < 2), n)."""
+    n = len(values)
+    if n == 0:
+        return None, None, 0
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var), n
+
+
+def rejuvenation_count(run: RunRecord) -> tuple[int | None, str | None]:
+    """How many rejuvenations a run stands for: its `nr.cell` tag ("nr3", "cifar10/nr3"), else its final
+    `rejuvenations` metric, else the param `nr.max_rejuvenations`, else 0 for a BL run.
+    Returns (count or None, a note when the tag and the logged count disagree)."""
+    logged = run.n_rejuvenations()
+    cell = run.get("cell")
+    m = re.search(r"(?:^|[/_:-])nr(\d+)$", cell or "", flags=re.I)
+    if m:
+        count = int(m.group(1))
+        if logged is not None and int(logged) != count:
+            return count, f"run {run.run_id[:8]} is tagged {cell!r} but logged {int(logged)} rejuvenations"
+        return count, None
+    if logged is not None:
+        return int(logged), None
+    mx = run.get_float("max_rejuvenations")
+    if mx is not None:
+        return int(mx), None
+    if (run.get("method") or "").upper() == "BL":
+        return 0, None
+    return None, None

@@ -1,0 +1,629 @@
+"""`nr-study tables`: the paper's tables, paper numbers beside the reproduced ones.
+
+Each paper table (Tables 1-5 of the paper, numbers in analysis/paper_results.yaml) is rebuilt in the paper's
+layout from the FINISHED MLflow runs tagged `nr.table` = `table1` ... `table5`. A run lands in the cell whose
+id equals its `nr.cell` tag (ids listed in paper_results.yaml, e.g. `resnet50/NR-params`, `vgg19/cifar10/NR-CR`,
+`cifar100/nr3`); a run without a known `nr.cell` is matched on its tags `nr.arch`, `nr.dataset`,
+`nr.method`, `nr.constraint` (and, for Table 5, its number of rejuvenations); a run matching no cell or
+several is listed in the table's notes, never guessed into one.
+
+Each cell reads `paper | reproduced mean ± std (n) | Δ` with Δ = reproduced mean − paper; "—" where there
+is nothing (no run, or no paper number). n = the number of FINISHED runs in the cell that logged the value;
+std is the sample std (n − 1), left out when n = 1. Values: top-1 / top-5 error (%) at the final epoch
+(`--metric final`: the last step of `test_err` / `test_err5`, else the summary `final_test_err`) or the
+best epoch (`--metric best`); params / FLOPs = the summaries `final_params` / `final_flops` (else the last
+per-epoch `params` / `flops`), shown in the paper's units (M, G).
+
+The CPU-scale analogues (`nr.table` = `fmnist_table4`, `fmnist_table5`) are tables of their own: rows are
+(arch, dataset) found in the runs, columns are methods (fmnist_table4) or numbers of rejuvenations
+(fmnist_table5), cells are `mean ± std (n)`, and the paper's analogous row is printed underneath for reference.
+
+Outputs under --out (default <runs folder>/report): tables/<name>.md, .tex, .csv, .html, tables/manifest.json,
+plus the index page (report.md, index.html) over everything in --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from analysis.runs import RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count, runs_folder
+from nr_study.errors import ConfigError
+
+PAPER_YAML = Path(__file__).with_name("paper_results.yaml")
+DASH = "—"
+VALUE_NAMES = {"top1": "Top-1", "top5": "Top-5", "params": "Params", "flops": "FLOPs"}
+UNIT_SCALE = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+MATCH_ATTRS = ("arch", "dataset", "method", "constraint", "rejuvenations")
+METRIC_MODES = ("final", "best")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paper data
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class PaperValue:
+    text: str | None  # as printed in the paper ("30.30", "7.92M"); None = "—"
+    value: float | None  # parsed, in base units (errors in %, params/FLOPs as counts)
+    unit: str = ""  # "", "M", "G"
+
+
+def parse_paper_value(raw: Any) -> PaperValue:
+    if raw is None:
+        return PaperValue(None, None)
+    text = str(raw).strip()
+    m = re.fullmatch(r"([-+]?\d+(?:\.\d+)?)\s*([KMGT]?)(%?)", text)
+    if not m:
+        raise ValueError(f"paper value {text!r} is not a number")
+    unit = m.group(2)
+    return PaperValue(text, float(m.group(1)) * UNIT_SCALE.get(unit, 1.0), unit)
+
+
+@dataclass
+class PaperEntry:
+    table: str
+    cell: str
+    row: str
+    col: str
+    attrs: dict[str, Any]
+    values: dict[str, PaperValue]
+    reference: str | None = None
+
+
+@dataclass
+class PaperTable:
+    key: str
+    title: str
+    caption: str
+    row_label: str
+    values: list[str]
+    entries: list[PaperEntry]
+    extra: dict[str, dict[str, str]] = field(default_factory=dict)  # e.g. relative_gain per row
+
+    def entry(self, cell: str) -> PaperEntry | None:
+        for e in self.entries:
+            if norm(e.cell) == norm(cell):
+                return e
+        return None
+
+
+@dataclass
+class Paper:
+    tables: dict[str, PaperTable]
+    cpu_tables: dict[str, dict[str, Any]]
+    arch_aliases: dict[str, set[str]]
+
+    def arch_matches(self, paper_arch: str | None, run_arch: str | None) -> bool:
+        if paper_arch is None:
+            return True
+        if run_arch is None:
+            return False
+        names = self.arch_aliases.get(paper_arch, set()) | {norm(paper_arch)}
+        return norm(run_arch) in names
+
+    def entries(self) -> list[PaperEntry]:
+        return [e for t in self.tables.values() for e in t.entries]
+
+
+def load_paper(path: str | Path = PAPER_YAML) -> Paper:
+    data = yaml.safe_load(Path(path).read_text())
+    aliases = {k: {norm(a) for a in v} | {norm(k)} for k, v in (data.get("arch_aliases") or {}).items()}
+    tables: dict[str, PaperTable] = {}
+    for key, t in data["tables"].items():
+        defaults = dict(t.get("defaults") or {})
+        entries = []
+        for raw in t["entries"]:
+            attrs = {**defaults, **{k: v for k, v in raw.items() if k not in ("cell", "row", "col", "reference", *VALUE_NAMES)}}
+            values = {v: parse_paper_value(raw.get(v)) for v in t["values"]}
+            entries.append(
+                PaperEntry(key, str(raw["cell"]), str(raw["row"]), str(raw.get("col") or ""), attrs, values, raw.get("reference"))
+            )
+        extra = {"relative_gain": t["relative_gain"]} if "relative_gain" in t else {}
+        tables[key] = PaperTable(key, t["title"], t.get("caption", ""), t.get("row_label", ""), list(t["values"]), entries, extra)
+    return Paper(tables, dict(data.get("cpu_tables") or {}), aliases)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cells
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """One value of one cell: the paper's number and the reproduced statistics."""
+
+    paper: PaperValue
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def delta(self) -> float | None:
+        if self.mean is None or self.paper.value is None:
+            return None
+        return self.mean - self.paper.value
+
+
+def run_value(run: RunRecord, value: str, mode: str) -> float | None:
+    if value == "top1":
+        return run.error(mode, 1)
+    if value == "top5":
+        return run.error(mode, 5)
+    if value == "params":
+        return run.n_params()
+    if value == "flops":
+        return run.n_flops()
+    raise KeyError(value)
+
+
+def make_cell(paper: PaperValue, runs: list[RunRecord], value: str, mode: str) -> Cell:
+    vals, ids = [], []
+    for r in runs:
+        v = run_value(r, value, mode)
+        if v is not None:
+            vals.append(v)
+            ids.append(r.run_id)
+    mean, std, n = mean_std(vals)
+    return Cell(paper, mean, std, n, ids)
+
+
+def _fmt_num(x: float, decimals: int) -> str:
+    s = f"{x:.{decimals}f}"
+    return s.replace("-", "−") if s.startswith("-") else s
+
+
+def _auto_unit(x: float) -> str:
+    ax = abs(x)
+    for u in ("G", "M", "K"):
+        if ax >= UNIT_SCALE[u]:
+            return u
+    return ""
+
+
+def format_stat(value: str, mean: float | None, std: float | None, n: int, unit: str | None = None) -> str:
+    """'31.90 ± 0.12 (3)'; params/FLOPs in `unit` (the paper's, else automatic): '9.98M ± 0.01M (3)'."""
+    if mean is None or n == 0:
+        return DASH
+    if value in ("params", "flops"):
+        unit = unit if unit is not None else _auto_unit(mean)
+        scale = UNIT_SCALE.get(unit, 1.0)
+        dec = 2 if abs(mean) / scale < 100 else 1
+        body = f"{_fmt_num(mean / scale, dec)}{unit}"
+        if std is not None:
+            body += f" ± {std / scale:.{dec}f}{unit}"
+    else:
+        body = _fmt_num(mean, 2)
+        if std is not None:
+            body += f" ± {std:.2f}"
+    return f"{body} ({n})"
+
+
+def format_delta(value: str, cell: Cell) -> str:
+    d = cell.delta
+    if d is None:
+        return DASH
+    if value in ("params", "flops"):
+        unit = cell.paper.unit
+        scale = UNIT_SCALE.get(unit, 1.0)
+        s = f"{d / scale:+.2f}{unit}"
+    else:
+        s = f"{d:+.2f}"
+    return s.replace("-", "−")
+
+
+def cell_parts(value: str, cell: Cell, with_paper: bool = True) -> list[str]:
+    stat = format_stat(value, cell.mean, cell.std, cell.n, cell.paper.unit if cell.paper.text else None)
+    if not with_paper:
+        return [stat]
+    return [cell.paper.text or DASH, stat, format_delta(value, cell)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Built tables (layout-agnostic model + renderers)
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class Column:
+    group: str  # the paper's column ("NR Params", "Baseline C10", "" when the table has only values)
+    value: str  # "top1" | "top5" | "params" | "flops" | "relative_gain"
+    single: bool = False  # the table has one value per column group: the group alone is the label
+
+    @property
+    def label(self) -> str:
+        name = VALUE_NAMES.get(self.value, "Relative Gain" if self.value == "relative_gain" else self.value)
+        if self.single and self.group:
+            return self.group
+        return f"{self.group} {name}".strip() if self.group else name
+
+
+@dataclass
+class BuiltTable:
+    name: str
+    title: str
+    caption: str
+    row_label: str
+    rows: list[str]
+    columns: list[Column]
+    cells: dict[tuple[str, str, str], Cell]  # (row, group, value) -> Cell
+    cell_ids: dict[tuple[str, str], str]  # (row, group) -> cell id
+    with_paper: bool = True
+    reference_rows: dict[str, dict[tuple[str, str], PaperValue]] = field(default_factory=dict)
+    derived: dict[tuple[str, str], tuple[str, str, str]] = field(default_factory=dict)  # (row, col label) -> parts
+    notes: list[str] = field(default_factory=list)
+    metric: str = "final"
+    n_runs: int = 0
+
+    def cell(self, row: str, group: str, value: str) -> Cell | None:
+        return self.cells.get((row, group, value))
+
+    def parts(self, row: str, col: Column) -> list[str] | None:
+        if col.value == "relative_gain":
+            return list(self.derived.get((row, "relative_gain"), (DASH, DASH, DASH)))
+        c = self.cells.get((row, col.group, col.value))
+        if c is None:
+            return None
+        return cell_parts(col.value, c, self.with_paper)
+
+    def legend(self) -> str:
+        what = "final epoch" if self.metric == "final" else "best epoch"
+        if self.with_paper:
+            return (f"Each cell: paper | reproduced mean ± std (n) | Δ = reproduced − paper; errors in % at the {what}; "
+                    f"— = no run / not in the paper. {self.n_runs} FINISHED run(s) used.")
+        return (f"Each cell: reproduced mean ± std (n); errors in % at the {what}; — = no run. "
+                f"Reference rows: the paper's numbers for the analogous setting. {self.n_runs} FINISHED run(s) used.")
+
+    # --- renderers ----------------------------------------------------------------------------
+    def _grid(self, sep: str) -> tuple[list[str], list[list[str]]]:
+        header = [self.row_label] + [c.label for c in self.columns]
+        body = []
+        for row in self.rows:
+            line = [row]
+            for col in self.columns:
+                p = self.parts(row, col)
+                line.append(DASH if p is None else sep.join(p))
+            body.append(line)
+        for ref_label, vals in self.reference_rows.items():
+            line = [ref_label]
+            for col in self.columns:
+                pv = vals.get((col.group, col.value))
+                line.append(pv.text if pv is not None and pv.text else DASH)
+            body.append(line)
+        return header, body
+
+    def to_markdown(self) -> str:
+        header, body = self._grid(" \\| ")
+        out = [f"## {self.title}", "", self.caption, "", f"_{self.legend().replace('|', chr(92) + '|')}_", ""]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join([":---"] + [":---:"] * (len(header) - 1)) + "|")
+        out += ["| " + " | ".join(line) + " |" for line in body]
+        if self.notes:
+            out += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(out) + "\n"
+
+    def to_latex(self) -> str:
+        header, body = self._grid(" $\\mid$ ")
+
+        def tex(s: str) -> str:
+            s = s.replace("\\", "\\textbackslash{}") if "$\\mid$" not in s else s
+            for a, b in (("%", "\\%"), ("&", "\\&"), ("#", "\\#"), ("_", "\\_")):
+                s = s.replace(a, b)
+            return s.replace("±", "$\\pm$").replace("−", "$-$").replace("—", "---").replace("Δ", "$\\Delta$")
+
+        lines = [
+            "% generated by nr-study tables; " + tex(self.legend()),
+            "\\begin{table}[t]",
+            "\\centering\\scriptsize",
+            "\\begin{tabular}{l" + "c" * len(self.columns) + "}",
+            "\\hline",
+            " & ".join(tex(h) for h in header) + " \\\\",
+            "\\hline",
+        ]
+        lines += [" & ".join(tex(c) for c in line) + " \\\\" for line in body]
+        lines += ["\\hline", "\\end{tabular}", f"\\caption{{{tex(self.title)}. {tex(self.caption)}}}",
+                  f"\\label{{tab:{self.name}}}", "\\end{table}"]
+        return "\n".join(lines) + "\n"
+
+    def records(self) -> list[dict[str, Any]]:
+        """Tidy rows for the CSV: one per (row, column) value."""
+        out = []
+        for row in self.rows:
+            for col in self.columns:
+                if col.value == "relative_gain":
+                    p = self.derived.get((row, "relative_gain"))
+                    if p:
+                        out.append({"table": self.name, "cell": "", "row": row, "column": col.group, "value": col.value,
+                                    "paper": p[0], "mean": p[1], "std": "", "n": "", "delta": p[2], "text": " | ".join(p),
+                                    "kind": "derived", "run_ids": ""})
+                    continue
+                c = self.cells.get((row, col.group, col.value))
+                if c is None:
+                    continue
+                out.append({
+                    "table": self.name, "cell": self.cell_ids.get((row, col.group), ""), "row": row, "column": col.group,
+                    "value": col.value, "paper": "" if c.paper.value is None else c.paper.value,
+                    "mean": "" if c.mean is None else c.mean, "std": "" if c.std is None else c.std, "n": c.n,
+                    "delta": "" if c.delta is None else c.delta, "text": " | ".join(cell_parts(col.value, c, self.with_paper)),
+                    "kind": "cell", "run_ids": " ".join(c.run_ids),
+                })
+        for ref_label, vals in self.reference_rows.items():
+            for (group, value), pv in vals.items():
+                out.append({"table": self.name, "cell": "", "row": ref_label, "column": group, "value": value,
+                            "paper": "" if pv.value is None else pv.value, "mean": "", "std": "", "n": "", "delta": "",
+                            "text": pv.text or DASH, "kind": "paper_reference", "run_ids": ""})
+        return out
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        fields = ["table", "cell", "row", "column", "value", "paper", "mean", "std", "n", "delta", "text", "kind", "run_ids"]
+        w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.records())
+        return buf.getvalue()
+
+    def to_html(self) -> str:
+        header, body = self._grid(" | ")
+        h = [f"<h2 id='{self.name}'>{html.escape(self.title)}</h2>", f"<p>{html.escape(self.caption)}</p>",
+             f"<p><em>{html.escape(self.legend())}</em></p>", "<table>",
+             "<tr>" + "".join(f"<th>{html.escape(x)}</th>" for x in header) + "</tr>"]
+        h += ["<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in line) + "</tr>" for line in body]
+        h.append("</table>")
+        if self.notes:
+            h.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in self.notes) + "</ul>")
+        return "\n".join(h) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------------
+def entry_matches(paper: Paper, entry: PaperEntry, run: RunRecord) -> bool:
+    a = entry.attrs
+    if not paper.arch_matches(a.get("arch"), run.get("arch")):
+        return False
+    for key in ("dataset", "method", "constraint"):
+        want = a.get(key)
+        if want is not None and norm(run.get(key) or "") != norm(want):
+            return False
+    if a.get("rejuvenations") is not None:
+        count, _ = rejuvenation_count(run)
+        if count != int(a["rejuvenations"]):
+            return False
+    return True
+
+
+def assign_runs(paper: Paper, table: PaperTable, runs: list[RunRecord]) -> tuple[dict[str, list[RunRecord]], list[str]]:
+    """cell id -> runs, and notes on runs that fit no cell (or several)."""
+    out: dict[str, list[RunRecord]] = {e.cell: [] for e in table.entries}
+    notes = []
+    for r in runs:
+        tag = r.get("cell")
+        entry = table.entry(tag) if tag else None
+        if entry is None:
+            cands = [e for e in table.entries if e.reference is None and entry_matches(paper, e, r)]
+            if len(cands) == 1:
+                entry = cands[0]
+            else:
+                why = "no cell" if not cands else f"{len(cands)} cells ({', '.join(e.cell for e in cands)})"
+                tag_s = f"nr.cell={tag!r}, " if tag else ""
+                notes.append(f"run {r.run_id[:8]} ({tag_s}arch={r.get('arch')}, dataset={r.get('dataset')}, "
+                             f"method={r.get('method')}, constraint={r.get('constraint')}) matches {why}; not used")
+                continue
+        if entry.reference is not None:
+            notes.append(f"run {r.run_id[:8]} is tagged {entry.cell!r}, a cited number ({entry.reference}); not used")
+            continue
+        if entry.attrs.get("rejuvenations") is not None:
+            _, note = rejuvenation_count(r)
+            if note:
+                notes.append(note)
+        out[entry.cell].append(r)
+    return out, notes
+
+
+def _missing_notes(runs_by_cell: dict[str, list[RunRecord]], values: list[str], mode: str) -> list[str]:
+    notes = []
+    for cell, runs in runs_by_cell.items():
+        for r in runs:
+            lacking = [v for v in values if run_value(r, v, mode) is None]
+            if lacking:
+                notes.append(f"run {r.run_id[:8]} in cell {cell!r} logged no {', '.join(lacking)}")
+    return notes
+
+
+def _status_note(store: RunStore, name: str) -> list[str]:
+    skipped = store.not_finished({"table": name})
+    if not skipped:
+        return []
+    by: dict[str, int] = {}
+    for r in skipped:
+        by[r.status] = by.get(r.status, 0) + 1
+    return ["ignored runs not FINISHED: " + ", ".join(f"{k} {v}" for k, v in sorted(by.items()))]
+
+
+def build_paper_table(paper: Paper, key: str, store: RunStore, mode: str = "final") -> BuiltTable:
+    table = paper.tables[key]
+    runs = store.finished({"table": key})
+    by_cell, notes = assign_runs(paper, table, runs)
+    rows: list[str] = []
+    groups: list[str] = []
+    for e in table.entries:
+        if e.row not in rows:
+            rows.append(e.row)
+        if e.col not in groups:
+            groups.append(e.col)
+    columns = [Column(g, v, single=len(table.values) == 1) for g in groups for v in table.values]
+    cells, ids = {}, {}
+    for e in table.entries:
+        ids[(e.row, e.col)] = e.cell
+        for v in table.values:
+            cells[(e.row, e.col, v)] = make_cell(e.values[v], by_cell[e.cell], v, mode)
+    built = BuiltTable(key, table.title, table.caption, table.row_label, rows, columns, cells, ids,
+                       notes=_status_note(store, key) + notes + _missing_notes(by_cell, table.values, mode), metric=mode,
+                       n_runs=sum(len(v) for v in by_cell.values()))
+    if "relative_gain" in table.extra:
+        built.columns.append(Column("", "relative_gain"))
+        for row in rows:
+            built.derived[(row, "relative_gain")] = _relative_gain(built, row, table.extra["relative_gain"].get(row))
+    return built
+
+
+def _relative_gain(built: BuiltTable, row: str, paper_text: str | None) -> tuple[str, str, str]:
+    """Table 2's last column: best relative top-1 gain of NR Params / NR FLOPs over the baseline, in %."""
+    base = built.cell(row, "Baseline", "top1")
+    nr = [c for g in ("NR Params", "NR FLOPs") if (c := built.cell(row, g, "top1")) is not None and c.mean is not None]
+    repro = None
+    if base is not None and base.mean and nr:
+        repro = (min(c.mean for c in nr) - base.mean) / base.mean * 100.0
+    paper_v = parse_paper_value(paper_text).value if paper_text else None
+    rs = DASH if repro is None else f"{repro:+.2f}%".replace("-", "−")
+    ds = DASH if repro is None or paper_v is None else f"{repro - paper_v:+.2f}".replace("-", "−")
+    return (paper_text or DASH).replace("-", "−"), rs, ds
+
+
+def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final") -> BuiltTable:
+    spec = paper.cpu_tables[key]
+    values = list(spec.get("values") or ["top1"])
+    runs = store.finished({"table": key})
+    notes = _status_note(store, key)
+    col_by = spec.get("col_by", "method")
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    row_names, col_names = [], []
+    for r in runs:
+        row = " / ".join(str(r.get(a) or "?") for a in spec.get("row_by", ["arch", "dataset"]))
+        if col_by == "rejuvenations":
+            count, note = rejuvenation_count(r)
+            if note:
+                notes.append(note)
+            if count is None:
+                notes.append(f"run {r.run_id[:8]}: number of rejuvenations unknown (no nr.cell 'nrK', no "
+                             f"'rejuvenations' metric, no nr.max_rejuvenations param); not used")
+                continue
+            col = str(count)
+        else:
+            col = r.get(col_by)
+            if col is None:
+                notes.append(f"run {r.run_id[:8]}: no {col_by}; not used")
+                continue
+        groups.setdefault((row, col), []).append(r)
+        if row not in row_names:
+            row_names.append(row)
+        if col not in col_names:
+            col_names.append(col)
+    row_names.sort()
+    # The paper's analogous row, keyed by the same column attribute.
+    ref_table = paper.tables.get(spec.get("analogue_of", ""))
+    ref_rows: dict[str, dict[tuple[str, str], PaperValue]] = {}
+    if ref_table is not None:
+        refs = [e for e in ref_table.entries if e.row == spec.get("reference_row")
+                and (spec.get("reference_dataset") is None or e.attrs.get("dataset") == spec["reference_dataset"])]
+        vals: dict[tuple[str, str], PaperValue] = {}
+        for e in refs:
+            col = str(e.attrs.get(col_by))
+            if col_by == "method":
+                col = next((c for c in col_names if norm(c) == norm(col)), col)
+            if col not in col_names:  # show the paper's columns even where no run exists yet
+                col_names.append(col)
+            for v in values:
+                if v in e.values:
+                    vals[(col, v)] = e.values[v]
+        if vals:
+            ds = refs[0].attrs.get("dataset") or ""
+            ref_rows[f"paper: {refs[0].attrs.get('arch', refs[0].row)} {ds} ({ref_table.key})".replace("  ", " ")] = vals
+    order = [str(c) for c in spec.get("col_order", [])]
+    if col_by == "rejuvenations":
+        col_names.sort(key=int)
+    else:
+        col_names.sort(key=lambda c: (order.index(c) if c in order else len(order), c))
+    cells, ids = {}, {}
+    for row in row_names:
+        for col in col_names:
+            rs = groups.get((row, col), [])
+            ids[(row, col)] = f"{row}/{col}"
+            for v in values:
+                cells[(row, col, v)] = make_cell(PaperValue(None, None), rs, v, mode)
+    label = "# of NR" if col_by == "rejuvenations" else col_by.capitalize()
+    columns = [Column(f"{label} {c}" if col_by == "rejuvenations" else c, v, single=len(values) == 1)
+               for c in col_names for v in values]
+    # Column.group must equal the cell key's group: rename keys for the rejuvenation layout.
+    if col_by == "rejuvenations":
+        cells = {(r, f"{label} {c}", v): cell for (r, c, v), cell in cells.items()}
+        ids = {(r, f"{label} {c}"): i for (r, c), i in ids.items()}
+        ref_rows = {k: {(f"{label} {c}", v): pv for (c, v), pv in d.items()} for k, d in ref_rows.items()}
+    caption = (f"CPU-scale analogue of the paper's {spec.get('analogue_of', '')}: rows = "
+               f"{' / '.join(spec.get('row_by', ['arch', 'dataset']))} from the runs, columns = {col_by}.")
+    by_cell = {f"{r}/{c}": rs for (r, c), rs in groups.items()}
+    return BuiltTable(key, spec.get("title", key), caption, "Architecture / dataset", row_names, columns, cells, ids,
+                      with_paper=False, reference_rows=ref_rows, notes=notes + _missing_notes(by_cell, values, mode),
+                      metric=mode, n_runs=sum(len(v) for v in groups.values()))
+
+
+def build_tables(store: RunStore, mode: str = "final", paper: Paper | None = None) -> list[BuiltTable]:
+    if mode not in METRIC_MODES:
+        raise ConfigError(f"--metric: unknown value {mode!r}; allowed: {', '.join(METRIC_MODES)}")
+    paper = paper or load_paper()
+    built = [build_paper_table(paper, k, store, mode) for k in paper.tables]
+    built += [build_cpu_table(paper, k, store, mode) for k in paper.cpu_tables]
+    known = set(paper.tables) | set(paper.cpu_tables)
+    others = sorted({r.get("table") for r in store.finished() if r.get("table") and r.get("table") not in known})
+    if others and built:
+        built[0].notes.append(f"runs tagged with unknown nr.table values ignored: {', '.join(others)}")
+    return built
+
+
+def write_tables(built: list[BuiltTable], out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir) / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    files, manifest = [], {}
+    for t in built:
+        entry = {"title": t.title, "files": {}, "n_runs": t.n_runs, "notes": t.notes}
+        for ext, text in (("md", t.to_markdown()), ("tex", t.to_latex()), ("csv", t.to_csv()), ("html", t.to_html())):
+            p = out / f"{t.name}.{ext}"
+            p.write_text(text, encoding="utf-8")
+            files.append(p)
+            entry["files"][ext] = p.name
+        manifest[t.name] = entry
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line, exit 2 via nr_study.cli) instead of printing usage."""
+
+    def error(self, message: str):  # noqa: D401
+        raise ConfigError(f"nr-study {self.prog.split()[-1]}: {message}")
+
+
+def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=f"nr-study {prog}", description=description)
+    p.add_argument("--experiment", nargs="+", action="extend", default=None, metavar="NAME",
+                   help="MLflow experiment name(s) to read (default: all)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<runs>/mlflow.db)")
+    p.add_argument("--out", default=None, help="output folder (default: <runs folder>/report)")
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    p = common_parser("tables", "Rebuild the paper's tables (paper | reproduced mean ± std (n) | Δ) from MLflow runs.")
+    p.add_argument("--metric", default="final", help="error at the final epoch (final) or the best epoch (best)")
+    args = p.parse_args(argv)
+    if args.metric not in METRIC_MODES:
+        raise ConfigError(f"--metric: unknown value {args.metric!r}; allowed: {', '.join(METRIC_MODES)}")
+    store = RunStore(args.tracking_uri or default_tracking_uri(), args.experiment)
+    built = build_tables(store, args.metric)
+    out = Path(args.out) if args.out else runs_folder() / "report"
+    write_tables(built, out)
+    from analysis.report import write_index
+
+    write_index(out)
+    for t in built:
+        print(f"{t.name}: {t.n_runs} run(s) -> {out / 'tables' / (t.name + '.md')}")
+    print(f"index: {out / 'index.html'}")
+    return 0

@@ -1,0 +1,337 @@
+"""nr-study tables / plots over a real (temporary, sqlite) MLflow store filled with known values.
+
+One store per test session (MLflow's sqlite schema setup costs a few seconds); each value below is chosen so
+the expected table cells can be written down exactly.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from analysis import plots as P  # noqa: E402
+from analysis.report import write_index  # noqa: E402
+from analysis.runs import RunStore  # noqa: E402
+from analysis.tables import build_tables, write_tables  # noqa: E402
+from nr_study.cli import main as cli  # noqa: E402
+
+EXP = "nr_test"
+OTHER = "nr_other"
+
+
+def _log(client, exp_id, *, tags, params=None, hist=None, summary=None, status="FINISHED", parent=None):
+    """One run: tags, params, per-epoch histories {key: [v_epoch1, v_epoch2, ...]}, summary metrics."""
+    tags = dict(tags)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp_id, tags=tags)
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now + i, i + 1) for k, vals in (hist or {}).items() for i, v in enumerate(vals)]
+    metrics += [Metric(k, float(v), now, 0) for k, v in (summary or {}).items()]
+    for i in range(0, max(len(metrics), 1), 900):
+        client.log_batch(rid, metrics=metrics[i:i + 900],
+                         params=[Param(k, str(v)) for k, v in (params or {}).items()] if i == 0 else [])
+    client.set_terminated(rid, status)
+    return rid
+
+
+def T(table=None, cell=None, method=None, arch=None, dataset=None, constraint=None, seed=None, sweep=None):
+    names = {"nr.table": table, "nr.cell": cell, "nr.method": method, "nr.arch": arch, "nr.dataset": dataset,
+             "nr.constraint": constraint, "nr.seed": seed, "nr.sweep": sweep}
+    return {k: str(v) for k, v in names.items() if v is not None}
+
+
+@pytest.fixture(scope="session")
+def store_uri(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlruns")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    e = c.create_experiment(EXP)
+    o = c.create_experiment(OTHER)
+    ids = {}
+    # Table 1, BL: three seeds, final top-1 32.0 / 32.5 / 33.0 (history goes down then up for the 'best' check)
+    for s, fin in enumerate((32.0, 32.5, 33.0)):
+        ids[f"bl{s}"] = _log(c, e, tags=T("table1", "BL", "BL", "vgg19_simplified", "imagenet", seed=s),
+                             hist={"test_err": [40.0, 31.0 + s, fin], "test_err5": [15.0, 12.0, 12.0 + s]},
+                             summary={"final_test_err": fin})
+    # ... and runs that must NOT count: running, failed, another table's cell, a deleted-tag-less run
+    _log(c, e, tags=T("table1", "BL", "BL", "vgg19_simplified", "imagenet"), hist={"test_err": [1.0]}, status="RUNNING")
+    _log(c, e, tags=T("table1", "BL", "BL", "vgg19_simplified", "imagenet"), hist={"test_err": [2.0]}, status="FAILED")
+    _log(c, e, tags=T("table4", "vgg19/cifar10/BL", "BL", "vgg19", "cifar10"), hist={"test_err": [3.0]})
+    _log(c, e, tags=T(None, None, "BL", "vgg19_simplified", "imagenet"), hist={"test_err": [4.0]})
+    # Table 1, NR-CA-BR matched on its tags alone (no nr.cell); only the summary metric
+    _log(c, e, tags=T("table1", None, "NR-CA-BR", "vgg19_simplified", "imagenet", "params"), summary={"final_test_err": 30.0})
+    # a table1 run that fits no cell: noted, not used
+    _log(c, e, tags=T("table1", None, "NR", "resnet50", "imagenet", "params"), hist={"test_err": [5.0]})
+    # Table 2, ResNet-50 NR Params: two runs in the OTHER experiment
+    for s, (err, prm) in enumerate(((23.0, 26.0e6), (23.4, 26.2e6))):
+        _log(c, o, tags=T("table2", "resnet50/NR-params", "NR-CA-BR", "resnet50", "imagenet", "params", seed=s),
+             hist={"test_err": [30.0, err], "params": [25.6e6, prm], "flops": [4.0e9, 3.9e9]},
+             summary={"final_params": prm, "final_flops": 3.9e9})
+    _log(c, o, tags=T("table2", "resnet50/BL", "BL", "resnet50", "imagenet", seed=0),
+         hist={"test_err": [24.0]}, summary={"final_params": 25.6e6, "final_flops": 4.1e9})
+    # CPU analogue of Table 4 (Fashion-MNIST): BL x2, SLIM x1, NR-CR x2
+    for m, errs, prm in (("BL", (8.0, 9.0), 1.0e5), ("SLIM", (8.8,), 5.0e4), ("NR-CR", (8.2, 8.4), 5.0e4)):
+        for s, err in enumerate(errs):
+            _log(c, e, tags=T("fmnist_table4", None, m, "vgg_small", "fashion_mnist", "params", seed=s),
+                 params={"method": m, "model.arch": "vgg_small", "nr.tr": 0.25},
+                 hist={"test_err": [20.0, err]}, summary={"final_params": prm, "final_flops": prm * 100})
+    # CPU analogue of Table 5: 0, 1, 2 rejuvenations (count from the metric), with NR histories for the plots
+    for k, err in ((0, 10.0), (1, 9.0), (2, 8.5)):
+        method = "BL" if k == 0 else "NR"
+        hist = {"test_err": [20.0, 15.0, 12.0, err]}
+        if k:
+            hist |= {"util_params": [1.0, 0.6, 0.3 + 0.1 * k, 0.9], "util_flops": [1.0, 0.7, 0.4, 0.95],
+                     "lambda": [0.0, 1e-4, 2e-4, 0.0], "rejuvenations": [0, 0, k - 1, k], "params": [1e5] * 4}
+        _log(c, e, tags=T("fmnist_table5", None, method, "vgg_small", "fashion_mnist", "params", seed=0),
+             params={"method": method, "nr.tr": 0.5, "nr.delta_lambda": 1e-4}, hist=hist, summary={"final_params": 1e5})
+    # Tr sweep: Tr in {0.25, 0.5} x delta_lambda in {5e-5, 1e-4} x 2 seeds; error = 10 + 4 Tr + 1e4 dl + seed
+    for tr in (0.25, 0.5):
+        for dl in (5e-5, 1e-4):
+            for s in (0, 1):
+                err = 10 + 4 * tr + 1e4 * dl + s
+                _log(c, e, tags=T(None, None, "NR", "mlp", "fashion_mnist", "params", seed=s, sweep="trsweep"),
+                     params={"nr.tr": tr, "nr.delta_lambda": dl, "nr.delta_r": 0.01},
+                     hist={"test_err": [30.0, err]}, summary={"final_params": 1000 * (1 + tr + s)})
+    # an NR run without nr.tr: skipped by the Tr sweep plot (with a note)
+    _log(c, e, tags=T(None, None, "NR", "mlp", "fashion_mnist", "params", seed=9), hist={"test_err": [11.0]},
+         summary={"final_params": 900})
+    # Optuna sweep with 2 objectives: parent run records the search, children are the trials
+    parent = _log(c, e, tags={"nr.sweep": "opt"}, params={"search": "optuna", "search.metric": "['test_err', 'params']"})
+    ids["pareto"] = []
+    for err, prm in ((10.0, 5000), (12.0, 3000), (11.0, 6000), (15.0, 2000), (13.0, 3500)):
+        ids["pareto"].append(_log(c, e, tags=T(None, None, "NR", "mlp", "fashion_mnist", sweep="opt"), parent=parent,
+                                  hist={"test_err": [err]}, summary={"final_params": prm}))
+    return uri, ids
+
+
+@pytest.fixture(scope="session")
+def store(store_uri):
+    return RunStore(store_uri[0])
+
+
+@pytest.fixture(scope="session")
+def tables(store):
+    return {t.name: t for t in build_tables(store, "final")}
+
+
+# ------------------------------------------------------------------------------------------- tables
+def test_table1_cells_exact(tables):
+    t = tables["table1"]
+    bl = t.cell("BL", "", "top1")
+    assert bl.n == 3  # RUNNING, FAILED, other-table and untagged runs are not picked up
+    assert bl.mean == pytest.approx(32.5)
+    assert bl.std == pytest.approx(0.5)
+    assert bl.delta == pytest.approx(32.5 - 32.13)
+    assert t.parts("BL", t.columns[0]) == ["32.13", "32.50 ± 0.50 (3)", "+0.37"]
+    top5 = t.cell("BL", "", "top5")
+    assert (top5.n, top5.mean, top5.std) == (3, pytest.approx(13.0), pytest.approx(1.0))
+    ca = t.cell("NR-CA-BR", "", "top1")  # matched on tags, summary metric only
+    assert (ca.n, ca.mean, ca.std) == (1, 30.0, None)
+    assert t.parts("NR-CA-BR", t.columns[0]) == ["29.98", "30.00 (1)", "+0.02"]
+    empty = t.cell("NR-IP", "", "top1")
+    assert empty.n == 0 and t.parts("NR-IP", t.columns[0]) == ["31.35", "—", "—"]
+    assert any("matches no cell" in n for n in t.notes)
+    assert any("FAILED 1" in n and "RUNNING 1" in n for n in t.notes)
+
+
+def test_table2_params_flops_units_and_gain(tables):
+    t = tables["table2"]
+    nrp = {v: t.cell("ResNet-50", "NR Params", v) for v in ("top1", "params", "flops")}
+    assert nrp["top1"].n == 2 and nrp["top1"].mean == pytest.approx(23.2)
+    assert nrp["params"].mean == pytest.approx(26.1e6)
+    assert nrp["params"].delta == pytest.approx(26.1e6 - 26.4e6)
+    params_col = next(c for c in t.columns if c.group == "NR Params" and c.value == "params")
+    assert t.parts("ResNet-50", params_col) == ["26.4M", "26.10M ± 0.14M (2)", "−0.30M"]
+    flops_col = next(c for c in t.columns if c.group == "NR Params" and c.value == "flops")
+    assert t.parts("ResNet-50", flops_col) == ["3.90G", "3.90G ± 0.00G (2)", "+0.00G"]
+    gain = t.derived[("ResNet-50", "relative_gain")]
+    assert gain[0] == "−6.21%"
+    assert gain[1] == f"{(23.2 - 24.0) / 24.0 * 100:+.2f}%".replace("-", "−")
+    assert t.derived[("ResNet-18", "relative_gain")][1] == "—"
+
+
+def test_table_other_cells_empty(tables):
+    for name in ("table3", "table5"):
+        t = tables[name]
+        assert all(c.n == 0 for c in t.cells.values()), name
+    # Table 4's baseline-tagged run (vgg19/cifar10/BL) is in table4, not in table1
+    assert tables["table4"].cell("VGG-19", "Baseline C10", "top1").n == 1
+
+
+def test_best_metric(store):
+    t = {b.name: b for b in build_tables(store, "best")}["table1"]
+    bl = t.cell("BL", "", "top1")  # best epochs: 31, 32, 33
+    assert (bl.n, bl.mean, bl.std) == (3, pytest.approx(32.0), pytest.approx(1.0))
+
+
+def test_cpu_tables(tables):
+    t4 = tables["fmnist_table4"]
+    assert t4.rows == ["vgg_small / fashion_mnist"]
+    assert [c.group for c in t4.columns if c.value == "top1"] == ["BL", "SLIM", "NR-CR"]
+    row = "vgg_small / fashion_mnist"
+    bl = t4.cell(row, "BL", "top1")
+    assert (bl.n, bl.mean, bl.std) == (2, 8.5, pytest.approx(math.sqrt(0.5)))
+    assert t4.parts(row, t4.columns[0]) == ["8.50 ± 0.71 (2)"]
+    assert t4.parts(row, next(c for c in t4.columns if c.group == "SLIM" and c.value == "params")) == ["50.00K (1)"]
+    ref = next(iter(t4.reference_rows.values()))
+    assert ref[("NR-CR", "top1")].text == "4.19" and ref[("BL", "params")].text == "20.04M"
+    t5 = tables["fmnist_table5"]
+    cols = [c.group for c in t5.columns]
+    assert cols == ["# of NR 0", "# of NR 1", "# of NR 2", "# of NR 3", "# of NR 4", "# of NR 5"]
+    assert [t5.cell(row, g, "top1").mean for g in cols[:3]] == [10.0, 9.0, 8.5]
+    assert t5.cell(row, cols[3], "top1").n == 0
+    assert next(iter(t5.reference_rows.values()))[("# of NR 5", "top1")].text == "3.62"
+
+
+def test_write_tables_formats(tables, tmp_path):
+    files = write_tables(list(tables.values()), tmp_path)
+    assert {p.suffix for p in files} == {".md", ".tex", ".csv", ".html"}
+    md = (tmp_path / "tables" / "table1.md").read_text()
+    assert "| BL | 32.13 \\| 32.50 ± 0.50 (3) \\| +0.37 | 11.97 \\| 13.00 ± 1.00 (3) \\| +1.03 |" in md
+    assert "| NR-IP | 31.35 \\| — \\| — |" in md
+    tex = (tmp_path / "tables" / "table1.tex").read_text()
+    assert "32.13 $\\mid$ 32.50 $\\pm$ 0.50 (3) $\\mid$ +0.37" in tex and "\\begin{tabular}" in tex
+    rows = list(csv.DictReader((tmp_path / "tables" / "table1.csv").open()))
+    bl = next(r for r in rows if r["cell"] == "BL" and r["value"] == "top1")
+    assert (float(bl["mean"]), float(bl["std"]), int(bl["n"]), round(float(bl["delta"]), 6)) == (32.5, 0.5, 3, 0.37)
+    assert len(bl["run_ids"].split()) == 3
+    nrip = next(r for r in rows if r["cell"] == "NR-IP" and r["value"] == "top1")
+    assert (nrip["mean"], nrip["n"], nrip["text"]) == ("", "0", "31.35 | — | —")
+
+
+# ------------------------------------------------------------------------------------------- plots
+@pytest.fixture(scope="session")
+def plotted(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    results = P.make_all(store, out)
+    P.write_manifest(results, out)
+    write_index(out)
+    return out, {r.name: r for r in results}
+
+
+def _files_ok(result):
+    assert {p.suffix for p in result.files} == {".png", ".svg"}, result.name
+    for p in result.files:
+        assert p.stat().st_size > 1000, p
+
+
+def test_plot_figure1_and_trajectories(plotted):
+    _, r = plotted
+    f1 = r["figure1"]
+    _files_ok(f1)
+    assert len(f1.data) == 2
+    s = next(v for k, v in f1.data.items() if "NR" in k and v["util_params"][2] == pytest.approx(0.4))
+    assert s["epoch"] == [1, 2, 3, 4] and s["util_flops"] == [1.0, 0.7, 0.4, 0.95]
+    assert s["top1_acc"] == [80.0, 85.0, 88.0, 91.0]
+    tr = r["trajectories"]
+    _files_ok(tr)
+    lam = next(v for v in tr.data.values() if v["util_params"][2] == pytest.approx(0.5))  # the k=2 run
+    assert lam["lambda"] == [0.0, 1e-4, 2e-4, 0.0] and lam["rejuvenation_epochs"] == [3, 4]
+
+
+def test_plot_tradeoff(plotted):
+    _, r = plotted
+    tp = r["tradeoff_params"]
+    _files_ok(tp)
+    _files_ok(r["tradeoff_flops"])
+    panel = tp.data["resnet50 / imagenet"]
+    assert sorted(p["err"] for p in panel["runs"]) == [23.0, 23.4, 24.0]
+    # the paper's ResNet-50 points (Table 2: BL, NR Params, NR FLOPs) are overlaid
+    assert sorted(p["err"] for p in panel["paper"]) == [22.79, 22.93, 24.30]
+    fm = tp.data["vgg_small / fashion_mnist"]
+    assert {p["method"] for p in fm["runs"]} >= {"BL", "SLIM", "NR-CR"} and fm["paper"] == []
+
+
+def test_plot_tr_sweep(plotted):
+    _, r = plotted
+    res = r["tr_sweep"]
+    _files_ok(res)
+    assert any("no param nr.tr" in n for n in res.notes)
+    line = res.data["trsweep: Δλ=5e-05"]
+    assert line["tr"] == [0.25, 0.5]
+    assert line["err_mean"] == [pytest.approx(10 + 1 + 0.5 + 0.5), pytest.approx(10 + 2 + 0.5 + 0.5)]
+    assert line["err_std"] == [pytest.approx(math.sqrt(0.5))] * 2
+    assert line["n"] == [2, 2]
+    assert line["params_mean"] == [pytest.approx(1750), pytest.approx(2000)]
+    assert "trsweep: Δλ=0.0001" in res.data
+    # the Fashion-MNIST table runs (no nr.sweep tag) form their own pool, per experiment
+    assert any(k.startswith(f"{EXP}: ") for k in res.data)
+
+
+def test_plot_rejuvenations_and_pareto(plotted, store_uri):
+    _, r = plotted
+    rj = r["rejuvenations"]
+    _files_ok(rj)
+    s = rj.data["runs"]["vgg_small / fashion_mnist"]
+    assert (s["x"], s["mean"], s["n"]) == ([0, 1, 2], [10.0, 9.0, 8.5], [1, 1, 1])
+    assert rj.data["paper"]["paper: VGG-19 C10"]["y"] == [5.44, 4.19, 4.03, 3.79, 3.69, 3.62]
+    pa = r["pareto_opt"]
+    _files_ok(pa)
+    assert pa.data["objectives"] == ["test_err", "params"]
+    got = dict(zip(zip(pa.data["x"], pa.data["y"]), pa.data["pareto"]))
+    assert got == {(5000, 10.0): True, (3000, 12.0): True, (6000, 11.0): False, (2000, 15.0): True, (3500, 13.0): False}
+    assert P.pareto_mask([(1, 1), (1, 1), (2, 0)]) == [True, True, True]
+
+
+def test_index_links_every_output(plotted, tables):
+    out, results = plotted
+    write_tables(list(tables.values()), out)
+    write_index(out)
+    md = (out / "report.md").read_text()
+    page = (out / "index.html").read_text()
+    outputs = [p for p in (out / "tables").iterdir() if p.suffix != ".json"] + list((out / "plots").glob("*.*[gv]"))
+    assert len(outputs) >= 7 * 4 + 7 * 2
+    for p in outputs:
+        if p.suffix == ".json":
+            continue
+        rel = f"{p.parent.name}/{p.name}"
+        assert f"({rel})" in md, rel
+        assert f"href='{rel}'" in page, rel
+    assert "<img src='plots/figure1.png'" in page
+    assert json.loads((out / "plots" / "manifest.json").read_text())["figure1"]["files"]["svg"] == "figure1.svg"
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_tables_and_plots(store_uri, tmp_path, capsys):
+    uri, _ = store_uri
+    out = tmp_path / "rep"
+    assert cli(["tables", "--tracking-uri", uri, "--experiment", OTHER, "--out", str(out)]) == 0
+    md = (out / "tables" / "table2.md").read_text()
+    assert "23.20 ± 0.28 (2)" in md
+    assert "32.50" not in (out / "tables" / "table1.md").read_text()  # table1 runs are in the other experiment
+    assert (out / "index.html").is_file() and "table2.md" in (out / "report.md").read_text()
+    assert cli(["plots", "--tracking-uri", uri, "--experiment", OTHER, "--out", str(out)]) == 0
+    assert (out / "plots" / "tradeoff_params.png").stat().st_size > 1000
+    assert "tradeoff_params.png" in (out / "index.html").read_text()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--experiment", "nope"], "unknown experiment 'nope'"),
+    (["--metric", "median"], "--metric: unknown value 'median'"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_cli_bad_input_one_line_exit_2(store_uri, tmp_path, capsys, args, needle):
+    uri, _ = store_uri
+    for cmd in ("tables", "plots"):
+        rc = cli([cmd, "--tracking-uri", uri, "--out", str(tmp_path)] + args)
+        err = capsys.readouterr().err
+        assert rc == 2, (cmd, err)
+        assert needle in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_cli_missing_store(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("NR_STUDY_RUNS", str(tmp_path / "empty"))
+    assert cli(["tables"]) == 2
+    err = capsys.readouterr().err
+    assert "no MLflow database" in err and str(tmp_path / "empty" / "mlflow.db") in err
+    assert not (tmp_path / "empty" / "mlflow.db").exists()
