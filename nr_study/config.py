@@ -1,0 +1,474 @@
+"""Training configuration: frozen dataclasses, YAML loading, validation, `--set` overrides.
+
+A config is data. `load_config(path, overrides)` reads YAML (yaml.safe_load), applies `a.b=value` overrides
+(each value parsed with yaml.safe_load) and validates. Every bad field gives one line naming the key, the value
+and what is allowed; several bad fields give several lines in one ConfigError.
+
+The sweep works on plain dicts: `config_to_dict(cfg)` -> dict, `set_dotted(d, "nr.tr", 0.3)` (unknown keys are
+refused with a suggestion), `config_from_dict(d)` -> Config. `flatten(d)` gives {"a.b": v} for MLflow params.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from nr_study.errors import ConfigError
+
+# Method table (docs/architecture.md). `nr`: the NR hook is on. scheme/rescale/realloc: the hook's defaults,
+# overridden by nr.scheme / nr.rescale / nr.realloc when those are set explicitly.
+METHODS: dict[str, dict[str, Any]] = {
+    "BL": dict(nr=False, scheme=None, rescale=None, realloc=None),
+    "BL-CA": dict(nr=False, scheme="ca", rescale=None, realloc=None),
+    "NR": dict(nr=True, scheme="nr", rescale=False, realloc=True),
+    "NR-BR": dict(nr=True, scheme="nr", rescale=True, realloc=True),
+    "NR-CR": dict(nr=True, scheme="cr", rescale=False, realloc=True),
+    "NR-CA": dict(nr=True, scheme="ca", rescale=False, realloc=True),
+    "NR-CA-BR": dict(nr=True, scheme="ca", rescale=True, realloc=True),
+    "NR-IP": dict(nr=True, scheme="nr", rescale=False, realloc=False),
+    "NR-FS": dict(nr=False, scheme=None, rescale=None, realloc=None),
+    "SLIM": dict(nr=False, scheme=None, rescale=None, realloc=None),
+}
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
+SCHEDULES = ("step", "cosine", "constant")
+SCHEMES = ("nr", "cr", "ca")
+CONSTRAINTS = ("params", "flops")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _rng(lo=None, hi=None, lo_open=False, hi_open=False):
+    """A range check for field metadata: returns (predicate, text)."""
+
+    def ok(v):
+        if v is None:
+            return True
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        if hi is not None and (v >= hi if hi_open else v > hi):
+            return False
+        return True
+
+    if hi is None and lo is not None:
+        return ok, f"{{k}} {'>' if lo_open else '>='} {lo:g}"
+    text = "{k}"
+    if lo is not None:
+        text = f"{lo:g} {'<' if lo_open else '<='} " + text
+    if hi is not None:
+        text += f" {'<' if hi_open else '<='} {hi:g}"
+    return ok, text
+
+
+def _choice(options):
+    return (lambda v: v is None or v in options), "one of " + ", ".join(map(str, options))
+
+
+def F(default, check=None, doc=""):
+    """A dataclass field with an optional (predicate, allowed-text) check."""
+    md = {"doc": doc}
+    if check is not None:
+        md["check"] = check
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=md)
+    return field(default=default, metadata=md)
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    name: str = F("vgg_small", doc="registry name (nr_study.models.list_models()) or tv:<torchvision name>")
+    kwargs: dict = F({}, doc="extra keyword arguments for create_model")
+
+
+@dataclass(frozen=True)
+class SyntheticCfg:
+    shape: tuple = F((1, 28, 28), doc="input shape C,H,W")
+    num_classes: int = F(10, _rng(2), doc="number of classes")
+    noise: float = F(1.0, _rng(0.0), doc="noise std around the class means (means have std 1)")
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    name: str = F("fashion_mnist", _choice(DATASETS))
+    root: Optional[str] = F(None, doc="data folder; default $NR_STUDY_DATA or <cwd>/data")
+    download: bool = F(False, doc="let torchvision download a missing dataset into root")
+    n_train: Optional[int] = F(None, _rng(1), doc="seeded training subset size (synthetic: 1024 if unset)")
+    n_test: Optional[int] = F(None, _rng(1), doc="seeded test subset size (synthetic: 512 if unset)")
+    subset_seed: int = F(0)
+    augment: Optional[bool] = F(None, doc="null: dataset default (cifar/imagenet yes, others no)")
+    image_size: int = F(224, _choice((224, 128)), doc="imagenet crop size")
+    num_workers: int = F(4, _rng(0), doc="imagenet DataLoader workers")
+    synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
+
+
+@dataclass(frozen=True)
+class OptimCfg:
+    lr: float = F(0.1, _rng(0.0, lo_open=True))
+    momentum: float = F(0.9, _rng(0.0, 1.0, hi_open=True))
+    weight_decay: float = F(5e-4, _rng(0.0))
+    nesterov: bool = F(False)
+    schedule: str = F("step", _choice(SCHEDULES))
+    milestones: tuple = F((), doc="step schedule: epochs after which lr is multiplied by gamma")
+    gamma: float = F(0.1, _rng(0.0, 1.0, lo_open=True))
+    restart_after_rejuvenation: bool = F(False, doc="restart the lr schedule at a rejuvenation / SLIM prune")
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    epochs: int = F(10, _rng(1))
+    batch_size: int = F(128, _rng(1))
+    eval_batch_size: int = F(512, _rng(1))
+    max_steps_per_epoch: Optional[int] = F(None, _rng(1), doc="cap steps per epoch (smoke runs)")
+    device: str = F("auto", _choice(DEVICES))
+    threads: Optional[int] = F(None, _rng(1), doc="torch threads; default: CPUs available to the process")
+    channels_last: bool = F(False, doc="CUDA only")
+    bf16: bool = F(False, doc="CUDA only: bf16 autocast")
+    deterministic: bool = F(True)
+    fault_kill_at_epoch: Optional[int] = F(None, _rng(1), doc="testing: SIGKILL self at this epoch")
+    fault_kill_once_marker: Optional[str] = F(None, doc="testing: kill only when this file is absent (created)")
+    fault_kill_point: str = F("after_epoch", _choice(("after_checkpoint", "after_epoch")))
+
+
+@dataclass(frozen=True)
+class NRCfg:
+    tr: float = F(0.5, _rng(0.0, 1.0, True, True), doc="utilization threshold Tr")
+    delta_r: float = F(0.01, _rng(0.0, lo_open=True))
+    delta_lambda: float = F(5e-5, _rng(0.0))
+    delta_t: int = F(1, _rng(1))
+    delta_t_unit: str = F("epoch", _choice(("epoch", "step")))
+    lambda_mode: str = F("adaptive", _choice(("adaptive", "fixed")))
+    lambda_fixed: float = F(1.5e-4, _rng(0.0))
+    lambda_max: Optional[float] = F(None, _rng(0.0))
+    window_epochs: Optional[int] = F(None, _rng(1), doc="NR active only during the first K epochs")
+    max_rejuvenations: int = F(1, _rng(0))
+    target_ratio: float = F(1.0, _rng(0.0, 1.0, lo_open=True))
+    constraint: str = F("params", _choice(CONSTRAINTS))
+    scheme: Optional[str] = F(None, _choice(SCHEMES), doc="null: the method's scheme")
+    rescale: Optional[bool] = F(None, doc="null: the method's default")
+    realloc: Optional[bool] = F(None, doc="null: the method's default")
+    gamma0: Optional[float] = F(None, _rng(0.0, lo_open=True), doc="null: the core's default")
+    dead_threshold: float = F(0.01, _rng(0.0, 1.0, True, True))
+    impl: str = F("two", _choice(("two", "four")), doc="CA convolutions: two or four per layer")
+
+
+@dataclass(frozen=True)
+class FSCfg:
+    run_id: Optional[str] = F(None, doc="NR-FS: MLflow run whose final architecture is trained from scratch")
+    tracking_uri: Optional[str] = F(None, doc="NR-FS: where that run lives (default: this run's URI)")
+    architecture_file: Optional[str] = F(None, doc="NR-FS: exported final_widths.json / model.pt instead")
+
+
+@dataclass(frozen=True)
+class SlimCfg:
+    l1: float = F(1e-4, _rng(0.0), doc="fixed L1 strength on BN gamma before pruning")
+    prune_ratio: float = F(0.5, _rng(0.0, 1.0, True, True), doc="global |gamma| percentile pruned")
+    prune_epoch: Optional[int] = F(None, _rng(1), doc="prune after this epoch (default: epochs // 2)")
+    restart_schedule: bool = F(True, doc="restart the lr schedule for fine-tuning")
+
+
+@dataclass(frozen=True)
+class TrackingCfg:
+    uri: Optional[str] = F(None, doc="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db")
+    experiment: str = F("nr_study")
+    run_name: Optional[str] = F(None)
+    tags: dict = F({}, doc="extra tags, e.g. nr.table / nr.cell")
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str = F("BL", _choice(tuple(METHODS)))
+    seed: int = F(0)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    nr: NRCfg = field(default_factory=NRCfg)
+    fs: FSCfg = field(default_factory=FSCfg)
+    slim: SlimCfg = field(default_factory=SlimCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _unwrap_optional(tp):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(
+        None
+    ) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _suggest(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {', '.join(options)}"
+
+
+def _tname(v) -> str:
+    return type(v).__name__
+
+
+def _coerce(value, tp, key: str, errors: list):
+    """Check/convert a leaf value against its annotation; append an error line when it does not fit."""
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        errors.append(f"{key}: null is not allowed; expected {base.__name__}")
+        return None
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif base is str:
+        if isinstance(value, str):
+            return value
+    elif base is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+    elif base is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - schema error
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    expected = {tuple: "list", dict: "mapping"}.get(base, base.__name__)
+    errors.append(f"{key}: {value!r} has type {_tname(value)}; expected {expected}{' or null' if optional else ''}")
+    return None
+
+
+def _build(cls, d, prefix: str, errors: list):
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'}: {d!r} has type {_tname(d)}; expected a mapping")
+        return cls()
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            errors.append(f"{key}: unknown key{_suggest(key, [prefix + n for n in fields])}")
+            continue
+        tp = hints[k]
+        if _is_section(tp):
+            kwargs[k] = _build(tp, v, key + ".", errors)
+            continue
+        n_before = len(errors)
+        val = _coerce(v, tp, key, errors)
+        if len(errors) > n_before:
+            continue
+        check = fields[k].metadata.get("check")
+        if check is not None:
+            pred, allowed = check
+            ok = pred(val)
+            if isinstance(val, float) and not math.isfinite(val):
+                ok = False
+            if not ok:
+                close = ""
+                if isinstance(val, str):
+                    opts = [o for o in allowed.removeprefix("one of ").split(", ")]
+                    m = difflib.get_close_matches(val, opts, n=1, cutoff=0.5)
+                    close = f"; did you mean {m[0]!r}?" if m else ""
+                    errors.append(f"{key}: {val!r} is not allowed; allowed: {allowed}{close}")
+                else:
+                    errors.append(f"{key}: {val!r} is out of range; allowed: {allowed.format(k=k)}")
+                continue
+        kwargs[k] = val
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover
+        errors.append(f"{prefix or 'config'}: {exc}")
+        return cls()
+
+
+def _cross_checks(cfg: Config, errors: list) -> None:
+    if cfg.data.name == "synthetic":
+        shp = cfg.data.synthetic.shape
+        if len(shp) != 3 or not all(isinstance(s, int) and s >= 1 for s in shp):
+            errors.append(f"data.synthetic.shape: {list(shp)!r} is not allowed; expected [C, H, W] positive ints")
+    ms = cfg.optim.milestones
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms):
+        errors.append(f"optim.milestones: {list(ms)!r} is not allowed; expected a list of epochs (ints >= 1)")
+    if cfg.method == "NR-FS" and not (cfg.fs.run_id or cfg.fs.architecture_file):
+        errors.append("fs.run_id: null is not allowed for method NR-FS; set fs.run_id or fs.architecture_file")
+    if cfg.method == "SLIM" and cfg.slim.prune_epoch is not None and cfg.slim.prune_epoch > cfg.train.epochs:
+        errors.append(
+            f"slim.prune_epoch: {cfg.slim.prune_epoch} is out of range; allowed: 1 <= x <= train.epochs "
+            f"({cfg.train.epochs})"
+        )
+
+
+def config_from_dict(d: dict | None) -> Config:
+    """Validate a (possibly partial) nested dict and build a Config; raises ConfigError listing every bad key."""
+    errors: list[str] = []
+    cfg = _build(Config, d or {}, "", errors)
+    if not errors:
+        _cross_checks(cfg, errors)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return cfg
+
+
+def _plain(v):
+    if dataclasses.is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Nested plain dict (lists, no tuples): YAML-dumpable and accepted back by config_from_dict."""
+    return _plain(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}. Empty mappings stay as {} leaves."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def set_dotted(d: dict, key: str, value) -> dict:
+    """Set `a.b.c = value` in the nested dict `d` (in place, returned). Keys are checked against the schema;
+    below a free-form mapping (model.kwargs, tracking.tags) the rest of the key is one entry:
+    set_dotted(d, "tracking.tags.nr.table", "t4") sets d["tracking"]["tags"]["nr.table"]."""
+    if not isinstance(key, str) or not key or any(p == "" for p in key.split(".")):
+        raise ConfigError(f"{key!r}: malformed key; expected dotted names like nr.tr")
+    parts = key.split(".")
+    cls: Any = Config
+    node = d
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        path = ".".join(parts[: i + 1])
+        if cls is not None:
+            hints = _hints(cls)
+            if part not in hints:
+                prefix = ".".join(parts[:i])
+                opts = [f"{prefix}.{n}" if prefix else n for n in hints]
+                raise ConfigError(f"{path}: unknown key{_suggest(path, opts)}")
+            tp = hints[part]
+            nxt = tp if _is_section(tp) else None
+            free = _unwrap_optional(tp)[0] is dict
+            if not last and nxt is None and not free:
+                raise ConfigError(f"{path}: is a value, not a section; cannot set {key}")
+            if not last and free:  # free-form mapping: the rest of the key is one entry ("nr.table")
+                child = node.get(part)
+                if not isinstance(child, dict):
+                    child = {}
+                    node[part] = child
+                child[".".join(parts[i + 1:])] = value
+                return d
+        else:
+            nxt = None
+        if last:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+            cls = nxt
+    return d
+
+
+def parse_override(pair: str) -> tuple[str, Any]:
+    """'a.b=value' -> ("a.b", yaml.safe_load("value"))."""
+    if not isinstance(pair, str) or "=" not in pair:
+        raise ConfigError(f"--set {pair!r}: malformed override; expected KEY=VALUE, e.g. --set nr.tr=0.3")
+    key, raw = pair.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {pair!r}: malformed override; the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {pair!r}: value is not valid YAML ({str(exc).splitlines()[0]})") from None
+    return key, value
+
+
+def apply_overrides(d: dict, overrides) -> dict:
+    for pair in overrides or []:
+        key, value = parse_override(pair)
+        set_dotted(d, key, value)
+    return d
+
+
+def read_yaml(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = p.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {_tname(data)}")
+    return data
+
+
+def load_config(path, overrides=()) -> Config:
+    d = read_yaml(path)
+    apply_overrides(d, overrides)
+    try:
+        return config_from_dict(d)
+    except ConfigError as exc:
+        lines = str(exc).splitlines()
+        raise ConfigError("\n".join(f"{path}: {ln}" for ln in lines)) from None
+
+
+def resolved_nr(cfg: Config) -> dict:
+    """The method's NR settings with nr.scheme / nr.rescale / nr.realloc overrides applied."""
+    m = dict(METHODS[cfg.method])
+    for k in ("scheme", "rescale", "realloc"):
+        v = getattr(cfg.nr, k)
+        if v is not None:
+            m[k] = v
+    return m
+
+
+def replace(cfg: Config, **dotted) -> Config:
+    """Config copy with dotted-key changes: replace(cfg, **{"nr.tr": 0.3})."""
+    d = config_to_dict(cfg)
+    for k, v in dotted.items():
+        set_dotted(d, k, v)
+    return config_from_dict(d)
