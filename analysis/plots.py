@@ -403,20 +403,28 @@ def plot_trajectories(runs: list[RunRecord], out_dir: str | Path) -> PlotResult:
 
 # ---------------------------------------------------------------------------------------------------
 SEARCH_KEY = re.compile(r"(^|[._])(search|searcher|search_alg|algo|algorithm|sampler)($|[._])", re.I)
-OBJECTIVE_KEY = re.compile(r"(metric|metrics|objective|objectives)$", re.I)
+OBJECTIVE_KEY = re.compile(r"(^|[._])(metric|metrics|objective|objectives)$", re.I)
 
 
-def _sweep_search(dicts: list[dict[str, str]]) -> tuple[bool, list[str] | None]:
-    """(is optuna, objectives or None) from tags/params such as search=optuna, search.metric=[test_err, params]."""
+def _sweep_search(dicts: list[dict[str, str]]) -> tuple[bool, list[tuple[str, str]] | None]:
+    """(is optuna, [(objective, min|max)] or None) from the sweep's tags/params, e.g. the parent run's
+    `sweep.search` = optuna and `sweep.objectives` = "test_err:min,params:min" (nr_study.sweep)."""
     optuna, objectives = False, None
     for d in dicts:
         for k, v in d.items():
             if SEARCH_KEY.search(k) and "optuna" in str(v).lower():
                 optuna = True
-            if OBJECTIVE_KEY.search(k) and ("search" in k.lower() or "optuna" in k.lower() or k.lower() in ("metric", "metrics", "objectives")):
-                names = [x for x in re.split(r"[\s,\[\]'\"()]+", str(v)) if x]
-                if len(names) >= 2 and objectives is None:
-                    objectives = names
+            if OBJECTIVE_KEY.search(k) and objectives is None and not k.lower().startswith(("base.", "space.")):
+                names = [x for x in re.split(r"[\s,\[\]'\"(){}]+", str(v)) if x]
+                objs = []
+                for x in names:
+                    name, _, mode = x.partition(":")
+                    if name in ("min", "max") and objs:  # "[test_err, min]"-style pairs
+                        objs[-1] = (objs[-1][0], name)
+                        continue
+                    objs.append((name, mode.strip().lower() if mode.strip().lower() in ("min", "max") else "min"))
+                if objs:
+                    objectives = objs
     return optuna, objectives
 
 
@@ -457,11 +465,13 @@ def plot_pareto(runs: list[RunRecord], out_dir: str | Path, parents: list[RunRec
         if not optuna:
             continue
         if objectives is None:
-            objectives = ["test_err", "params"]
-            notes.append("objectives not recorded (looked for a search.metric / objectives param); assuming test_err and params")
+            objectives = [("test_err", "min"), ("params", "min")]
+            notes.append("objectives not recorded (looked for a sweep.objectives param); assuming test_err and params, both minimised")
         if len(objectives) != 2:
             continue
-        ykey, xkey = objectives if objectives[0].lower().removeprefix("final_") in ("test_err", "err") else objectives[::-1]
+        if objectives[1][0].lower().removeprefix("final_") in ("test_err", "err"):
+            objectives = objectives[::-1]
+        (ykey, ymode), (xkey, xmode) = objectives
         pts, ids = [], []
         for r in members:
             x, y = _objective(r, xkey), _objective(r, ykey)
@@ -472,7 +482,8 @@ def plot_pareto(runs: list[RunRecord], out_dir: str | Path, parents: list[RunRec
             ids.append(r.run_id)
         if not pts:
             continue
-        mask = pareto_mask(pts)
+        sign = (-1.0 if xmode == "max" else 1.0, -1.0 if ymode == "max" else 1.0)
+        mask = pareto_mask([(sign[0] * x, sign[1] * y) for x, y in pts])
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", sweep)
         name = f"pareto_{safe}"
         title = f"Optuna Pareto front of sweep {sweep}: {ykey} vs {xkey}"

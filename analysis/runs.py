@@ -110,7 +110,7 @@ class RunRecord:
         for kind, key in ATTR_KEYS.get(attr, (("tag", attr), ("param", attr))):
             src = self.tags if kind == "tag" else self.params
             val = src.get(key)
-            if val not in (None, "", "None", "null"):
+            if val not in (None, "", "None", "null", "-"):  # the trainer tags "-" where a field does not apply
                 return str(val)
         return None
 
@@ -236,7 +236,9 @@ class RunStore:
                 token = page.token
                 if not token:
                     break
+            # sweep parent runs: parents of other runs, or tagged nr.role = sweep (a parent without children yet)
             parents = {r.tags.get("mlflow.parentRunId") for r in records} - {None}
+            parents |= {r.run_id for r in records if r.tags.get("nr.role") == "sweep"}
             self.parents = [r for r in records if r.run_id in parents]
             self._all = [r for r in records if r.run_id not in parents]
         return self._all
@@ -277,7 +279,7 @@ def rejuvenation_count(run: RunRecord) -> tuple[int | None, str | None]:
     Returns (count or None, a note when the tag and the logged count disagree)."""
     logged = run.n_rejuvenations()
     cell = run.get("cell")
-    m = re.search(r"(?:^|[/_:-])nr(\d+)$", cell or "", flags=re.I)
+    m = re.search(r"(?:^|[/_:.-])nr(?:ej)?[=_]?(\d+)(?:$|[/_:.-])", cell or "", flags=re.I)
     if m:
         count = int(m.group(1))
         if logged is not None and int(logged) != count:

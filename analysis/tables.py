@@ -385,10 +385,13 @@ def entry_matches(paper: Paper, entry: PaperEntry, run: RunRecord) -> bool:
     a = entry.attrs
     if not paper.arch_matches(a.get("arch"), run.get("arch")):
         return False
-    for key in ("dataset", "method", "constraint"):
+    for key in ("dataset", "method"):
         want = a.get(key)
         if want is not None and norm(run.get(key) or "") != norm(want):
             return False
+    # constraint: only where the run has one (the trainer tags "-" for methods without NR)
+    if a.get("constraint") is not None and run.get("constraint") is not None and norm(run.get("constraint")) != norm(a["constraint"]):
+        return False
     if a.get("rejuvenations") is not None:
         count, _ = rejuvenation_count(run)
         if count != int(a["rejuvenations"]):

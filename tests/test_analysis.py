@@ -26,8 +26,27 @@ EXP = "nr_test"
 OTHER = "nr_other"
 
 
+try:  # log the way the trainer does when its tracking helpers are there
+    from nr_study.tracking import RunTracker
+except ImportError:  # pragma: no cover
+    RunTracker = None
+
+
 def _log(client, exp_id, *, tags, params=None, hist=None, summary=None, status="FINISHED", parent=None):
-    """One run: tags, params, per-epoch histories {key: [v_epoch1, v_epoch2, ...]}, summary metrics."""
+    """One run: tags, params, per-epoch histories {key: [v_epoch1, v_epoch2, ...]} (step = epoch, 1-based),
+    summary metrics; through nr_study.tracking.RunTracker when it exists, else the raw MlflowClient."""
+    if RunTracker is not None:
+        t = RunTracker(client.tracking_uri, client.get_experiment(exp_id).name, tags=tags, parent_run_id=parent)
+        t.start()
+        if params:
+            t.log_params(params)
+        epochs = max((len(v) for v in (hist or {}).values()), default=0)
+        for ep in range(epochs):
+            t.log_epoch(ep + 1, {k: v[ep] for k, v in hist.items() if ep < len(v)})
+        if summary:
+            t.log_summary(summary)
+        t.end(status)
+        return t.run_id
     tags = dict(tags)
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -59,7 +78,7 @@ def store_uri(tmp_path_factory):
     ids = {}
     # Table 1, BL: three seeds, final top-1 32.0 / 32.5 / 33.0 (history goes down then up for the 'best' check)
     for s, fin in enumerate((32.0, 32.5, 33.0)):
-        ids[f"bl{s}"] = _log(c, e, tags=T("table1", "BL", "BL", "vgg19_simplified", "imagenet", seed=s),
+        ids[f"bl{s}"] = _log(c, e, tags=T("table1", "BL", "BL", "vgg19_simplified_imagenet", "imagenet", "-", seed=s),
                              hist={"test_err": [40.0, 31.0 + s, fin], "test_err5": [15.0, 12.0, 12.0 + s]},
                              summary={"final_test_err": fin})
     # ... and runs that must NOT count: running, failed, another table's cell, a deleted-tag-less run
@@ -68,7 +87,13 @@ def store_uri(tmp_path_factory):
     _log(c, e, tags=T("table4", "vgg19/cifar10/BL", "BL", "vgg19", "cifar10"), hist={"test_err": [3.0]})
     _log(c, e, tags=T(None, None, "BL", "vgg19_simplified", "imagenet"), hist={"test_err": [4.0]})
     # Table 1, NR-CA-BR matched on its tags alone (no nr.cell); only the summary metric
-    _log(c, e, tags=T("table1", None, "NR-CA-BR", "vgg19_simplified", "imagenet", "params"), summary={"final_test_err": 30.0})
+    _log(c, e, tags=T("table1", None, "NR-CA-BR", "vgg19_simplified_imagenet", "imagenet", "params"), summary={"final_test_err": 30.0})
+    # Table 1, NR-FS matched on tags (constraint "-": the trainer tags no constraint for methods without NR)
+    _log(c, e, tags=T("table1", "imagenet/vgg19_simplified_imagenet/NR-FS", "NR-FS", "vgg19_simplified_imagenet", "imagenet", "-"),
+         hist={"test_err": [31.0]})
+    # a sweep's parent run carries the sweep's nr.table tags but is no trial: not counted (even without children)
+    _log(c, e, tags={**T("table1", "BL", "BL", "vgg19_simplified_imagenet", "imagenet"), "nr.role": "sweep"},
+         hist={"test_err": [0.5]})
     # a table1 run that fits no cell: noted, not used
     _log(c, e, tags=T("table1", None, "NR", "resnet50", "imagenet", "params"), hist={"test_err": [5.0]})
     # Table 2, ResNet-50 NR Params: two runs in the OTHER experiment
@@ -93,6 +118,9 @@ def store_uri(tmp_path_factory):
                      "lambda": [0.0, 1e-4, 2e-4, 0.0], "rejuvenations": [0, 0, k - 1, k], "params": [1e5] * 4}
         _log(c, e, tags=T("fmnist_table5", None, method, "vgg_small", "fashion_mnist", "params", seed=0),
              params={"method": method, "nr.tr": 0.5, "nr.delta_lambda": 1e-4}, hist=hist, summary={"final_params": 1e5})
+    # ... and one whose count comes from its nr.cell (a sweep's cell template), no rejuvenations metric
+    _log(c, e, tags=T("fmnist_table5", "fashion_mnist/vgg_small/nrej3", "NR", "vgg_small", "fashion_mnist", "params"),
+         hist={"test_err": [20.0, 8.0]})
     # Tr sweep: Tr in {0.25, 0.5} x delta_lambda in {5e-5, 1e-4} x 2 seeds; error = 10 + 4 Tr + 1e4 dl + seed
     for tr in (0.25, 0.5):
         for dl in (5e-5, 1e-4):
@@ -105,7 +133,8 @@ def store_uri(tmp_path_factory):
     _log(c, e, tags=T(None, None, "NR", "mlp", "fashion_mnist", "params", seed=9), hist={"test_err": [11.0]},
          summary={"final_params": 900})
     # Optuna sweep with 2 objectives: parent run records the search, children are the trials
-    parent = _log(c, e, tags={"nr.sweep": "opt"}, params={"search": "optuna", "search.metric": "['test_err', 'params']"})
+    parent = _log(c, e, tags={"nr.sweep": "opt", "nr.role": "sweep"},
+                  params={"sweep.search": "optuna", "sweep.objectives": "test_err:min,params:min"})
     ids["pareto"] = []
     for err, prm in ((10.0, 5000), (12.0, 3000), (11.0, 6000), (15.0, 2000), (13.0, 3500)):
         ids["pareto"].append(_log(c, e, tags=T(None, None, "NR", "mlp", "fashion_mnist", sweep="opt"), parent=parent,
@@ -134,6 +163,8 @@ def test_table1_cells_exact(tables):
     assert t.parts("BL", t.columns[0]) == ["32.13", "32.50 ± 0.50 (3)", "+0.37"]
     top5 = t.cell("BL", "", "top5")
     assert (top5.n, top5.mean, top5.std) == (3, pytest.approx(13.0), pytest.approx(1.0))
+    fs = t.cell("NR-FS", "", "top1")
+    assert (fs.n, fs.mean) == (1, 31.0)
     ca = t.cell("NR-CA-BR", "", "top1")  # matched on tags, summary metric only
     assert (ca.n, ca.mean, ca.std) == (1, 30.0, None)
     assert t.parts("NR-CA-BR", t.columns[0]) == ["29.98", "30.00 (1)", "+0.02"]
@@ -188,7 +219,8 @@ def test_cpu_tables(tables):
     cols = [c.group for c in t5.columns]
     assert cols == ["# of NR 0", "# of NR 1", "# of NR 2", "# of NR 3", "# of NR 4", "# of NR 5"]
     assert [t5.cell(row, g, "top1").mean for g in cols[:3]] == [10.0, 9.0, 8.5]
-    assert t5.cell(row, cols[3], "top1").n == 0
+    assert (t5.cell(row, cols[3], "top1").n, t5.cell(row, cols[3], "top1").mean) == (1, 8.0)
+    assert t5.cell(row, cols[4], "top1").n == 0
     assert next(iter(t5.reference_rows.values()))[("# of NR 5", "top1")].text == "3.62"
 
 
@@ -272,7 +304,7 @@ def test_plot_rejuvenations_and_pareto(plotted, store_uri):
     rj = r["rejuvenations"]
     _files_ok(rj)
     s = rj.data["runs"]["vgg_small / fashion_mnist"]
-    assert (s["x"], s["mean"], s["n"]) == ([0, 1, 2], [10.0, 9.0, 8.5], [1, 1, 1])
+    assert (s["x"], s["mean"], s["n"]) == ([0, 1, 2, 3], [10.0, 9.0, 8.5, 8.0], [1, 1, 1, 1])
     assert rj.data["paper"]["paper: VGG-19 C10"]["y"] == [5.44, 4.19, 4.03, 3.79, 3.69, 3.62]
     pa = r["pareto_opt"]
     _files_ok(pa)
