@@ -14,7 +14,9 @@ metric skips that run for that plot; nothing is filled in).
                  `nr.delta_lambda`, `nr.delta_r`), mean ± std over seeds as error bars
 - rejuvenations  error vs number of rejuvenations (Table 5 as a plot), paper's Table 5 overlaid
 - trajectories   λ and parameter utilization vs epoch, rejuvenations marked
-- pareto_<sweep> Optuna 2-objective sweeps: test_err vs params, non-dominated trials marked
+- pareto_<sweep> Optuna 2-objective sweeps: test_err vs params, non-dominated trials marked. A sweep = the runs
+                 sharing a `nr.sweep` tag; it is Optuna when its parent run (or a trial) has a tag/param like
+                 `sweep.search` = optuna, and its objectives come from `sweep.objectives` ("test_err:min,params:min").
 """
 from __future__ import annotations
 
@@ -516,7 +518,7 @@ def make_all(store: RunStore, out_dir: str | Path, mode: str = "final") -> list[
     results += pareto
     if not pareto:
         results.append(PlotResult("pareto", "Optuna Pareto fronts", {}, [],
-                                  ["no sweep whose runs or parent run record an Optuna search (tag/param search*=optuna)"]))
+                                  ["no sweep whose parent run (or trials) records an Optuna search (param sweep.search = optuna) with 2 objectives"]))
     skipped = len(store.all_runs()) - len(runs)
     if skipped:
         results[0].notes.insert(0, f"{skipped} run(s) not FINISHED ignored")

@@ -228,7 +228,10 @@ def test_write_tables_formats(tables, tmp_path):
     files = write_tables(list(tables.values()), tmp_path)
     assert {p.suffix for p in files} == {".md", ".tex", ".csv", ".html"}
     md = (tmp_path / "tables" / "table1.md").read_text()
-    assert "| BL | 32.13 \\| 32.50 ± 0.50 (3) \\| +0.37 | 11.97 \\| 13.00 ± 1.00 (3) \\| +1.03 |" in md
+    # the paper's layout: two side-by-side halves, BL beside BL-CA
+    assert "| Method | Top-1 | Top-5 | Method | Top-1 | Top-5 |" in md
+    assert ("| BL | 32.13 \\| 32.50 ± 0.50 (3) \\| +0.37 | 11.97 \\| 13.00 ± 1.00 (3) \\| +1.03 "
+            "| BL-CA | 31.58 \\| — \\| — | 11.46 \\| — \\| — |") in md
     assert "| NR-IP | 31.35 \\| — \\| — |" in md
     tex = (tmp_path / "tables" / "table1.tex").read_text()
     assert "32.13 $\\mid$ 32.50 $\\pm$ 0.50 (3) $\\mid$ +0.37" in tex and "\\begin{tabular}" in tex
