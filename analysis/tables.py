@@ -315,6 +315,17 @@ class BuiltTable:
             out += ["", "Notes:", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(out) + "\n"
 
+    def _group_spans(self) -> list[tuple[str, int]]:
+        """Consecutive columns of one paper column group: [(group, how many columns)]."""
+        spans: list[tuple[str, int]] = []
+        for c in self.columns:
+            g = c.group if not c.single else ""
+            if spans and spans[-1][0] == g and g:
+                spans[-1] = (g, spans[-1][1] + 1)
+            else:
+                spans.append((g, 1))
+        return spans
+
     def to_latex(self) -> str:
         header, body = self._grid(" $\\mid$ ")
 
@@ -330,9 +341,20 @@ class BuiltTable:
             "\\centering\\scriptsize",
             "\\begin{tabular}{" + ("l" + "c" * len(self.columns)) * self.halves + "}",
             "\\hline",
-            " & ".join(tex(h) for h in header) + " \\\\",
-            "\\hline",
         ]
+        spans = self._group_spans()
+        if self.halves == 1 and any(n > 1 for _, n in spans):  # two header rows: groups, then values
+            top, clines, col = [""], [], 2
+            for group, n in spans:
+                top.append(f"\\multicolumn{{{n}}}{{c}}{{{tex(group)}}}" if n > 1 else tex(group))
+                if n > 1:
+                    clines.append(f"\\cline{{{col}-{col + n - 1}}}")
+                col += n
+            names = [tex(self.row_label)] + [tex(VALUE_NAMES.get(c.value, c.label) if c.group and not c.single else c.label)
+                                             for c in self.columns]
+            lines += [" & ".join(top) + " \\\\", " ".join(clines), " & ".join(names) + " \\\\", "\\hline"]
+        else:
+            lines += [" & ".join(tex(h) for h in header) + " \\\\", "\\hline"]
         lines += [" & ".join(tex(c) for c in line) + " \\\\" for line in body]
         lines += ["\\hline", "\\end{tabular}", f"\\caption{{{tex(self.title)}. {tex(self.caption)}}}",
                   f"\\label{{tab:{self.name}}}", "\\end{table}"]
