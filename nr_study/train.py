@@ -1,0 +1,645 @@
+"""The training loop: `train(cfg, ...)` trains one configuration end to end (what a sweep trial calls).
+
+Read top to bottom: build data and model (NR-FS: an earlier run's architecture, re-initialised; BL-CA: the CA
+form on a half/half split), attach the NR hook (NR methods) or a fixed-λ L1 hook (SLIM), then per epoch:
+steps (forward, backward, hook.after_backward, SGD step, hook.end_of_step) -> hook.end_of_epoch -> SLIM prune ->
+evaluation -> checkpoint (atomic) -> MLflow (one log_batch) -> on_epoch_end -> fault injection.
+A rejuvenation (a report from the hook) rebuilds the optimizer: momentum buffers are dropped, because the
+parameter tensors are new (S weights move to new positions and R weights are fresh); optionally the lr
+schedule restarts (optim.restart_after_rejuvenation).
+
+Checkpoints (`<checkpoint_dir>/state.pt`, torch.load(weights_only=True)) hold the architecture (model name,
+kwargs, core architecture spec as JSON), weights, optimizer, NR state, epoch, step, RNG states, run id and the
+metric history, so a run resumed after a rejuvenation continues bit-for-bit on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from nr_study.config import Config, config_from_dict, config_to_dict, flatten, load_config, resolved_nr
+from nr_study.errors import ConfigError, UserError
+
+CKPT_NAME = "state.pt"
+CKPT_FORMAT = 1
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _core():
+    """The NR core (nr_study.nr) when it is importable with the documented API, else None."""
+    try:
+        from nr_study import nr
+    except ImportError:
+        return None
+    return nr if hasattr(nr, "NeuralRejuvenation") else None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' is not available on this machine; allowed: auto, cpu")
+    return torch.device(name)
+
+
+def available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = np.random.get_state()
+    py = random.getstate()
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(st[1].astype(np.int64)),
+        "numpy_pos": int(st[2]), "numpy_has_gauss": int(st[3]), "numpy_gauss": float(st[4]),
+        "python_version": int(py[0]), "python_state": list(py[1]), "python_gauss": py[2],
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"],
+                         s["numpy_has_gauss"], s["numpy_gauss"]))
+    random.setstate((s["python_version"], tuple(s["python_state"]), s["python_gauss"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(checkpoint_dir) -> Optional[dict]:
+    p = Path(checkpoint_dir) / CKPT_NAME
+    if not p.is_file():
+        return None
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def lr_at(ocfg, epochs: int, steps_per_epoch: int, step: int, offset: int = 0) -> float:
+    """Learning rate before optimizer step `step` (0-based), the schedule having (re)started at step `offset`.
+    step: ×gamma after each milestone epoch counted from the (re)start; cosine: over the remaining steps."""
+    t = max(0, step - offset)
+    if ocfg.schedule == "constant":
+        return ocfg.lr
+    if ocfg.schedule == "step":
+        done = t // steps_per_epoch
+        return ocfg.lr * ocfg.gamma ** sum(done >= m for m in ocfg.milestones)
+    total = max(1, epochs * steps_per_epoch - offset)
+    return ocfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / total)))
+
+
+# ---------------------------------------------------------------------------------------- the model
+def model_payload(model: nn.Module, meta: dict) -> dict:
+    """Weights + everything create_model/apply_architecture need to rebuild them (weights_only-safe)."""
+    core = _core()
+    spec = core.architecture_spec(model) if core is not None else None
+    return dict(meta, arch_spec_json=json.dumps(spec) if spec is not None else "",
+                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+def model_from_payload(payload: dict, load_weights: bool = True) -> nn.Module:
+    from nr_study.models import create_model
+
+    model = create_model(payload["model_name"], num_classes=int(payload["num_classes"]),
+                         in_channels=int(payload["in_channels"]), **json.loads(payload.get("model_kwargs_json") or "{}"))
+    spec = payload.get("arch_spec_json") or ""
+    if spec:
+        core = _core()
+        if core is None:
+            raise ConfigError("this checkpoint/model holds a rejuvenated architecture; it needs nr_study.nr")
+        model = core.apply_architecture(model, json.loads(spec)) or model
+    if load_weights:
+        model.load_state_dict(payload["state_dict"])
+    return model
+
+
+def _reinit(model: nn.Module) -> None:
+    try:
+        from nr_study.models.layers import init_weights
+    except ImportError:  # pragma: no cover
+        for m in model.modules():
+            if hasattr(m, "reset_parameters") and m is not model:
+                m.reset_parameters()
+        return
+    init_weights(model)
+
+
+def _fs_spec(cfg: Config, tracking_uri: str) -> tuple[dict, Optional[str]]:
+    """NR-FS: the architecture spec found by an earlier run (MLflow run id or exported file)."""
+    if cfg.fs.run_id:
+        from nr_study.tracking import download_artifact
+
+        path = download_artifact(cfg.fs.run_id, "model/model.pt", cfg.fs.tracking_uri or tracking_uri)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        src_name = payload["model_name"]
+        spec = payload.get("arch_spec_json") or ""
+        if not spec:
+            raise ConfigError(f"fs.run_id: run {cfg.fs.run_id!r} has no architecture spec (was it a BL run?)")
+        return json.loads(spec), src_name
+    path = Path(cfg.fs.architecture_file)
+    if not path.is_file():
+        raise ConfigError(f"fs.architecture_file: {str(path)!r} not found; expected final_widths.json or model.pt")
+    if path.suffix in (".pt", ".pth"):
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return json.loads(payload["arch_spec_json"]), payload.get("model_name")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"fs.architecture_file: {str(path)!r} is not JSON ({exc})") from None
+    if isinstance(obj, dict) and "architecture" in obj:  # final_widths.json
+        return obj["architecture"], obj.get("model")
+    return obj, None
+
+
+def _nr_config(cfg: Config, **override):
+    core = _core()
+    names = {f.name for f in dataclasses.fields(core.NRConfig)}
+    vals = dataclasses.asdict(cfg.nr)
+    res = resolved_nr(cfg)
+    vals.update(scheme=res["scheme"], rescale=res["rescale"], realloc=res["realloc"])
+    vals.update(override)
+    return core.NRConfig(**{k: v for k, v in vals.items() if k in names and v is not None})
+
+
+def measure(model: nn.Module, input_shape: tuple) -> dict:
+    """util_params, util_flops, params, flops of a model (core's cost model; a plain count without it)."""
+    core = _core()
+    if core is not None:
+        up = core.utilization(model, input_shape, constraint="params")
+        uf = core.utilization(model, input_shape, constraint="flops")
+        return {"util_params": up.ratio, "util_flops": uf.ratio, "params": up.total, "flops": uf.total}
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return {"params": n}
+
+
+def _widths(model: nn.Module, input_shape: tuple) -> dict:
+    core = _core()
+    if core is None:
+        return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    u = core.utilization(model, input_shape, constraint="params")
+    return {lu.name: int(lu.width) for lu in u.layers}
+
+
+def slim_prune(model: nn.Module, input_shape: tuple, ratio: float) -> tuple[nn.Module, dict]:
+    """Network Slimming: physically prune the `ratio` fraction of channels with the smallest |γ| among the
+    non-fixed BNs (one global percentile; a layer keeps at least its largest channel). Returns (model, report)."""
+    core = _core()
+    if core is None:
+        raise ConfigError("method SLIM needs the NR core (nr_study.nr), which is not available")
+    graph = core.build_graph(model, input_shape)
+    mods = dict(model.named_modules())
+    bns = [g.bn for g in graph.free_groups()]
+    if not bns:
+        raise ConfigError(f"method SLIM: model has no prunable BatchNorm channels")
+    gam = [mods[b].weight.detach().abs().float().cpu().flatten() for b in bns]
+    allg = torch.cat(gam)
+    k = int(math.floor(ratio * allg.numel()))
+    pruned = torch.zeros(allg.numel(), dtype=torch.bool)
+    pruned[torch.argsort(allg, stable=True)[:k]] = True
+    keep, off = {}, 0
+    for b, g in zip(bns, gam):
+        keep[b] = ~pruned[off : off + g.numel()]
+        off += g.numel()
+    before = core.utilization(model, input_shape, "params").total
+    widths_before = {b: int(g.numel()) for b, g in zip(bns, gam)}
+    model = core.prune(model, input_shape, keep, inplace=False)
+    mods = dict(model.named_modules())
+    widths_after = {b: int(mods[b].weight.numel()) for b in bns}
+    report = {"prune_ratio": ratio, "threshold": float(allg[torch.argsort(allg, stable=True)[k - 1]]) if k else 0.0,
+              "channels_before": int(allg.numel()), "channels_after": int(sum(widths_after.values())),
+              "params_before": int(before), "params_after": int(core.utilization(model, input_shape, "params").total),
+              "widths_before": widths_before, "widths_after": widths_after}
+    return model, report
+
+
+def to_ca_half_split(model: nn.Module, input_shape: tuple, impl: str = "two") -> nn.Module:
+    core = _core()
+    if core is None:
+        raise ConfigError("method BL-CA needs the NR core (nr_study.nr), which is not available")
+    return core.split_to_ca(model, input_shape, impl=impl)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+class _Run:
+    """Mutable state of one training run (kept out of train() so the loop reads in one screen)."""
+
+    def __init__(self, cfg: Config, device: torch.device, data, tracker, ckpt_dir: Optional[Path]):
+        self.cfg, self.device, self.data, self.tracker, self.ckpt_dir = cfg, device, data, tracker, ckpt_dir
+        self.input_shape = (1, *data.input_shape)
+        self.meta = dict(model_name=cfg.model.name, model_kwargs_json=json.dumps(cfg.model.kwargs, sort_keys=True),
+                         num_classes=int(data.num_classes), in_channels=int(data.input_shape[0]),
+                         input_shape=list(data.input_shape))
+        self.model: nn.Module = None
+        self.hook = None
+        self.hook_kind = ""  # "nr" | "slim" | ""
+        self.opt: torch.optim.Optimizer = None
+        self.epoch = 0
+        self.step = 0
+        self.sched_offset = 0
+        self.n_events = 0
+        self.slim_pruned = False
+        self.history: list[dict] = []
+        self.pending: list[tuple[str, dict]] = []  # artifacts to log after the next checkpoint
+        self.spe = data.steps_per_epoch(cfg.train.batch_size)
+        if cfg.train.max_steps_per_epoch:
+            self.spe = min(self.spe, cfg.train.max_steps_per_epoch)
+
+    # -- building -----------------------------------------------------------------------------------
+    def build_fresh(self, tracking_uri: str) -> None:
+        from nr_study.models import create_model
+
+        cfg = self.cfg
+        model = create_model(cfg.model.name, num_classes=self.meta["num_classes"],
+                             in_channels=self.meta["in_channels"], **cfg.model.kwargs)
+        if cfg.method == "NR-FS":
+            spec, src = _fs_spec(cfg, tracking_uri)
+            if src and src != cfg.model.name:
+                raise ConfigError(f"model.name: {cfg.model.name!r} differs from the NR-FS source model {src!r}")
+            core = _core()
+            if core is None:
+                raise ConfigError("method NR-FS needs nr_study.nr.apply_architecture (the NR core)")
+            model = core.apply_architecture(model, spec) or model
+            _reinit(model)
+        elif cfg.method == "BL-CA":
+            model = to_ca_half_split(model, self.input_shape, cfg.nr.impl)
+        self.model = model.to(self.device)
+        self._attach_hook(state=None)
+        self.rebuild_optimizer()
+
+    def build_from_checkpoint(self, ck: dict) -> None:
+        self.model = model_from_payload(ck["model"]).to(self.device)
+        self.slim_pruned = bool(ck.get("slim_pruned", False))
+        self._attach_hook(state=ck.get("nr_state") or None)
+        self.rebuild_optimizer()
+        self.opt.load_state_dict(ck["optimizer"])
+        self.epoch, self.step = int(ck["epoch"]), int(ck["global_step"])
+        self.sched_offset, self.n_events = int(ck["sched_offset"]), int(ck["rejuvenations"])
+        self.history = [dict(r) for r in ck["history"]]
+        set_rng_state(ck["rng"])  # last: building consumed random numbers
+
+    def _attach_hook(self, state) -> None:
+        cfg = self.cfg
+        if self.device.type == "cuda" and cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.hook, self.hook_kind = None, ""
+        if resolved_nr(cfg)["nr"]:
+            kind, nrc = "nr", None
+        elif cfg.method == "SLIM" and not self.slim_pruned:
+            kind = "slim"
+        else:
+            return
+        core = _core()
+        if core is None:
+            raise ConfigError(f"method {cfg.method} needs the NR core (nr_study.nr), which is not available yet")
+        if kind == "nr":
+            nrc = _nr_config(cfg)
+        else:
+            nrc = _nr_config(cfg, lambda_mode="fixed", lambda_fixed=cfg.slim.l1, max_rejuvenations=0,
+                             window_epochs=None)
+        self.hook, self.hook_kind = core.NeuralRejuvenation(self.model, self.input_shape, nrc), kind
+        if state:
+            self.hook.load_state_dict(state)
+
+    def rebuild_optimizer(self) -> None:
+        o = self.cfg.optim
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
+                                   weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
+
+    # -- events -------------------------------------------------------------------------------------
+    def on_rejuvenation(self, report: dict) -> None:
+        self.model = getattr(self.hook, "model", self.model)
+        self.model.train()
+        if self.device.type == "cuda" and self.cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.n_events += 1
+        report = dict(report, epoch=self.epoch + 1, step=self.step)
+        self.pending.append((f"rejuvenations/{self.n_events:03d}.json", report))
+        self.rebuild_optimizer()
+        if self.cfg.optim.restart_after_rejuvenation:
+            self.sched_offset = self.step
+        if self._progress:
+            print(f"  rejuvenation {self.n_events} at epoch {self.epoch + 1} step {self.step}", flush=True)
+
+    def maybe_slim_prune(self) -> None:
+        cfg = self.cfg
+        if cfg.method != "SLIM" or self.slim_pruned:
+            return
+        at = cfg.slim.prune_epoch or max(1, cfg.train.epochs // 2)
+        if self.epoch != at:
+            return
+        self.model, report = slim_prune(self.model, self.input_shape, cfg.slim.prune_ratio)
+        self.model = self.model.to(self.device)
+        self.slim_pruned = True
+        self.hook, self.hook_kind = None, ""  # fine-tuning: no more L1
+        self.rebuild_optimizer()
+        if cfg.slim.restart_schedule:
+            self.sched_offset = self.step
+        self.pending.append(("slim_prune.json", dict(report, epoch=self.epoch)))
+
+    # -- one epoch ----------------------------------------------------------------------------------
+    def train_epoch(self) -> dict:
+        cfg, model = self.cfg, self.model
+        model.train()
+        amp = self.device.type == "cuda" and cfg.train.bf16
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        wrong = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        t0 = time.perf_counter()
+        for x, y in self.data.train_batches(self.epoch + 1, cfg.train.batch_size, self.spe):
+            if self.device.type == "cuda" and cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(cfg.optim, cfg.train.epochs, self.spe, self.step, self.sched_offset)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                out = self.model(x)
+                loss = F.cross_entropy(out.float(), y)
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"epoch {self.epoch + 1} step {self.step + 1}: loss is {loss.item()}; training diverged "
+                    f"(lower optim.lr, nr.delta_lambda or nr.lambda_max)")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.hook is not None:
+                self.hook.after_backward()
+            self.opt.step()
+            self.step += 1
+            loss_sum += loss.detach().double() * len(y)
+            wrong += (out.detach().argmax(1) != y).sum()
+            seen += len(y)
+            if self.hook is not None:
+                rep = self.hook.end_of_step()
+                if rep:
+                    self.on_rejuvenation(rep)
+        if self.hook is not None:
+            rep = self.hook.end_of_epoch()
+            if rep:
+                self.on_rejuvenation(rep)
+        self.epoch += 1
+        dt = time.perf_counter() - t0
+        return {"train_loss": loss_sum.item() / max(1, seen), "train_err": 100.0 * wrong.item() / max(1, seen),
+                "lr": lr_at(cfg.optim, cfg.train.epochs, self.spe, max(0, self.step - 1), self.sched_offset),
+                "epoch_time": dt, "images_per_s": seen / max(dt, 1e-9)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        model = self.model
+        model.eval()
+        amp = self.device.type == "cuda" and self.cfg.train.bf16
+        n, wrong1, wrong5 = 0, 0, 0
+        for x, y in self.data.test_batches(self.cfg.train.eval_batch_size):
+            if self.device.type == "cuda" and self.cfg.train.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x).float()
+            k = min(5, out.shape[1])
+            top = out.topk(k, dim=1).indices
+            hit = top == y[:, None]
+            wrong1 += int((~hit[:, 0]).sum())
+            wrong5 += int((~hit.any(1)).sum())
+            n += len(y)
+        return {"test_err": 100.0 * wrong1 / max(1, n), "test_err5": 100.0 * wrong5 / max(1, n)}
+
+    def nr_metrics(self) -> dict:
+        if self.hook is not None:
+            m = dict(self.hook.metrics())
+            if self.hook_kind == "slim":
+                m["rejuvenations"] = 0
+            return m
+        m = measure(self.model, self.input_shape)
+        m.update({"lambda": 0.0, "rejuvenations": self.n_events})
+        return m
+
+    # -- persistence --------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        if self.ckpt_dir is None:
+            return
+        atomic_save({
+            "format": CKPT_FORMAT,
+            "config_json": json.dumps(config_to_dict(self.cfg)),
+            "model": model_payload(self.model, self.meta),
+            "optimizer": self.opt.state_dict(),
+            "nr_state": self.hook.state_dict() if self.hook is not None else {},
+            "hook_kind": self.hook_kind,
+            "slim_pruned": self.slim_pruned,
+            "epoch": self.epoch, "global_step": self.step, "sched_offset": self.sched_offset,
+            "rejuvenations": self.n_events,
+            "rng": rng_state(),
+            "run_id": self.tracker.run_id,
+            "history": self.history,
+        }, self.ckpt_dir / CKPT_NAME)
+
+    def log_pending(self) -> None:
+        for name, obj in self.pending:
+            self.tracker.log_dict(obj, name)
+        self.pending.clear()
+
+    _progress = True
+
+
+def _fault_kill(tcfg, epoch: int, point: str) -> None:
+    if tcfg.fault_kill_at_epoch != epoch or tcfg.fault_kill_point != point:
+        return
+    marker = tcfg.fault_kill_once_marker
+    if marker:
+        m = Path(marker)
+        if m.exists():
+            return
+        m.parent.mkdir(parents=True, exist_ok=True)
+        m.write_text(f"killed at epoch {epoch}, pid {os.getpid()}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(137)  # pragma: no cover - SIGKILL does not return
+
+
+def _tags(cfg: Config, extra: Optional[dict]) -> dict:
+    res = resolved_nr(cfg)
+    t = {"nr.method": cfg.method, "nr.arch": cfg.model.name, "nr.dataset": cfg.data.name, "nr.seed": cfg.seed,
+         "nr.scheme": res["scheme"] or "-", "nr.constraint": cfg.nr.constraint if res["nr"] else "-"}
+    t.update(cfg.tracking.tags or {})
+    t.update(extra or {})
+    return t
+
+
+def _fmt(row: dict, epochs: int) -> str:
+    s = (f"epoch {row['epoch']:>3}/{epochs} loss {row['train_loss']:.4f} train_err {row['train_err']:5.2f}% "
+         f"test_err {row['test_err']:5.2f}%")
+    if "util_params" in row:
+        s += f" util {row['util_params']:.3f}"
+    s += f" λ {row.get('lambda', 0.0):.2e} lr {row['lr']:.4g}"
+    if row.get("rejuvenations"):
+        s += f" rejuv {int(row['rejuvenations'])}"
+    return s + f" ({row['epoch_time']:.1f}s)"
+
+
+def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = None, checkpoint_dir=None,
+          resume: bool = False, on_epoch_end: Optional[Callable[[dict, Optional[str]], None]] = None,
+          progress: bool = True, tags: Optional[dict] = None, parent_run_id: Optional[str] = None) -> dict:
+    """Train one configuration end to end; returns the final summary (incl. run_id).
+
+    cfg: a Config or a nested dict. checkpoint_dir: where state.pt is written each epoch (None: no checkpoints).
+    resume: continue from checkpoint_dir/state.pt when it exists (its MLflow run is reopened).
+    on_epoch_end(metrics, checkpoint_dir): called after each epoch's checkpoint is written and logged.
+    """
+    from nr_study.data import build_data
+    from nr_study.tracking import FAILED, FINISHED, KILLED, RunTracker, resolve_tracking_uri
+
+    if not isinstance(cfg, Config):
+        cfg = config_from_dict(cfg)
+    tc = cfg.train
+    device = pick_device(tc.device)
+    torch.set_num_threads(tc.threads or available_cpus())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not tc.deterministic
+        torch.backends.cudnn.deterministic = tc.deterministic
+    ckpt_dir = Path(checkpoint_dir).absolute() if checkpoint_dir else None
+    ck = load_checkpoint(ckpt_dir) if (resume and ckpt_dir is not None) else None
+    if ck is not None and ck.get("format") != CKPT_FORMAT:
+        raise ConfigError(f"{ckpt_dir / CKPT_NAME}: unknown checkpoint format {ck.get('format')!r}")
+    uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
+    tracker = RunTracker(uri, cfg.tracking.experiment, run_id or (ck or {}).get("run_id") or None,
+                         run_name=cfg.tracking.run_name, tags=_tags(cfg, tags), parent_run_id=parent_run_id)
+    tracker.start()
+    status = FAILED
+    try:
+        if not tracker.reopened:
+            tracker.log_params(flatten(config_to_dict(cfg)))
+            tracker.log_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config.yaml")
+        seed_everything(cfg.seed)
+        data = build_data(cfg.data, device, seed=cfg.seed)
+        run = _Run(cfg, device, data, tracker, ckpt_dir)
+        run._progress = progress
+        if ck is not None:
+            run.build_from_checkpoint(ck)
+            tracker.sync_history(run.history)
+            if progress:
+                print(f"resumed from {ckpt_dir / CKPT_NAME} at epoch {run.epoch} (run {tracker.run_id})", flush=True)
+        else:
+            run.build_fresh(uri)
+        while run.epoch < tc.epochs:
+            row = {"epoch": run.epoch + 1}
+            row.update(run.train_epoch())
+            run.maybe_slim_prune()
+            row.update(run.evaluate())
+            row.update({k: float(v) for k, v in run.nr_metrics().items()})
+            run.history.append(row)
+            run.checkpoint()
+            _fault_kill(tc, run.epoch, "after_checkpoint")
+            tracker.log_epoch(run.epoch, row)
+            run.log_pending()
+            if progress:
+                print(_fmt(row, tc.epochs), flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(dict(row), str(ckpt_dir) if ckpt_dir else None)
+            _fault_kill(tc, run.epoch, "after_epoch")
+        summary = _finish(run, tracker)
+        status = FINISHED
+        if progress:
+            print(f"done: final test_err {summary['final_test_err']:.2f}% (best {summary['best_test_err']:.2f}%), "
+                  f"params {summary['final_params']:,}, FLOPs {summary.get('final_flops', float('nan')):,.0f}, "
+                  f"rejuvenations {summary['rejuvenations']}, run {summary['run_id']}", flush=True)
+        return summary
+    except KeyboardInterrupt:
+        status = KILLED
+        raise
+    except BaseException as exc:
+        try:
+            tracker.set_tags({"nr.error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]})
+        except Exception:  # never mask the real error
+            pass
+        raise
+    finally:
+        tracker.end(status)
+
+
+def _finish(run: _Run, tracker) -> dict:
+    m = measure(run.model, run.input_shape)
+    last = run.history[-1] if run.history else {}
+    best = min((r["test_err"] for r in run.history), default=float("nan"))
+    summary = {"final_test_err": last.get("test_err", float("nan")), "best_test_err": best,
+               "final_params": int(m["params"]), "final_flops": int(m["flops"]) if "flops" in m else float("nan")}
+    tracker.log_summary(summary)
+    core = _core()
+    spec = core.architecture_spec(run.model) if core is not None else None
+    tracker.log_dict({"model": run.cfg.model.name, "widths": _widths(run.model, run.input_shape),
+                      "architecture": spec}, "final_widths.json")
+    with tempfile.TemporaryDirectory() as td:
+        p = Path(td) / "model.pt"
+        torch.save(model_payload(run.model, run.meta), p)
+        tracker.log_artifact(p, "model")
+    return dict(summary, run_id=tracker.run_id, rejuvenations=run.n_events, epochs=run.epoch,
+                final_test_err5=last.get("test_err5", float("nan")), method=run.cfg.method,
+                checkpoint_dir=str(run.ckpt_dir) if run.ckpt_dir else None, history=list(run.history))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def cli_main(argv) -> int:
+    from nr_study.tracking import runs_dir
+
+    ap = argparse.ArgumentParser(prog="nr-study train", description="Train one configuration with MLflow tracking.")
+    ap.add_argument("config", help="YAML config (see configs/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, value parsed as YAML (repeatable), e.g. --set nr.tr=0.3")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                    "sqlite:///<runs>/mlflow.db)")
+    ap.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default: <runs>/checkpoints/<config>)")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint folder's state.pt")
+    ap.add_argument("--run-id", default=None, help="log into this existing MLflow run")
+    ap.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+    args = ap.parse_args(list(argv))
+    cfg = load_config(args.config, args.overrides)
+    ckpt = args.checkpoint_dir or str(runs_dir() / "checkpoints" / Path(args.config).stem)
+    if args.resume and not (Path(ckpt) / CKPT_NAME).is_file():
+        raise ConfigError(f"--resume: no checkpoint at {Path(ckpt) / CKPT_NAME}")
+    try:
+        summary = train(cfg, tracking_uri=args.tracking_uri, run_id=args.run_id, checkpoint_dir=ckpt,
+                        resume=args.resume, progress=not args.quiet)
+    except TrainingDivergedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.quiet:
+        print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    return 0
+
+
+__all__ = ["train", "cli_main", "TrainingDivergedError", "lr_at", "model_from_payload", "model_payload",
+           "load_checkpoint", "UserError"]

@@ -1,0 +1,260 @@
+"""Training loop end to end on CPU: BL learns, NR rejuvenates, resume is exact, NR-FS / SLIM / BL-CA, statuses."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from nr_study import cli
+from nr_study import tracking as T
+from nr_study.config import config_from_dict
+from nr_study.train import TrainingDivergedError, load_checkpoint, lr_at, model_from_payload, train
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {
+    "method": "BL",
+    "model": {"name": "vgg_small", "kwargs": {"width": 8}},
+    "data": {"name": "synthetic", "n_train": 512, "n_test": 256},
+    "optim": {"lr": 0.05},
+    "train": {"epochs": 3, "batch_size": 32, "threads": 1},
+    "tracking": {"experiment": "train_tests"},
+}
+# Aggressive NR so that a 3-epoch run rejuvenates once, inside epoch 2 (monitor every step).
+NR = dict(BASE, method="NR", optim={"lr": 0.1},
+          nr={"tr": 0.95, "delta_lambda": 0.05, "delta_t": 1, "delta_t_unit": "step"})
+EPOCH_KEYS = ["train_loss", "train_err", "test_err", "test_err5", "util_params", "util_flops", "lambda", "params",
+              "flops", "rejuvenations", "epoch_time", "images_per_s", "lr"]
+
+
+def cfg(base=BASE, **sections):
+    d = copy.deepcopy(base)
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            d.setdefault(k, {}).update(v)
+        else:
+            d[k] = v
+    return d
+
+
+def steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_lr_schedules():
+    o = config_from_dict({"optim": {"lr": 0.1, "schedule": "step", "milestones": [2, 3]}}).optim
+    assert [lr_at(o, 4, 10, s) for s in (0, 19, 20, 30, 39)] == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001])
+    assert lr_at(o, 4, 10, 25, offset=20) == pytest.approx(0.1)  # restarted schedule
+    o = config_from_dict({"optim": {"lr": 0.1, "schedule": "cosine"}}).optim
+    assert lr_at(o, 4, 10, 0) == pytest.approx(0.1) and lr_at(o, 4, 10, 20) == pytest.approx(0.05)
+    assert lr_at(o, 4, 10, 30, offset=20) == pytest.approx(0.05)  # half-way through the remaining 20 steps
+
+
+def test_bl_learns_and_is_tracked(tracking_uri, tmp_path):
+    s = train(cfg(train={"epochs": 5}), tracking_uri=tracking_uri, checkpoint_dir=tmp_path / "ck", progress=False,
+              tags={"nr.table": "t0"})
+    h = s["history"]
+    assert [r["epoch"] for r in h] == [1, 2, 3, 4, 5]
+    assert h[-1]["train_loss"] < 0.7 * h[0]["train_loss"]
+    assert h[-1]["test_err"] < 25.0 < h[0]["test_err"]
+    c = MlflowClient(tracking_uri)
+    run = c.get_run(s["run_id"])
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert tags["nr.method"] == "BL" and tags["nr.arch"] == "vgg_small" and tags["nr.dataset"] == "synthetic"
+    assert tags["nr.seed"] == "0" and tags["nr.table"] == "t0" and tags["nr.code_version"]
+    assert run.data.params["train.epochs"] == "5" and run.data.params["nr.tr"] == "0.5"
+    for k in EPOCH_KEYS:
+        assert steps(c, s["run_id"], k) == [1, 2, 3, 4, 5], k
+    for k in ("final_test_err", "best_test_err", "final_params", "final_flops"):
+        assert k in run.data.metrics
+    assert run.data.metrics["final_test_err"] == pytest.approx(h[-1]["test_err"])
+    arts = {f.path for f in c.list_artifacts(s["run_id"])} | {f.path for f in c.list_artifacts(s["run_id"], "model")}
+    assert {"config.yaml", "final_widths.json", "model/model.pt"} <= arts
+    # the logged model rebuilds and predicts like the checkpointed one
+    m = T.load_model_from_run(s["run_id"], tracking_uri)
+    ref = model_from_payload(load_checkpoint(tmp_path / "ck")["model"]).eval()
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(m(x), ref(x))
+
+
+def test_raising_run_is_failed_and_ctrl_c_killed(tracking_uri):
+    seen = []
+
+    def boom(metrics, ckpt):
+        seen.append(ckpt)
+        raise RuntimeError("boom at the end of epoch 1")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg(train={"epochs": 2, "max_steps_per_epoch": 2}), tracking_uri=tracking_uri, on_epoch_end=boom,
+              progress=False)
+    c = MlflowClient(tracking_uri)
+    exp = c.get_experiment_by_name("train_tests")
+    failed = c.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
+    assert failed and failed[0].data.tags["nr.error"].startswith("RuntimeError: boom")
+    assert seen == [None]
+
+    def ctrl_c(metrics, ckpt):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(train={"epochs": 2, "max_steps_per_epoch": 2}), tracking_uri=tracking_uri, on_epoch_end=ctrl_c,
+              progress=False)
+    killed = c.search_runs([exp.experiment_id], "attributes.status = 'KILLED'")
+    assert killed
+    assert not c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+
+def test_nan_loss_stops_with_clear_error(tracking_uri):
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1 step \d+: loss is (nan|inf)"):
+        train(cfg(optim={"lr": 1e30}, train={"epochs": 1}), tracking_uri=tracking_uri, progress=False)
+    c = MlflowClient(tracking_uri)
+    exp = c.get_experiment_by_name("train_tests")
+    runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    assert runs[0].info.status == "FAILED" and "TrainingDivergedError" in runs[0].data.tags["nr.error"]
+
+
+@pytest.fixture(scope="module")
+def nr_run(tracking_uri, tmp_path_factory):
+    ck = tmp_path_factory.mktemp("nr_ck")
+    s = train(copy.deepcopy(NR), tracking_uri=tracking_uri, checkpoint_dir=ck, progress=False)
+    return s
+
+
+def test_nr_rejuvenates_and_logs_event(nr_run, tracking_uri, tmp_path):
+    s = nr_run
+    assert s["rejuvenations"] == 1
+    c = MlflowClient(tracking_uri)
+    rid = s["run_id"]
+    assert [f.path for f in c.list_artifacts(rid, "rejuvenations")] == ["rejuvenations/001.json"]
+    rep = json.loads(Path(T.download_artifact(rid, "rejuvenations/001.json", tracking_uri, str(tmp_path))).read_text())
+    assert rep["widths_before"] != rep["widths_after"] and rep["utilized"] < rep["cost_before"]
+    assert [m.value for m in c.get_metric_history(rid, "rejuvenations")][-1] == 1
+    fw = json.loads(Path(T.download_artifact(rid, "final_widths.json", tracking_uri, str(tmp_path))).read_text())
+    assert {k: fw["widths"][k] for k in rep["widths_after"]} == rep["widths_after"]
+    assert c.get_run(rid).data.tags["nr.scheme"] == "nr"
+    m = T.load_model_from_run(rid, tracking_uri)
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_resume_after_rejuvenation_is_exact_and_logs_each_epoch_once(nr_run, tracking_uri, tmp_path, monkeypatch):
+    ref = nr_run["history"]
+    real_log = T.RunTracker.log_epoch
+
+    def flaky(self, epoch, metrics):  # MLflow "goes down" right after epoch 2's checkpoint is written
+        if epoch == 2:
+            raise ConnectionError("tracking server unreachable")
+        return real_log(self, epoch, metrics)
+
+    monkeypatch.setattr(T.RunTracker, "log_epoch", flaky)
+    with pytest.raises(ConnectionError):
+        train(copy.deepcopy(NR), tracking_uri=tracking_uri, checkpoint_dir=tmp_path, progress=False)
+    ck = load_checkpoint(tmp_path)
+    assert ck["epoch"] == 2 and ck["rejuvenations"] == 1 and ck["model"]["arch_spec_json"]
+    c = MlflowClient(tracking_uri)
+    rid = ck["run_id"]
+    assert c.get_run(rid).info.status == "FAILED" and steps(c, rid, "test_err") == [1]
+    monkeypatch.setattr(T.RunTracker, "log_epoch", real_log)
+
+    s = train(copy.deepcopy(NR), tracking_uri=tracking_uri, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert s["run_id"] == rid and c.get_run(rid).info.status == "FINISHED"
+    for k in ("train_loss", "train_err", "test_err", "util_params", "lambda", "params", "rejuvenations"):
+        assert [r[k] for r in s["history"]] == [r[k] for r in ref], k
+    for k in EPOCH_KEYS:
+        assert steps(c, rid, k) == [1, 2, 3], k
+
+
+def test_nr_fs_rebuilds_found_widths(nr_run, tracking_uri, tmp_path):
+    src = nr_run["run_id"]
+    fw = json.loads(Path(T.download_artifact(src, "final_widths.json", tracking_uri, str(tmp_path))).read_text())
+    quick = {"epochs": 1, "max_steps_per_epoch": 2}
+    s = train(cfg(method="NR-FS", fs={"run_id": src}, train=quick), tracking_uri=tracking_uri, progress=False)
+    c = MlflowClient(tracking_uri)
+    got = json.loads(Path(T.download_artifact(s["run_id"], "final_widths.json", tracking_uri,
+                                              str(tmp_path / "b"))).read_text())
+    assert got["widths"] == fw["widths"] and s["final_params"] == nr_run["final_params"]
+    assert c.get_run(s["run_id"]).data.tags["nr.method"] == "NR-FS"
+    # weights are re-initialised, not copied from the NR run
+    a, b = T.load_model_from_run(src, tracking_uri), T.load_model_from_run(s["run_id"], tracking_uri)
+    wa = next(p for n, p in a.named_parameters() if p.dim() == 4)
+    wb = next(p for n, p in b.named_parameters() if p.dim() == 4)
+    assert wa.shape == wb.shape and not torch.allclose(wa, wb, atol=1e-2)
+    # the exported widths file works too
+    s2 = train(cfg(method="NR-FS", fs={"architecture_file": str(Path(tmp_path) / "final_widths.json")}, train=quick),
+               tracking_uri=tracking_uri, progress=False)
+    assert s2["final_params"] == nr_run["final_params"]
+
+
+def test_slim_prunes_to_percentile(tracking_uri, tmp_path):
+    s = train(cfg(method="SLIM", slim={"l1": 1e-3, "prune_ratio": 0.5, "prune_epoch": 1},
+                  train={"epochs": 2, "max_steps_per_epoch": 4}), tracking_uri=tracking_uri, progress=False)
+    rep = json.loads(Path(T.download_artifact(s["run_id"], "slim_prune.json", tracking_uri, str(tmp_path))).read_text())
+    n = rep["channels_before"]
+    assert rep["channels_after"] == n - math.floor(0.5 * n)
+    assert rep["params_after"] < rep["params_before"]
+    h = s["history"]
+    assert h[0]["params"] == rep["params_after"] and h[1]["params"] == rep["params_after"]
+    assert s["final_params"] == rep["params_after"] < 18248
+    assert h[0]["lambda"] == 0.0  # pruned at the end of epoch 1: fine-tuning without L1
+
+
+def test_bl_ca_trains(tracking_uri):
+    from nr_study.nr import CAConv
+
+    s = train(cfg(method="BL-CA", train={"epochs": 1, "max_steps_per_epoch": 2}), tracking_uri=tracking_uri,
+              progress=False)
+    m = T.load_model_from_run(s["run_id"], tracking_uri)
+    assert any(isinstance(x, CAConv) for x in m.modules())
+    assert MlflowClient(tracking_uri).get_run(s["run_id"]).data.tags["nr.scheme"] == "ca"
+
+
+def test_cli_train_prints_progress_and_summary(tracking_uri, tmp_path, capsys):
+    rc = cli.main(["train", str(ROOT / "configs" / "synthetic_smoke.yaml"), "--tracking-uri", tracking_uri,
+                   "--checkpoint-dir", str(tmp_path), "--set", "train.epochs=2", "--set", "train.max_steps_per_epoch=3",
+                   "--set", "train.threads=1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "epoch   1/2 loss" in out and "epoch   2/2 loss" in out and "util" in out and "λ" in out
+    assert "done: final test_err" in out and "params" in out and "FLOPs" in out and "run " in out
+    assert load_checkpoint(tmp_path)["epoch"] == 2
+    rc = cli.main(["train", str(ROOT / "configs" / "synthetic_smoke.yaml"), "--tracking-uri", tracking_uri,
+                   "--checkpoint-dir", str(tmp_path / "none"), "--resume"])
+    assert rc == 2 and "--resume: no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fault_kill_once_then_resume(tracking_uri, tmp_path):
+    marker = tmp_path / "killed.marker"
+    c = cfg(train={"epochs": 2, "max_steps_per_epoch": 3, "fault_kill_at_epoch": 1,
+                   "fault_kill_once_marker": str(marker)})
+    code = ("import json,sys; from nr_study.train import train; "
+            "s=train(json.loads(sys.argv[1]), tracking_uri=sys.argv[2], checkpoint_dir=sys.argv[3], resume=True,"
+            " progress=False); print('RUN', s['run_id'])")
+    args = [sys.executable, "-c", code, json.dumps(c), tracking_uri, str(tmp_path / "ck")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == -9 and marker.exists(), p.stderr[-2000:]
+    ck = load_checkpoint(tmp_path / "ck")
+    assert ck["epoch"] == 1
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rid = p.stdout.split("RUN ")[1].strip()
+    assert rid == ck["run_id"]
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(rid).info.status == "FINISHED" and steps(client, rid, "test_err") == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="no offline Fashion-MNIST")
+def test_fashion_mnist_subset_learns(tracking_uri):
+    s = train(cfg(data={"name": "fashion_mnist", "n_train": 1000, "n_test": 500}, train={"epochs": 4}),
+              tracking_uri=tracking_uri, progress=False)
+    h = s["history"]
+    assert h[-1]["test_err"] < 35.0 and h[-1]["train_loss"] < h[0]["train_loss"]
