@@ -29,8 +29,10 @@ def make(name, seed=0):
 def flops_of(model, shape):
     """Multiply-adds of one image (the flop counter reports 2·MACs for the whole batch)."""
     counter = FlopCounterMode(display=False)
+    was_training = model.training
     with counter, torch.no_grad():
-        model(torch.zeros((1,) + tuple(shape[1:])))
+        model.eval()(torch.zeros((1,) + tuple(shape[1:])))
+    model.train(was_training)
     return counter.get_total_flops() // 2
 
 

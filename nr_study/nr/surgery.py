@@ -224,6 +224,7 @@ def apply_surgery(model: nn.Module, graph: ChannelGraph, keep: dict[int, torch.T
 
 def _rescale(modules, graph: ChannelGraph, keep, gamma0: float, report) -> None:
     """Neural rescaling: survivors with |γ| < γ0 get |γ| = γ0, β·s, and their readers' weights / s."""
+    scales = {}
     for g in graph.free_groups():
         if g.id not in keep:
             continue
@@ -242,10 +243,17 @@ def _rescale(modules, graph: ChannelGraph, keep, gamma0: float, report) -> None:
         with torch.no_grad():
             bn.weight.mul_(scale)
             bn.bias.mul_(scale)
-            for layer in graph.consumers(g.id):
-                parts = [scale.repeat_interleave(f) if gid == g.id else torch.ones(graph.groups[gid].width * f,
-                         device=scale.device, dtype=scale.dtype) for gid, f in layer.in_layout]
-                _scale_input(modules[layer.name], torch.cat(parts))
+        scales[g.id] = scale
+    with torch.no_grad():  # one division per reading layer, however many rescaled groups it concatenates
+        for layer in graph.layers:
+            if not any(gid in scales for gid, _ in layer.in_layout):
+                continue
+            weight = modules[layer.name]
+            ref = next(iter(scales.values()))
+            parts = [scales[gid].repeat_interleave(f) if gid in scales else
+                     torch.ones(graph.groups[gid].width * f, device=ref.device, dtype=ref.dtype)
+                     for gid, f in layer.in_layout]
+            _scale_input(weight, torch.cat(parts))
 
 
 def _scale_input(module: nn.Module, vec: torch.Tensor) -> None:
