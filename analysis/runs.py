@@ -60,6 +60,16 @@ def check_tracking_uri(uri: str) -> str:
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():
             raise ConfigError(f"--tracking-uri: no MLflow database at {path} (run a sweep first, or pass --tracking-uri)")
+    elif uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:  # fail fast: MLflow's own client retries for minutes against a dead server
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        except urllib.error.HTTPError:
+            pass  # something answers (auth, proxy, no /health): let MLflow speak for itself
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConfigError(f"--tracking-uri: no MLflow server answers at {uri} ({getattr(exc, 'reason', exc)})") from None
     elif uri.startswith("file:") or "://" not in uri:
         path = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
         if not path.is_dir():
@@ -187,7 +197,11 @@ class RunStore:
         if check:
             check_tracking_uri(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        known = {e.experiment_id: e.name for e in self._all_experiments()}
+        try:
+            known = {e.experiment_id: e.name for e in self._all_experiments()}
+        except Exception as exc:  # unreachable server, unreadable store: one line, not a traceback
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"--tracking-uri: cannot read MLflow at {self.tracking_uri} ({msg})") from None
         wanted = list(experiments or [])
         if wanted:
             by_name = {name: eid for eid, name in known.items()}

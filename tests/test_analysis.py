@@ -370,3 +370,9 @@ def test_cli_missing_store(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "no MLflow database" in err and str(tmp_path / "empty" / "mlflow.db") in err
     assert not (tmp_path / "empty" / "mlflow.db").exists()
+
+
+def test_cli_unreachable_server_fails_fast(tmp_path, capsys):
+    assert cli(["plots", "--tracking-uri", "http://127.0.0.1:9", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tracking-uri: no MLflow server answers at http://127.0.0.1:9") and err.count("\n") == 1
