@@ -376,3 +376,16 @@ def test_cli_unreachable_server_fails_fast(tmp_path, capsys):
     assert cli(["plots", "--tracking-uri", "http://127.0.0.1:9", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --tracking-uri: no MLflow server answers at http://127.0.0.1:9") and err.count("\n") == 1
+
+
+def test_analysis_never_imports_the_trainer(store_uri):
+    """analysis/ reads MLflow only: building tables and plots loads neither torch nor the trainer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tempfile; from analysis.runs import RunStore; from analysis import tables, plots; "
+            "s = RunStore(sys.argv[1]); tables.build_tables(s); plots.plot_tr_sweep(s.finished(), tempfile.mkdtemp()); "
+            "bad = [m for m in ('torch', 'nr_study.train', 'nr_study.nr', 'nr_study.tracking') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code, store_uri[0]], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
