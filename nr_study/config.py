@@ -127,7 +127,7 @@ class TrainCfg:
     threads: Optional[int] = F(None, _rng(1), doc="torch threads; default: CPUs available to the process")
     channels_last: bool = F(False, doc="CUDA only")
     bf16: bool = F(False, doc="CUDA only: bf16 autocast")
-    deterministic: bool = F(True)
+    cuda_deterministic: bool = F(False, doc="CUDA: deterministic cuDNN, no cudnn.benchmark (CPU is always)")
     fault_kill_at_epoch: Optional[int] = F(None, _rng(1), doc="testing: SIGKILL self at this epoch")
     fault_kill_once_marker: Optional[str] = F(None, doc="testing: kill only when this file is absent (created)")
     fault_kill_point: str = F("after_epoch", _choice(("after_checkpoint", "after_epoch")))

@@ -38,6 +38,7 @@ from nr_study.errors import ConfigError, UserError
 
 CKPT_NAME = "state.pt"
 CKPT_FORMAT = 1
+NAN_CHECK_EVERY = 20  # CUDA: look at the loss flag every N steps (a host sync), and at the end of each epoch
 
 
 class TrainingDivergedError(RuntimeError):
@@ -278,6 +279,7 @@ class _Run:
         self.slim_pruned = False
         self.history: list[dict] = []
         self.pending: list[tuple[str, dict]] = []  # artifacts to log after the next checkpoint
+        self._graph, self._graph_of = None, None
         self.spe = data.steps_per_epoch(cfg.train.batch_size)
         if cfg.train.max_steps_per_epoch:
             self.spe = min(self.spe, cfg.train.max_steps_per_epoch)
@@ -350,6 +352,7 @@ class _Run:
         if self.device.type == "cuda" and self.cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.n_events += 1
+        self._graph_of = None
         report = dict(report, epoch=self.epoch + 1, step=self.step)
         self.pending.append((f"rejuvenations/{self.n_events:03d}.json", report))
         self.rebuild_optimizer()
@@ -382,6 +385,8 @@ class _Run:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         wrong = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
+        bad = torch.zeros((), device=self.device, dtype=torch.bool)
+        check_every = 1 if self.device.type == "cpu" else NAN_CHECK_EVERY
         t0 = time.perf_counter()
         for x, y in self.data.train_batches(self.epoch + 1, cfg.train.batch_size, self.spe):
             if self.device.type == "cuda" and cfg.train.channels_last:
@@ -392,7 +397,8 @@ class _Run:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 out = self.model(x)
                 loss = F.cross_entropy(out.float(), y)
-            if not torch.isfinite(loss):
+            bad = bad | ~torch.isfinite(loss.detach())
+            if (self.step + 1) % check_every == 0 and bool(bad):  # CPU: every step; CUDA: without a sync per step
                 raise TrainingDivergedError(
                     f"epoch {self.epoch + 1} step {self.step + 1}: loss is {loss.item()}; training diverged "
                     f"(lower optim.lr, nr.delta_lambda or nr.lambda_max)")
@@ -409,6 +415,9 @@ class _Run:
                 rep = self.hook.end_of_step()
                 if rep:
                     self.on_rejuvenation(rep)
+        if bool(bad):
+            raise TrainingDivergedError(f"epoch {self.epoch + 1}: loss became NaN/inf by step {self.step}; training "
+                                        f"diverged (lower optim.lr, nr.delta_lambda or nr.lambda_max)")
         if self.hook is not None:
             rep = self.hook.end_of_epoch()
             if rep:
@@ -444,9 +453,23 @@ class _Run:
             if self.hook_kind == "slim":
                 m["rejuvenations"] = 0
             return m
-        m = measure(self.model, self.input_shape)
+        m = self.measure()
         m.update({"lambda": 0.0, "rejuvenations": self.n_events})
         return m
+
+    def measure(self) -> dict:
+        """Like measure(), with the channel graph traced once per architecture (not once per epoch)."""
+        core = _core()
+        if core is None:
+            return measure(self.model, self.input_shape)
+        if self._graph_of is not self.model:
+            self._graph, self._graph_of = core.build_graph(self.model, self.input_shape), self.model
+        masks = core.live_masks(self.model, self._graph, self.cfg.nr.dead_threshold)
+        out = {}
+        for c in ("params", "flops"):
+            u = core.graph_utilization(self.model, self._graph, c, masks=masks)
+            out[f"util_{c}"], out[c] = u.ratio, u.total
+        return out
 
     # -- persistence --------------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -529,8 +552,8 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
     device = pick_device(tc.device)
     torch.set_num_threads(tc.threads or available_cpus())
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not tc.deterministic
-        torch.backends.cudnn.deterministic = tc.deterministic
+        torch.backends.cudnn.benchmark = not tc.cuda_deterministic
+        torch.backends.cudnn.deterministic = tc.cuda_deterministic
     ckpt_dir = Path(checkpoint_dir).absolute() if checkpoint_dir else None
     ck = load_checkpoint(ckpt_dir) if (resume and ckpt_dir is not None) else None
     if ck is not None and ck.get("format") != CKPT_FORMAT:
@@ -592,7 +615,7 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
 
 
 def _finish(run: _Run, tracker) -> dict:
-    m = measure(run.model, run.input_shape)
+    m = run.measure()
     last = run.history[-1] if run.history else {}
     best = min((r["test_err"] for r in run.history), default=float("nan"))
     summary = {"final_test_err": last.get("test_err", float("nan")), "best_test_err": best,

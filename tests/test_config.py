@@ -40,7 +40,7 @@ def test_flatten_and_yaml_float_strings():
                                   "cifar100, imagenet, synthetic; did you mean 'cifar10'?"),
     ({"optim": {"schedule": "cos"}}, "optim.schedule: 'cos' is not allowed; allowed: one of step, cosine, "
                                      "constant; did you mean 'cosine'?"),
-    ({"train": {"deterministic": "yes"}}, "train.deterministic: 'yes' has type str; expected bool"),
+    ({"train": {"channels_last": "yes"}}, "train.channels_last: 'yes' has type str; expected bool"),
     ({"method": "NR-FS"}, "fs.run_id: null is not allowed for method NR-FS; set fs.run_id or fs.architecture_file"),
 ])
 def test_one_line_errors(d, expected):
