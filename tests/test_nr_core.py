@@ -294,19 +294,23 @@ def test_hook_reaches_tr_in_bounded_checks_and_resets_lambda():
     hook = NeuralRejuvenation(model, INPUT, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
-    report, checks, lam_seen = None, 0, 0.0
+    report, keeps, grows = None, 0, 0
     for _ in range(2000):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         hook.after_backward()
         opt.step()
+        lam_before = hook.lam.lam
         report = hook.end_of_step()
-        if hook.step % cfg.delta_t == 0:
-            checks += 1
-        lam_seen = max(lam_seen, hook.lam.lam)
         if report:
             break
+        if hook.step % cfg.delta_t == 0:
+            keeps += hook.lam.lam == lam_before
+            grows += hook.lam.lam > lam_before
     assert report is not None, "r never reached Tr"
+    # every check where λ was kept lowered r by more than Δr, so there are at most (1 − Tr)/Δr of them
+    assert keeps <= (1 - cfg.tr) / cfg.delta_r + 1
+    assert grows >= 1
     assert report["ratio"] < cfg.tr
     assert hook.lam.lam == 0 and hook.rejuvenations == 1
     assert not hook.flag_on  # max_rejuvenations reached: the NR flag stays off
