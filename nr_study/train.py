@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import yaml
 
 from nr_study.config import Config, config_from_dict, config_to_dict, flatten, load_config, resolved_nr
-from nr_study.errors import ConfigError, UserError
+from nr_study.errors import ConfigError
 
 CKPT_NAME = "state.pt"
 CKPT_FORMAT = 1
@@ -229,7 +229,7 @@ def slim_prune(model: nn.Module, input_shape: tuple, ratio: float) -> tuple[nn.M
     mods = dict(model.named_modules())
     bns = [g.bn for g in graph.free_groups()]
     if not bns:
-        raise ConfigError(f"method SLIM: model has no prunable BatchNorm channels")
+        raise ConfigError("method SLIM: model has no prunable BatchNorm channels")
     gam = [mods[b].weight.detach().abs().float().cpu().flatten() for b in bns]
     allg = torch.cat(gam)
     k = int(math.floor(ratio * allg.numel()))
@@ -665,4 +665,4 @@ def cli_main(argv) -> int:
 
 
 __all__ = ["train", "cli_main", "TrainingDivergedError", "lr_at", "model_from_payload", "model_payload",
-           "load_checkpoint", "UserError"]
+           "load_checkpoint", "CKPT_NAME", "available_cpus"]
