@@ -1,0 +1,199 @@
+"""Start and stop a local `mlflow server` backed by the run folder's SQLite file.
+
+SQLite takes one writer, so trials never open the file themselves: a sweep starts one `mlflow server`
+(one worker process) on 127.0.0.1 and every process logs over HTTP. A lock file beside the database keeps
+two servers from ever writing the same file; the second one is refused with the first one's URL.
+
+    with MlflowServer.start(runs_dir) as server:
+        ...  # server.url is http://127.0.0.1:PORT, artifacts are proxied (--serve-artifacts)
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from nr_study.errors import UserError
+
+DB_NAME = "mlflow.db"
+ARTIFACTS_NAME = "mlartifacts"
+LOCK_NAME = "mlflow.db.lock"
+INFO_NAME = "mlflow_server.json"
+LOG_NAME = "mlflow_server.log"
+
+
+def runs_dir(path: str | os.PathLike | None = None) -> Path:
+    """The run folder: `path`, else $NR_STUDY_RUNS, else ./runs — always absolute, created if missing."""
+    p = Path(path or os.environ.get("NR_STUDY_RUNS") or "runs").expanduser().resolve()
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def is_healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+class MlflowServer:
+    """A running `mlflow server` child process that owns the run folder's SQLite file."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, folder: Path, lock_fd: int, log_path: Path):
+        self.proc = proc
+        self.url = url
+        self.folder = folder
+        self.log_path = log_path
+        self._lock_fd = lock_fd
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, folder: str | os.PathLike | None = None, *, port: int | None = None,
+              timeout: float = 180.0, quiet: bool = True) -> "MlflowServer":
+        """Start the server on 127.0.0.1 and return once /health answers (never a blind sleep).
+
+        `folder` is the run folder (default $NR_STUDY_RUNS or ./runs): the SQLite file is
+        `folder/mlflow.db`, artifacts go to `folder/mlartifacts` through the server's artifact proxy.
+        """
+        folder = runs_dir(folder)
+        lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            other = _read_info(folder)
+            where = f" at {other['url']}" if other.get("url") else ""
+            raise UserError(
+                f"another MLflow server already owns {folder / DB_NAME}{where} (SQLite takes one writer): "
+                f"pass --tracking-uri {other.get('url', 'http://127.0.0.1:PORT')} to share it, "
+                f"or set NR_STUDY_RUNS to another folder")
+        try:
+            port = port or free_port()
+            url = f"http://127.0.0.1:{port}"
+            artifacts = folder / ARTIFACTS_NAME
+            artifacts.mkdir(exist_ok=True)
+            log_path = folder / LOG_NAME
+            cmd = [
+                str(Path(sys.executable).with_name("mlflow")) if Path(sys.executable).with_name("mlflow").exists()
+                else "mlflow",
+                "server",
+                "--host", "127.0.0.1",
+                "--port", str(port),
+                "--workers", "1",  # one process writes the SQLite file
+                "--backend-store-uri", f"sqlite:///{folder / DB_NAME}",
+                "--serve-artifacts",
+                "--artifacts-destination", str(artifacts),
+            ]
+            env = dict(os.environ)
+            env.pop("MLFLOW_TRACKING_URI", None)
+            # No job runner: it forks a dozen huey consumers (CPU at start-up) that touch the SQLite file too.
+            env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+            log = open(log_path, "ab")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, cwd=str(folder), preexec_fn=_new_session_dying_with_parent)
+            log.close()
+        except BaseException:
+            _unlock(lock_fd)
+            raise
+        server = cls(proc, url, folder, lock_fd, log_path)
+        try:
+            server._wait_healthy(timeout)
+        except BaseException:
+            server.stop()
+            raise
+        (folder / INFO_NAME).write_text(json.dumps({"url": url, "pid": proc.pid}))
+        if not quiet:
+            print(f"MLflow server {url} (backend {folder / DB_NAME}, log {log_path})", file=sys.stderr)
+        return server
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise UserError(f"mlflow server exited with code {self.proc.returncode} before it was healthy; "
+                                f"see {self.log_path}: {_tail(self.log_path)}")
+            if is_healthy(self.url, timeout=2.0):
+                return
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+        raise UserError(f"mlflow server at {self.url} not healthy after {timeout:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the server (its whole process group) and release the SQLite lock. Idempotent."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # the group this server leads (start_new_session)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(5)
+        if self._lock_fd is not None:
+            try:
+                (self.folder / INFO_NAME).unlink(missing_ok=True)
+            except OSError:
+                pass
+            _unlock(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "MlflowServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _new_session_dying_with_parent() -> None:
+    """In the child before exec: lead a new process group (so stop() ends uvicorn too) and get SIGTERM when
+    the process that started us dies, even by SIGKILL — a killed sweep leaves no server holding the file."""
+    os.setsid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the sweep's finally/atexit still stops the server
+        pass
+
+
+def _unlock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_info(folder: Path) -> dict:
+    try:
+        return json.loads((folder / INFO_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _tail(path: Path, n: int = 600) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:].strip().replace("\n", " | ")
+    except OSError:
+        return ""

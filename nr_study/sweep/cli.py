@@ -1,0 +1,55 @@
+"""`nr-study sweep FILE [--address ADDR] [--tracking-uri URI] [--resume [DIR]] [--dry-run] [--set KEY=VALUE ...]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nr_study.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="nr-study sweep",
+        description="Run a search space (search_spaces/*.yaml) on Ray Tune; one MLflow parent run per sweep, "
+                    "one child run per trial.")
+    ap.add_argument("file", help="search-space YAML file")
+    ap.add_argument("--address", default=None,
+                    help="Ray cluster: 'auto', 'ray://HEAD:10001' or HOST:PORT (default: an embedded local Ray "
+                         "sized to this machine)")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="MLflow server URI (default: start a local mlflow server on 127.0.0.1 backed by "
+                         "<runs>/mlflow.db and stop it at the end)")
+    ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="SWEEP_DIR",
+                    help="finish an interrupted sweep (default: the latest one of this name under <runs>/sweeps)")
+    ap.add_argument("--dry-run", action="store_true", help="print the expanded trials and resources; run nothing")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a search-space key (e.g. num_samples=4, space.nr.tr=[0.3]) or a base config "
+                         "key (e.g. train.epochs=2); repeatable")
+    ap.add_argument("--runs", default=None, help="run folder (default: $NR_STUDY_RUNS or ./runs)")
+    ap.add_argument("--verbose", type=int, default=1, help="Ray Tune verbosity 0-3 (default 1: status table)")
+    return ap
+
+
+def cli_main(argv) -> int:
+    args = build_parser().parse_args(list(argv))
+    from nr_study.sweep.space import dry_run_text, load_search_space
+
+    path = Path(args.file)
+    space = load_search_space(path, args.overrides)
+    if args.dry_run:
+        from nr_study.sweep.runner import cluster_resources
+
+        print(dry_run_text(space, cluster_resources(args.address)))
+        return 0
+    if args.resume and args.overrides:
+        raise UserError("--resume continues the sweep as it was launched; --set is not allowed with it")
+    from nr_study.sweep.runner import run_sweep
+
+    summary = run_sweep(space, source_text=path.read_text(), address=args.address, tracking_uri=args.tracking_uri,
+                        resume=args.resume, runs=args.runs, verbose=args.verbose)
+    errored = sum(1 for t in summary.get("trials", []) if t.get("error"))
+    if errored:
+        print(f"{errored} trial(s) errored; see the table above and the MLflow runs", file=sys.stderr)
+        return 1
+    return 0

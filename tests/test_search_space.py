@@ -1,0 +1,236 @@
+"""Search-space files: schema validation (one clear error per bad field), overrides, expansion, dry run."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nr_study.errors import ConfigError
+from nr_study.sweep.space import (REPEAT_KEY, expand_trials, format_template, load_search_space,
+                                  parse_search_space)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
+
+DOC = {
+    "name": "t",
+    "base": {"method": "BL", "model": {"name": "vgg_small", "kwargs": {"width": 4}},
+             "data": {"name": "synthetic"}, "train": {"epochs": 2}},
+    "space": {"method": ["BL", "NR-CR"], "nr.tr": {"grid": [0.5, 0.25]}},
+}
+
+
+def doc(**kw) -> dict:
+    d = copy.deepcopy(DOC)
+    d.update(kw)
+    return d
+
+
+def errors_of(d: dict) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        parse_search_space(d, "x.yaml")
+    return str(ei.value).splitlines()
+
+
+# ------------------------------------------------------------------------------------------ shipped files
+def test_required_files_are_shipped():
+    names = {p.name for p in SHIPPED}
+    for n in ("demo.yaml", "fmnist_table4.yaml", "fmnist_table5.yaml", "tr_sweep.yaml", "pareto_optuna.yaml",
+              "table1_ablation.yaml", "table2_imagenet.yaml", "table3_mobilenet.yaml",
+              "table4_cifar_compression.yaml", "table5_multi_nr.yaml", "fig1_utilization.yaml"):
+        assert n in names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_search_spaces_validate_and_expand(path):
+    space = load_search_space(path)
+    rows = expand_trials(space)
+    assert len(rows) == (space.num_trials if space.search != "optuna" else space.repeat)
+    assert len({r["name"] for r in rows}) == len(rows) or space.search == "optuna"
+    assert space.tags.get("table"), "every shipped sweep says which table it fills"
+
+
+def test_cpu_tables_have_three_seeds():
+    for n in ("fmnist_table4.yaml", "fmnist_table5.yaml"):
+        space = load_search_space(REPO / "search_spaces" / n)
+        assert space.repeat >= 3
+        assert space.base["train"]["device"] == "cpu" and space.gpu == 0
+
+
+def test_paper_settings_in_gpu_files():
+    t4 = load_search_space(REPO / "search_spaces" / "table4_cifar_compression.yaml")
+    assert t4.base["nr"]["tr"] == 0.25 and t4.base["nr"]["target_ratio"] == 0.5
+    assert {d.key for d in t4.dims} >= {"data.name", "model.name", "method"}
+    t1 = load_search_space(REPO / "search_spaces" / "table1_ablation.yaml")
+    assert t1.base["nr"]["tr"] == 0.25 and t1.base["data"]["image_size"] == 128
+    assert t1.base["model"]["name"] == "vgg19_simplified_imagenet"
+    t2 = load_search_space(REPO / "search_spaces" / "table2_imagenet.yaml")
+    assert t2.base["train"]["epochs"] == 90 and t2.base["train"]["batch_size"] == 256
+    assert t2.base["nr"]["delta_lambda"] == 5e-5 and t2.base["nr"]["window_epochs"] == 30
+    t3 = load_search_space(REPO / "search_spaces" / "table3_mobilenet.yaml")
+    assert t3.base["optim"]["schedule"] == "cosine" and t3.base["nr"]["constraint"] == "flops"
+    t5 = load_search_space(REPO / "search_spaces" / "table5_multi_nr.yaml")
+    assert [d for d in t5.dims if d.key == "nr.max_rejuvenations"][0].values == [0, 1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------------------------------ schema
+def test_grid_expansion_names_cells_and_seeds():
+    space = parse_search_space(doc(repeat=2, tags={"table": "table4", "cell": "{method}/tr{nr.tr}"}), "x.yaml")
+    rows = expand_trials(space)
+    assert space.num_trials == len(rows) == 8
+    assert rows[0]["name"] == "BL-vgg_small-tr0.5-s0"
+    assert {r["values"]["seed"] for r in rows} == {0, 1}
+    assert {r["cell"] for r in rows} == {"BL/tr0.5", "BL/tr0.25", "NR-CR/tr0.5", "NR-CR/tr0.25"}
+    cfg = space.trial_config({"method": "NR-CR", "nr.tr": 0.25, REPEAT_KEY: 1})
+    assert cfg["method"] == "NR-CR" and cfg["nr"]["tr"] == 0.25 and cfg["seed"] == 1
+    tags = space.trial_tags(cfg, space.trial_values({"method": "NR-CR", "nr.tr": 0.25, REPEAT_KEY: 1}))
+    assert tags["nr.table"] == "table4" and tags["nr.cell"] == "NR-CR/tr0.25" and tags["nr.sweep"] == "t"
+
+
+def test_aliases_and_all_distributions():
+    d = doc(search="random", num_samples=3, space={
+        "model.arch": {"choice": ["vgg_small"]}, "train.seed": {"randint": [0, 10]},
+        "nr.delta_lambda": {"loguniform": ["1e-5", 1e-3]}, "nr.delta_r": {"uniform": [0.005, 0.05]},
+        "nr.max_rejuvenations": {"randint": [0, 6]}, "nr.target_ratio": {"uniform": [0.3, 1.0]},
+        "nr.constraint": ["params", "flops"], "nr.scheme": {"choice": ["cr", "ca"]}, "nr.rescale": [True, False],
+        "method": ["NR", "NR-CA"], "nr.tr": {"uniform": [0.2, 0.6]}})
+    space = parse_search_space(d, "x.yaml")
+    keys = {x.key for x in space.dims}
+    assert {"model.name", "seed", "nr.delta_lambda"} <= keys
+    assert space.num_trials == 3 * 2 * 2 * 2
+    ps = space.param_space()
+    assert "grid_search" in ps["method"] and "seed" in ps
+
+
+def test_variants():
+    d = doc(space={"variant": [{"method": "BL"}, {"method": "NR-CR", "nr.tr": 0.3, "name": "cr"}]})
+    space = parse_search_space(d, "x.yaml")
+    rows = expand_trials(space)
+    assert [r["name"] for r in rows] == ["BL-vgg_small-s0", "NR-CR-vgg_small-tr0.3-s0"]
+    assert space.trial_config({"variant": "cr"})["nr"]["tr"] == 0.3
+    assert errors_of(doc(space={"variant": [{"method": "XX"}]}))[0].startswith("x.yaml: space.variant[0]: method")
+
+
+def test_search_forms():
+    s = parse_search_space(doc(search={"type": "optuna", "objectives": [{"test_err": "min"}, {"params": "min"}]},
+                               num_samples=5), "x.yaml")
+    assert s.sampler == "nsga2" and s.objectives == [("test_err", "min"), ("params", "min")]
+    assert s.num_trials == 5
+    s = parse_search_space(doc(search={"type": "optuna", "sampler": "TPE", "objectives": {"test_err": "min"}},
+                               num_samples=4, repeat=2), "x.yaml")
+    assert s.sampler == "tpe" and s.num_trials == 8 and not s.multi_objective
+    s = parse_search_space(doc(scheduler={"type": "asha", "grace_period": 1}), "x.yaml")
+    assert s.scheduler == {"type": "asha", "metric": "test_err", "mode": "min", "grace_period": 1, "max_t": 2,
+                           "brackets": 1, "reduction_factor": 2.0}
+    s = parse_search_space(doc(resources_per_trial={"cpu": 2, "gpu": 0.25}), "x.yaml")
+    assert (s.cpu, s.gpu) == (2.0, 0.25)
+
+
+@pytest.mark.parametrize("bad, expect", [
+    ({"nmae": "x"}, "x.yaml: nmae: unknown key; did you mean 'name'?"),
+    ({"name": "a b"}, "x.yaml: name: 'a b' is not allowed"),
+    ({"space": {"nr.tr": {"grid": [0.5, 1.5]}}}, "x.yaml: space.nr.tr.grid[1]: nr.tr: 1.5 is out of range"),
+    ({"space": {"nr.tr": {"gird": [0.5]}}}, "x.yaml: space.nr.tr: 'gird' is not allowed; allowed: grid, choice"),
+    ({"space": {"nr.tx": [0.5]}}, "x.yaml: space.nr.tx: nr.tx: unknown key; did you mean 'nr.tr'?"),
+    ({"space": {"nr.tr": 0.5}}, "x.yaml: space.nr.tr: 0.5 is not allowed"),
+    ({"space": {"nr.delta_lambda": {"loguniform": [0, 1e-3]}}}, "x.yaml: space.nr.delta_lambda.loguniform: [0, 0.001] is"),
+    ({"space": {"nr.tr": {"uniform": [0.2, 0.5]}}}, "x.yaml: space.nr.tr: uniform is not allowed with search: grid"),
+    ({"space": {"method": ["BL", "NR-XX"]}}, "x.yaml: space.method.grid[1]: method: 'NR-XX' is not allowed"),
+    ({"space": {"model.arch": ["vgg_smal"]}}, "x.yaml: space.model.arch: 'vgg_smal' is not allowed"),
+    ({"search": "bayes"}, "x.yaml: search: 'bayes' is not allowed; allowed: grid, random, optuna"),
+    ({"search": {"type": "optuna", "sampler": "cmaes"}}, "x.yaml: search.sampler: 'cmaes' is not allowed"),
+    ({"search": {"type": "optuna", "objectives": [{"tset_err": "min"}]}},
+     "x.yaml: search.objectives: 'tset_err' is not allowed"),
+    ({"search": {"type": "optuna", "objectives": [{"test_err": "low"}]}},
+     "x.yaml: search.objectives.test_err: 'low' is not allowed; allowed: min, max"),
+    ({"scheduler": "hyperband"}, "x.yaml: scheduler.type: 'hyperband' is not allowed; allowed: fifo, asha"),
+    ({"scheduler": {"type": "asha", "grace_period": 5}}, "x.yaml: scheduler.grace_period: 5 is not allowed"),
+    ({"num_samples": 0}, "x.yaml: num_samples: 0 is not allowed; allowed: an integer >= 1"),
+    ({"num_samples": 2}, "x.yaml: num_samples: 2 is not allowed with search: grid"),
+    ({"repeat": 2, "space": {"seed": [1, 2]}}, "x.yaml: repeat: 2 is not allowed while seed is a space dimension"),
+    ({"resources_per_trial": {"cpu": 0}}, "x.yaml: resources_per_trial.cpu: 0 is not allowed"),
+    ({"resources_per_trial": {"gpu": 1.5}}, "x.yaml: resources_per_trial.gpu: 1.5 is not allowed"),
+    ({"resources_per_trial": {"tpu": 1}}, "x.yaml: resources_per_trial.tpu: unknown key"),
+    ({"max_failures": -1}, "x.yaml: max_failures: -1 is not allowed"),
+    ({"tags": {"cell": "{nr.nope}"}}, "x.yaml: tags.cell: '{nr.nope}' names unknown config key 'nr.nope'"),
+    ({"base": {"train": {"epochs": 0}}}, "x.yaml: base.train.epochs: 0 is out of range"),
+    ({"base": {"optim": {"lrr": 0.1}}}, "x.yaml: base.optim.lrr: unknown key; did you mean 'optim.lr'?"),
+])
+def test_bad_fields_give_one_clear_line(bad, expect):
+    d = doc()
+    d.update(bad)
+    lines = errors_of(d)
+    assert any(line.startswith(expect) for line in lines), lines
+
+
+def test_several_errors_are_all_listed():
+    lines = errors_of(doc(search="bayes", num_samples=0, space={"nr.tr": {"grid": [2]}}))
+    assert len(lines) == 3
+    assert all(line.startswith("x.yaml: ") for line in lines)
+
+
+def test_overrides(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(DOC))
+    s = load_search_space(p, ["train.epochs=1", "repeat=3", "space.nr.tr=[0.1]", "space.method=NR-CR",
+                              "base.optim.lr=0.01", "tags.table=x"])
+    assert s.base["train"]["epochs"] == 1 and s.base["optim"]["lr"] == 0.01 and s.repeat == 3
+    assert [d.key for d in s.dims] == ["nr.tr"] and s.base["method"] == "NR-CR"
+    assert s.tags["table"] == "x"
+    with pytest.raises(ConfigError, match="malformed override"):
+        load_search_space(p, ["nonsense"])
+
+
+def test_yaml_syntax_and_missing_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nbase: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml:.*YAML syntax error"):
+        load_search_space(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_search_space(tmp_path / "missing.yaml")
+
+
+def test_format_template():
+    full = {"method": "NR", "nr": {"tr": 0.25}, "model": {"name": "vgg_small"}}
+    assert format_template("{model.arch}/{method}/{nr.tr:.2f}", full) == "vgg_small/NR/0.25"
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_dry_run_prints_trials_and_resources(capsys):
+    from nr_study.cli import main
+
+    rc = main(["sweep", str(REPO / "search_spaces" / "demo.yaml"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "trials: 5" in out and "resources per trial: 1 CPU, 0 GPU" in out
+    assert "NR-CA-vgg_small-tr0.3-s0" in out and "BL-vgg_small-s0" in out
+
+
+def test_cli_dry_run_optuna_and_set(capsys):
+    from nr_study.cli import main
+
+    rc = main(["sweep", str(REPO / "search_spaces" / "pareto_optuna.yaml"), "--dry-run", "--set", "num_samples=3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "NSGA-II" in out and "proposed by Optuna" in out
+
+
+def test_cli_bad_yaml_exits_2_with_one_line_per_field(tmp_path, capsys):
+    from nr_study.cli import main
+
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(doc(search="bayes", space={"nr.tr": [3]})))
+    rc = main(["sweep", str(p), "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{p}: search: 'bayes' is not allowed" in err and f"{p}: space.nr.tr.grid[0]: nr.tr: 3" in err
+    assert "Traceback" not in err
+
+
+def test_pareto_front():
+    from nr_study.sweep.runner import pareto_front
+
+    pts = [{"e": 10, "p": 5}, {"e": 8, "p": 9}, {"e": 12, "p": 6}, {"e": 8, "p": 9.5}, {"e": 20, "p": 1}]
+    front = pareto_front(pts, [("e", "min"), ("p", "min")])
+    assert front == [{"e": 8, "p": 9}, {"e": 10, "p": 5}, {"e": 20, "p": 1}]
