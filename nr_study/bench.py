@@ -1,0 +1,648 @@
+"""`nr-study bench`: NR's costs measured against plain training, side by side in one process.
+
+Every number is a ratio of two things timed ALTERNATELY in the same process (A, B, A, B, ... with the order
+rotated each repetition), after a warm-up, as the median of per-repetition ratios, with the spread printed
+(IQR with 4+ repetitions, else min–max). The machine may be shared and noisy: pairs taken back to back see the
+same load, so their ratio is far steadier than either time. Speed goals live here, never in timed tests.
+
+Rows (name — what / goal):
+  step_nr/plain[M]       NR training step (fwd, bwd, L1 subgradient, SGD step, end_of_step) / plain step   ≤ 1.03
+  util/step[M]           utilization (live masks + params and FLOPs on the hook's cached graph) / one step ≤ 0.01
+  surgery_s[M]           rejuvenate(inplace, cached graph) on a copy with ~30% dead channels, seconds       ≤ 0.5
+  layer_ca_two/plain     NR-CA layer fwd+bwd (two convolutions, the core's default) / plain conv            ≤ 1.3
+  layer_ca_four/plain    NR-CA layer fwd+bwd (four convolutions, the official code's form) / plain conv     ≤ 1.3
+  layer_cr/plain         NR-CR layer fwd+bwd / plain conv of equal width                                    ≤ 1.3
+  layer_ca_two/ca_four   the two CA forms against each other (< 1: "two" is faster)                      (info)
+  sweep_makespan/ideal   makespan of 8 tiny trials / (Σ trial time / concurrent slots)                      ≤ 1.05
+  mlflow_share           time inside the tracker's calls / wall time of a real train() run                 ≤ 0.02
+  run_nr/bl              a short real NR run (monitor + L1 + surgery) / the BL run of the same epochs        ≤ 1.20
+  images_per_s[M]        (--device cuda) plain training-step throughput at batch 128                       (info)
+
+`--quick` is a ≤ 2-minute version (fewer repetitions, smaller shapes; the sweep row is skipped with null).
+`--device cuda` runs the same code on the GPU with channels_last + bf16 autocast (torch.cuda.synchronize()
+around every timing) and adds the images/s rows. `--json PATH` writes the rows as a list of
+{"name", "value", "goal", "unit", "detail"}.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nr_study.errors import UserError
+
+GOALS = {"step": 1.03, "util": 0.01, "surgery": 0.5, "layer": 1.3, "sweep": 1.05, "mlflow": 0.02, "run": 1.20}
+
+
+# ------------------------------------------------------------------------------------------- settings
+class Sizes:
+    """Shapes and repetition counts for one mode (full / quick / tiny)."""
+
+    def __init__(self, mode: str, device: torch.device):
+        self.mode = mode
+        cuda = device.type == "cuda"
+        full, quick = mode == "full", mode == "quick"
+        # (model name, kwargs, batch, input hw, warmup, reps)
+        if cuda:
+            self.step_models = [("vgg_small", {}, 128, 32, 3, 15), ("resnet164_cifar", {}, 128, 32, 3, 11),
+                                ("vgg19_bn_cifar", {}, 128, 32, 3, 11)]
+            if not full:
+                self.step_models = [(n, k, b, hw, 2, 7) for n, k, b, hw, _, _ in self.step_models]
+        elif full:
+            self.step_models = [("vgg_small", {}, 64, 32, 2, 11), ("resnet164_cifar", {}, 32, 32, 1, 7)]
+        elif quick:
+            self.step_models = [("vgg_small", {}, 32, 32, 1, 7), ("resnet164_cifar", {}, 8, 32, 1, 5)]
+        else:  # tiny (tests)
+            self.step_models = [("vgg_small", {"width": 8}, 4, 16, 1, 3), ("resnet164_cifar", {}, 2, 8, 1, 3)]
+        # surgery: (model name, input shape, num_classes, scheme, rescale); reps
+        px = 224 if mode != "tiny" else 64
+        self.surgery_models = [("resnet50", (1, 3, px, px), 1000, "ca", True),
+                               ("vgg19_bn_cifar", (1, 3, 32, 32), 10, "cr", False)]
+        self.surgery_reps = {"full": 5, "quick": 3, "tiny": 2}[mode]
+        # single layer: channels, hw, batch, warmup, reps
+        self.layer = {"full": (128, 32, 64, 2, 9), "quick": (128, 16, 16, 1, 5), "tiny": (32, 8, 4, 1, 3)}[mode]
+        if cuda:
+            self.layer = (128, 32, 64, 5, 21) if full else (128, 32, 64, 3, 9)
+        # whole runs (BL vs NR, also the MLflow share): model width, input hw, n_train, batch, epochs, pairs
+        self.run = {"full": (16, 32, 2048, 64, 4, 2), "quick": (8, 32, 512, 32, 2, 1),
+                    "tiny": (4, 16, 256, 16, 2, 1)}[mode]
+        if cuda:
+            self.run = (32, 32, 8192, 128, 4, 2) if full else (32, 32, 4096, 128, 2, 1)
+        self.sweep = full  # quick / tiny: the sweep row is null ("skipped in --quick")
+
+
+# --------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int, device: torch.device
+              ) -> dict[str, list[float]]:
+    """Time each fn once per repetition, interleaved, the order rotated every repetition; warm-up first."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(reps):
+        k = i % len(names)
+        for n in names[k:] + names[:k]:
+            times[n].append(time_call(fns[n], device))
+    return times
+
+
+def spread(xs: list[float]) -> tuple[float, float, float, str]:
+    """(median, lo, hi, kind): IQR with 4+ values, else min–max."""
+    xs = sorted(xs)
+    med = statistics.median(xs)
+    if len(xs) >= 4:
+        q = statistics.quantiles(xs, n=4, method="inclusive")
+        return med, q[0], q[2], "IQR"
+    return med, xs[0], xs[-1], "min–max"
+
+
+def ratio_stats(num: list[float], den: list[float]) -> tuple[float, str]:
+    """Median of the per-repetition ratios num[i]/den[i], and a text with the spread and both medians."""
+    ratios = [a / b for a, b in zip(num, den)]
+    med, lo, hi, kind = spread(ratios)
+    return med, (f"{kind} {lo:.3f}–{hi:.3f}, n={len(ratios)}; medians {_fmt_s(statistics.median(num))} / "
+                 f"{_fmt_s(statistics.median(den))}")
+
+
+def _fmt_s(t: float) -> str:
+    if t >= 1:
+        return f"{t:.2f}s"
+    if t >= 1e-3:
+        return f"{t * 1e3:.1f}ms"
+    return f"{t * 1e6:.0f}µs"
+
+
+def row(name: str, value: Optional[float], goal: Optional[float], unit: str, detail: str) -> dict:
+    if value is not None and not math.isfinite(value):
+        value = None
+    return {"name": name, "value": None if value is None else float(value), "goal": goal, "unit": unit,
+            "detail": detail}
+
+
+def _error_row(name: str, goal: Optional[float], unit: str, exc: BaseException) -> dict:
+    msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    return row(name, None, goal, unit, f"failed: {msg}")
+
+
+# ------------------------------------------------------------------------------------- training steps
+class Step:
+    """One training step on a fixed batch: forward, loss, backward, [L1 subgradient], SGD step, [end_of_step]."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: bool,
+                 nr: bool, lam: float = 1e-4):
+        from nr_study.nr import NeuralRejuvenation, NRConfig
+
+        self.model, self.x, self.y, self.device, self.amp = model, x, y, device, amp
+        self.hook = None
+        if nr:
+            # Δt in epochs: end_of_step only counts, as in a real run between two monitor points
+            self.hook = NeuralRejuvenation(model, (1, *x.shape[1:]), NRConfig())
+            self.hook.lam.lam = lam  # λ > 0, so the L1 subgradient does its work every step
+        model.train()
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def __call__(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(self.x)
+            loss = F.cross_entropy(out.float(), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.hook is not None:
+            self.hook.after_backward()
+        self.opt.step()
+        if self.hook is not None:
+            self.hook.end_of_step()
+
+
+def _utilization_fn(hook) -> Callable[[], None]:
+    """What the hook computes at each Δt: live masks once, then params and FLOPs on the cached graph."""
+    from nr_study.nr import CONSTRAINTS, graph_utilization, live_masks
+
+    def fn():
+        masks = live_masks(hook.model, hook.graph, hook.cfg.dead_threshold)
+        for c in CONSTRAINTS:
+            graph_utilization(hook.model, hook.graph, c, masks=masks)
+
+    return fn
+
+
+def _prep_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def bench_steps(sz: Sizes, device: torch.device) -> list[dict]:
+    from nr_study.models import create_model
+
+    cuda = device.type == "cuda"
+    rows = []
+    for name, kw, batch, hw, warmup, reps in sz.step_models:
+        try:
+            torch.manual_seed(0)
+            base = create_model(name, num_classes=10, in_channels=3, **kw)
+            plain_m = _prep_model(copy.deepcopy(base), device, cuda)
+            nr_m = _prep_model(copy.deepcopy(base), device, cuda)
+            x = torch.randn(batch, 3, hw, hw, device=device)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 10, (batch,), device=device)
+            plain, nr = Step(plain_m, x, y, device, cuda, nr=False), Step(nr_m, x, y, device, cuda, nr=True)
+            util = _utilization_fn(nr.hook)
+            t = alternate({"plain": plain, "nr": nr, "util": util}, reps, warmup, device)
+            shape = f"batch {batch}, {hw}x{hw}{', ' + str(kw) if kw else ''}, {device.type}"
+            if cuda:
+                shape += ", channels_last + bf16 autocast"
+            r, d = ratio_stats(t["nr"], t["plain"])
+            rows.append(row(f"step_nr/plain[{name}]", r, GOALS["step"], "ratio",
+                            f"{d}; {shape}; λ=1e-4 on {len(nr.hook._gammas)} free BNs"))
+            r, d = ratio_stats(t["util"], t["plain"])
+            n_layers = len(nr.hook.graph.layers)
+            rows.append(row(f"util/step[{name}]", r, GOALS["util"], "ratio",
+                            f"{d}; params+FLOPs over {n_layers} layers, cached graph"))
+            if cuda and name in ("vgg19_bn_cifar", "resnet164_cifar"):
+                ips = batch / statistics.median(t["plain"])
+                ips_nr = batch / statistics.median(t["nr"])
+                _, lo, hi, kind = spread([batch / s for s in t["plain"]])
+                rows.append(row(f"images_per_s[{name}]", ips, None, "img/s",
+                                f"plain training step, batch {batch}, channels_last + bf16 autocast; {kind} "
+                                f"{lo:.0f}–{hi:.0f}; NR step {ips_nr:.0f} img/s"))
+            del plain, nr, plain_m, nr_m, base
+        except Exception as exc:  # one failing model must not hide the other rows
+            rows.append(_error_row(f"step_nr/plain[{name}]", GOALS["step"], "ratio", exc))
+            rows.append(_error_row(f"util/step[{name}]", GOALS["util"], "ratio", exc))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- surgery
+def kill_channels(model: nn.Module, graph, fraction: float = 0.3, seed: int = 0) -> int:
+    """Zero γ of a random `fraction` of each free group's channels (dead by the 1% rule); returns how many."""
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    n = 0
+    with torch.no_grad():
+        for grp in graph.free_groups():
+            bn = modules[grp.bn]
+            k = int(round(fraction * grp.width))
+            if k == 0 or k >= grp.width:
+                continue
+            idx = torch.randperm(grp.width, generator=g)[:k].to(bn.weight.device)
+            bn.weight[idx] = 0.0
+            n += k
+    return n
+
+
+def bench_surgery(sz: Sizes, device: torch.device) -> list[dict]:
+    from nr_study.models import create_model
+    from nr_study.nr import build_graph, rejuvenate
+    from nr_study.nr.surgery import base_cost
+
+    rows = []
+    for name, shape, ncls, scheme, rescale in sz.surgery_models:
+        try:
+            torch.manual_seed(0)
+            model = create_model(name, num_classes=ncls, in_channels=3).to(device)
+            graph = build_graph(model, shape)  # the hook's cached graph: traced once, not timed
+            base_cost(model, graph)
+            dead = kill_channels(model, graph, 0.3)
+            total = sum(g.width for g in graph.free_groups())
+            times, report = [], None
+            for i in range(sz.surgery_reps + 1):  # the first one is a warm-up
+                m, gr = copy.deepcopy(model), copy.deepcopy(graph)  # surgery edits both in place
+                out = {}
+
+                def run(m=m, gr=gr, out=out):
+                    out["r"] = rejuvenate(m, shape, 1.0, "params", scheme, rescale, True, inplace=True, graph=gr)[1]
+
+                t = time_call(run, device)
+                report = out["r"]
+                if i:
+                    times.append(t)
+                del m, gr
+            med, lo, hi, kind = spread(times)
+            rows.append(row(f"surgery_s[{name}]", med, GOALS["surgery"], "s",
+                            f"{kind} {lo:.3f}–{hi:.3f}s, n={len(times)}; scheme {scheme}, rescale {rescale}, "
+                            f"{dead}/{total} free channels dead, α={report.alpha:.3f}, input {list(shape)}, "
+                            f"{device.type}"))
+        except Exception as exc:
+            rows.append(_error_row(f"surgery_s[{name}]", GOALS["surgery"], "s", exc))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- one layer
+def split_layers(c: int, device: torch.device) -> dict[str, nn.Module]:
+    """A plain 3x3 conv c->c and its NR-CA (two / four convolutions) and NR-CR forms at half S / half R."""
+    from nr_study.nr.schemes import CAConv, CRConv, conv_like
+
+    plain = nn.Conv2d(c, c, 3, padding=1, bias=False)
+    h = c // 2
+    s_idx, r_idx = torch.arange(h), torch.arange(h, c)
+    inner, w_sr, w_r = conv_like(plain, h, h), conv_like(plain, h, h), conv_like(plain, c - h, c)
+    ca2 = CAConv(s_idx, r_idx, inner, w_sr, w_r, plain, h, c - h, impl="two")
+    ca4 = CAConv(s_idx, r_idx, copy.deepcopy(inner), copy.deepcopy(w_sr), copy.deepcopy(w_r), plain, h, c - h,
+                 impl="four")
+    cr = CRConv(s_idx, r_idx, conv_like(plain, h, h), conv_like(plain, c - h, c - h))
+    return {n: m.to(device) for n, m in (("plain", plain), ("ca_two", ca2), ("ca_four", ca4), ("cr", cr))}
+
+
+def bench_layer(sz: Sizes, device: torch.device) -> list[dict]:
+    c, hw, batch, warmup, reps = sz.layer
+    cuda = device.type == "cuda"
+    names = ("layer_ca_two/plain", "layer_ca_four/plain", "layer_cr/plain")
+    try:
+        torch.manual_seed(0)
+        mods = split_layers(c, device)
+        fmt = torch.channels_last if cuda else torch.contiguous_format
+        if cuda:
+            mods = {n: m.to(memory_format=torch.channels_last) for n, m in mods.items()}
+        x = torch.randn(batch, c, hw, hw, device=device).contiguous(memory_format=fmt).requires_grad_(True)
+        g = torch.randn(batch, c, hw, hw, device=device).contiguous(memory_format=fmt)
+        g16 = g.to(torch.bfloat16)
+
+        def fwd_bwd(mod):
+            def fn():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    out = mod(x)
+                out.backward(g if out.dtype == g.dtype else g16)
+                x.grad = None
+                mod.zero_grad(set_to_none=True)
+            return fn
+
+        t = alternate({n: fwd_bwd(m) for n, m in mods.items()}, reps, warmup, device)
+        shape = f"{c}->{c} 3x3 at {hw}x{hw}, batch {batch}, half S / half R, fwd+bwd (input grad too), {device.type}"
+        if cuda:
+            shape += ", channels_last + bf16 autocast"
+        rows = []
+        for key, name in zip(("ca_two", "ca_four", "cr"), names):
+            r, d = ratio_stats(t[key], t["plain"])
+            rows.append(row(name, r, GOALS["layer"], "ratio", f"{d}; {shape}"))
+        r, d = ratio_stats(t["ca_two"], t["ca_four"])
+        faster = "two" if r < 1 else "four"
+        rows.append(row("layer_ca_two/ca_four", r, None, "ratio",
+                        f"{d}; < 1 means impl='two' (the default) is faster; here '{faster}' is faster"))
+        return rows
+    except Exception as exc:
+        return [_error_row(n, GOALS["layer"], "ratio", exc) for n in names] + [
+            _error_row("layer_ca_two/ca_four", None, "ratio", exc)]
+
+
+# ------------------------------------------------------------------------------------------- sweep
+SWEEP_TRIALS = 8
+
+
+def _sweep_doc(device: torch.device) -> dict:
+    return {
+        "name": "bench-sweep", "experiment": "nr-bench-sweep",
+        "base": {"method": "BL", "model": {"name": "vgg_small", "kwargs": {"width": 8}},
+                 "data": {"name": "synthetic", "n_train": 512, "n_test": 128,
+                          "synthetic": {"shape": [1, 16, 16], "noise": 0.5}},
+                 "train": {"epochs": 3, "batch_size": 32, "eval_batch_size": 128, "device": "cpu"},
+                 "optim": {"lr": 0.05}},
+        "space": {"seed": list(range(SWEEP_TRIALS))},
+        "resources_per_trial": {"cpu": 1},
+        "max_failures": 0,
+    }
+
+
+def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
+    name, goal = "sweep_makespan/ideal", GOALS["sweep"]
+    if not sz.sweep:
+        return [row(name, None, goal, "ratio", "skipped in --quick")]
+    try:
+        import yaml
+
+        from nr_study.sweep import load_search_space, run_sweep
+    except Exception as exc:  # the sweep engine is optional here: say why, never invent a number
+        return [row(name, None, goal, "ratio", f"sweep engine not usable: {type(exc).__name__}: {exc}")]
+    try:
+        from ray import tune
+
+        from nr_study.train import available_cpus
+    except Exception as exc:
+        return [row(name, None, goal, "ratio", f"Ray Tune not importable: {type(exc).__name__}: {exc}")]
+    captured: dict = {}
+    orig_fit = tune.Tuner.fit
+
+    def timed_fit(self):
+        t0 = time.perf_counter()
+        try:
+            res = orig_fit(self)
+        finally:
+            captured["makespan"] = time.perf_counter() - t0
+        captured["results"] = res
+        return res
+
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with tempfile.TemporaryDirectory(prefix="nr-bench-sweep-") as td:
+            doc = _sweep_doc(device)
+            path = Path(td) / "bench_sweep.yaml"
+            text = yaml.safe_dump(doc, sort_keys=False)
+            path.write_text(text)
+            space = load_search_space(path)
+            tune.Tuner.fit = timed_fit
+            out = io.StringIO()
+            t0 = time.perf_counter()
+            try:
+                run_sweep(space, source_text=text, runs=str(Path(td) / "runs"), verbose=0, out=out)
+            finally:
+                tune.Tuner.fit = orig_fit
+            wall = time.perf_counter() - t0
+        results = captured.get("results")
+        if results is None:
+            return [row(name, None, goal, "ratio", "the sweep ran no Tuner.fit (nothing to time)")]
+        times, errors = [], 0
+        for r in results:
+            if r.error:
+                errors += 1
+            tt = (r.metrics or {}).get("time_total_s")
+            if isinstance(tt, (int, float)):
+                times.append(float(tt))
+        if errors or len(times) != SWEEP_TRIALS:
+            return [row(name, None, goal, "ratio", f"{errors} of {SWEEP_TRIALS} trials errored / {len(times)} "
+                                                   f"reported a time; no ratio")]
+        cpu = float(doc["resources_per_trial"]["cpu"])
+        slots = max(1, min(SWEEP_TRIALS, doc.get("max_concurrent") or SWEEP_TRIALS,
+                           int(available_cpus() // cpu)))
+        ideal = sum(times) / slots
+        makespan = captured["makespan"]
+        return [row(name, makespan / ideal, goal, "ratio",
+                    f"makespan (Tuner.fit) {makespan:.1f}s vs Σ trial time {sum(times):.1f}s / {slots} slots = "
+                    f"{ideal:.1f}s; trials {min(times):.1f}–{max(times):.1f}s (Ray time_total_s); whole "
+                    f"run_sweep incl. MLflow server + Ray start {wall:.1f}s; {SWEEP_TRIALS} trials vgg_small w8 "
+                    f"16x16 synthetic, 3 epochs, embedded Ray, cpu")]
+    except Exception as exc:
+        return [_error_row(name, goal, "ratio", exc)]
+    finally:
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+# ---------------------------------------------------------------------------- whole runs + MLflow share
+_TRACKED = ("__init__", "start", "log_params", "set_tags", "log_epoch", "sync_history", "log_summary", "log_dict",
+            "log_text", "log_artifact", "end")
+
+
+@contextlib.contextmanager
+def instrument_tracker():
+    """Accumulate wall time spent inside RunTracker's calls (outermost call only) into the yielded dict."""
+    from nr_study.tracking import RunTracker
+
+    acc = {"total": 0.0, "calls": 0, "by": {}}
+    depth = [0]
+    saved = {n: RunTracker.__dict__[n] for n in _TRACKED if n in RunTracker.__dict__}
+
+    def wrap(name, fn):
+        def inner(*a, **k):
+            if depth[0]:
+                return fn(*a, **k)
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                dt = time.perf_counter() - t0
+                depth[0] -= 1
+                acc["total"] += dt
+                acc["calls"] += 1
+                acc["by"][name] = acc["by"].get(name, 0.0) + dt
+        return inner
+
+    for n, fn in saved.items():
+        setattr(RunTracker, n, wrap(n, fn))
+    try:
+        yield acc
+    finally:
+        for n, fn in saved.items():
+            setattr(RunTracker, n, fn)
+
+
+def _run_cfg(sz: Sizes, device: torch.device, method: str, epochs: Optional[int] = None) -> dict:
+    width, hw, n_train, batch, ep, _ = sz.run
+    cuda = device.type == "cuda"
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    cfg = {"method": method, "seed": 0,
+           "model": {"name": "vgg_small", "kwargs": {"width": width}},
+           "data": {"name": "synthetic", "n_train": n_train, "n_test": max(64, n_train // 4),
+                    "synthetic": {"shape": [3, hw, hw], "noise": 0.5}},
+           "optim": {"lr": 0.1},
+           "train": {"epochs": epochs or ep, "batch_size": batch, "eval_batch_size": 256, "threads": threads,
+                     "device": device.type, "channels_last": cuda, "bf16": cuda},
+           "tracking": {"experiment": "nr-bench"}}
+    if method != "BL":
+        # monitor every 4 steps with a steep λ ramp, so the run rejuvenates (surgery included) around step 20:
+        # a far denser monitor than the paper's once per epoch, so this overhead is an upper bound
+        cfg["nr"] = {"tr": 0.97, "dead_threshold": 0.8, "delta_t": 4, "delta_t_unit": "step",
+                     "delta_lambda": 0.04, "max_rejuvenations": 1}
+    return cfg
+
+
+def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
+    from nr_study.train import train
+
+    pairs = sz.run[5]
+    names = ("mlflow_share", "run_nr/bl")
+    try:
+        with tempfile.TemporaryDirectory(prefix="nr-bench-runs-") as td:
+            uri = f"sqlite:///{Path(td) / 'mlflow.db'}"
+            # warm-up: creates the store and the experiment (a sweep's trial finds them made), loads mlflow
+            train(_run_cfg(sz, device, "BL", epochs=1), tracking_uri=uri, progress=False)
+            walls: dict[str, list[float]] = {"BL": [], "NR": []}
+            shares, per_epoch, fixed, rejuv = [], [], [], []
+            for i in range(pairs):
+                for method in (("BL", "NR") if i % 2 == 0 else ("NR", "BL")):
+                    cfg = _run_cfg(sz, device, method)
+                    with instrument_tracker() as acc:
+                        t0 = time.perf_counter()
+                        summary = train(cfg, tracking_uri=uri, progress=False)
+                        wall = time.perf_counter() - t0
+                    walls[method].append(wall)
+                    shares.append(acc["total"] / wall)
+                    ep = cfg["train"]["epochs"]
+                    per_epoch.append(acc["by"].get("log_epoch", 0.0) / ep)
+                    fixed.append(acc["total"] - acc["by"].get("log_epoch", 0.0))
+                    if method == "NR":
+                        rejuv.append(int(summary.get("rejuvenations", 0)))
+        width, hw, n_train, batch, ep, _ = sz.run
+        what = (f"vgg_small w{width}, synthetic 3x{hw}x{hw}, {n_train} train images, batch {batch}, {ep} epochs, "
+                f"{device.type}")
+        med, lo, hi, kind = spread(shares)
+        share_row = row("mlflow_share", med, GOALS["mlflow"], "ratio",
+                        f"{kind} {lo:.3f}–{hi:.3f}, n={len(shares)} runs (BL and NR); per epoch "
+                        f"{_fmt_s(statistics.median(per_epoch))} (one log_batch), per run fixed "
+                        f"{_fmt_s(statistics.median(fixed))} (client, run, params, config, final artifacts, "
+                        f"model.pt); sqlite store in a temp dir; {what}")
+        r, d = ratio_stats(walls["NR"], walls["BL"])
+        run_row = row("run_nr/bl", r, GOALS["run"], "ratio",
+                      f"{d}; NR rejuvenations per run {rejuv}; monitor every "
+                      f"{_run_cfg(sz, device, 'NR')['nr']['delta_t']} steps; {what}; tracking included in both")
+        return [share_row, run_row]
+    except Exception as exc:
+        return [_error_row("mlflow_share", GOALS["mlflow"], "ratio", exc),
+                _error_row("run_nr/bl", GOALS["run"], "ratio", exc)]
+
+
+# --------------------------------------------------------------------------------------------- report
+SECTIONS = {"steps": bench_steps, "surgery": bench_surgery, "layer": bench_layer, "sweep": bench_sweep,
+            "runs": bench_runs}
+
+
+def status(r: dict) -> str:
+    if r["goal"] is None:
+        return "-"
+    if r["value"] is None:
+        return "n/a"
+    return "met" if r["value"] <= r["goal"] else "MISSED"
+
+
+def format_table(rows: list[dict]) -> str:
+    def val(r):
+        if r["value"] is None:
+            return "null"
+        v = r["value"]
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4f}" if abs(v) < 0.1 else f"{v:.3f}"
+
+    w = max([len(r["name"]) for r in rows] + [4])
+    lines = [f"{'name':<{w}}  {'value':>9}  {'goal':>6}  {'unit':<6} {'goal met':<8}  detail"]
+    for r in rows:
+        goal = "-" if r["goal"] is None else f"≤{r['goal']:g}"
+        lines.append(f"{r['name']:<{w}}  {val(r):>9}  {goal:>6}  {r['unit']:<6} {status(r):<8}  {r['detail']}")
+    return "\n".join(lines)
+
+
+def pick_threads(device: torch.device) -> int:
+    """All CPUs available, or 1 on a CPU run when the machine is already busy (load ≥ CPUs): several OpenMP
+    threads on oversubscribed cores wait on each other at every barrier, which swamps any ratio in noise."""
+    from nr_study.train import available_cpus
+
+    cpus = available_cpus()
+    if device.type == "cpu" and cpus > 1 and os.getloadavg()[0] >= cpus:
+        return 1
+    return cpus
+
+
+def run_bench(mode: str = "full", device: str = "cpu", only: Optional[list[str]] = None,
+              threads: Optional[int] = None, log=sys.stderr) -> list[dict]:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: CUDA is not available on this machine; allowed: cpu")
+        torch.backends.cudnn.benchmark = True
+    threads = threads or pick_threads(dev)
+    torch.set_num_threads(threads)
+    sz = Sizes(mode, dev)
+    rows: list[dict] = []
+    for key, fn in SECTIONS.items():
+        if only and key not in only:
+            continue
+        t0 = time.perf_counter()
+        print(f"[bench] {key} ...", file=log, flush=True)
+        new = fn(sz, dev)
+        torch.set_num_threads(threads)  # train() / Ray may have changed it
+        print(f"[bench] {key} done in {time.perf_counter() - t0:.1f}s", file=log, flush=True)
+        rows.extend(new)
+    return rows
+
+
+def cli_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="nr-study bench", description="Measure NR's overheads against plain "
+                                 "training, as ratios timed alternately in one process.")
+    ap.add_argument("--quick", action="store_true", help="a ≤ 2-minute version: fewer repetitions, smaller "
+                    "shapes, no sweep")
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: smallest shapes, every row
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: the GPU variants (channels_last, bf16 autocast) + images/s rows")
+    ap.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the rows as JSON")
+    ap.add_argument("--only", action="append", choices=list(SECTIONS), default=None,
+                    help="run only these sections (repeatable)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs available, or "
+                    "1 on a CPU run when the load average already reaches the CPU count)")
+    args = ap.parse_args(list(argv))
+    tiny = args.tiny or os.environ.get("NR_STUDY_BENCH_TINY") == "1"
+    mode = "tiny" if tiny else "quick" if args.quick else "full"
+    t0 = time.perf_counter()
+    rows = run_bench(mode, args.device, args.only, args.threads)
+    print(format_table(rows))
+    met = sum(status(r) == "met" for r in rows)
+    missed = [r["name"] for r in rows if status(r) == "MISSED"]
+    print(f"\n{met} goal(s) met, {len(missed)} missed{': ' + ', '.join(missed) if missed else ''}; "
+          f"mode {mode}, device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{time.perf_counter() - t0:.0f}s")
+    if args.json_path:
+        p = Path(args.json_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+__all__ = ["cli_main", "run_bench", "format_table", "alternate", "ratio_stats", "GOALS"]
