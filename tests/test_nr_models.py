@@ -6,7 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from nr_study.models import create_model, list_models
-from nr_study.nr import build_graph, rejuvenate, utilization
+import math
+
+from nr_study.nr import build_graph, prune, rejuvenate, utilization
+from nr_study.nr.cost import widths_cost
+from nr_study.nr.surgery import expansion_widths, split_counts
 from tests.nets import kill_channels, randomize_bn, weight_params
 from tests.test_nr_core import flops_of
 
@@ -30,9 +34,14 @@ def test_model_forward_backward_utilization_rejuvenation_forward(name):
     graph = build_graph(model, shape)
     assert graph.free_groups(), f"{name}: no prunable channel group found"
     randomize_bn(model)
-    kill_channels(model, graph, 0.3, seed=1)
+    dead = kill_channels(model, graph, 0.3, seed=1)
     u = utilization(model, shape)
     assert u.live < u.total
+    keep = {}
+    for g in graph.free_groups():
+        keep[g.bn] = torch.ones(g.width, dtype=torch.bool)
+        keep[g.bn][dead[g.id]] = False
+    assert utilization(prune(model, shape, keep), shape).total == u.live  # U(θ) = cost of the pruned model
     for scheme in ("nr", "ca"):
         new, rep = rejuvenate(model, shape, 1.0, scheme=scheme, rescale=True)
         assert rep.cost_after <= u.total and sum(rep.rejuvenated.values()) > 0
@@ -41,6 +50,9 @@ def test_model_forward_backward_utilization_rejuvenation_forward(name):
         assert out.shape == (2, 10) and torch.isfinite(out).all()
         F.cross_entropy(out, y).backward()
         assert utilization(new, shape).total == rep.cost_after
+        w_prime = {g.id: rep.widths_live[g.producer] for g in graph.free_groups()}
+        nxt = min((math.floor(rep.alpha * w) + 1) / w for w in w_prime.values())  # α is maximal
+        assert widths_cost(graph, *split_counts(w_prime, expansion_widths(w_prime, nxt)), "params") > rep.target
 
 
 @pytest.mark.parametrize("name", ["resnet164_cifar", "densenet_bc_100_40", "mobilenet_v1_025", "tv:densenet121"])
