@@ -153,6 +153,7 @@ def test_search_forms():
     ({"resources_per_trial": {"cpu": 0}}, "x.yaml: resources_per_trial.cpu: 0 is not allowed"),
     ({"resources_per_trial": {"gpu": 1.5}}, "x.yaml: resources_per_trial.gpu: 1.5 is not allowed"),
     ({"resources_per_trial": {"tpu": 1}}, "x.yaml: resources_per_trial.tpu: unknown key"),
+    ({"base": {"train": {"device": "cuda"}}}, "x.yaml: resources_per_trial.gpu: 0 is not allowed with base train"),
     ({"max_failures": -1}, "x.yaml: max_failures: -1 is not allowed"),
     ({"tags": {"cell": "{nr.nope}"}}, "x.yaml: tags.cell: '{nr.nope}' names unknown config key 'nr.nope'"),
     ({"base": {"train": {"epochs": 0}}}, "x.yaml: base.train.epochs: 0 is out of range"),

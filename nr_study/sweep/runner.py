@@ -115,6 +115,8 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
         import ray
 
         tags["nr.node"] = ray.get_runtime_context().get_node_id()
+        gpus = ray.get_gpu_ids()
+        tags["nr.gpus"] = ",".join(str(g) for g in gpus) if gpus else "-"
     except Exception:
         pass
 
@@ -158,6 +160,9 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
             last = i == len(rows) - 1
             tune.report(_numeric(row), checkpoint=tune.Checkpoint.from_directory(str(work)) if last else None)
 
+    if local is not None and int(local.get("epoch", 0)) >= cfg.train.epochs and _status(client, run_id) == FINISHED:
+        return  # finished (the driver died before Ray recorded it): nothing to re-run or re-log
+
     def on_epoch_end(row: dict, checkpoint_dir: Optional[str]) -> None:
         tune.report(_numeric(row), checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
@@ -169,6 +174,13 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
         # is not a failure; it stopped early.
         _mark_early_stopped(client, run_id)
         raise
+
+
+def _status(client, run_id: str) -> Optional[str]:
+    try:
+        return client.get_run(run_id).info.status
+    except Exception:
+        return None
 
 
 def _mark_early_stopped(client, run_id: str) -> None:

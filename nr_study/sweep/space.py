@@ -403,6 +403,15 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
     # resources
     cpu, gpu = _parse_resources(doc.get("resources_per_trial", {}), err)
 
+    if base:
+        device = base["train"]["device"]
+        if device == "cuda" and gpu == 0:
+            err("resources_per_trial.gpu", "0 is not allowed with base train.device: cuda; allowed: a GPU share > 0 "
+                "(fractions like 0.5 allowed), or train.device: auto/cpu")
+        elif device == "cpu" and gpu > 0:
+            err("resources_per_trial.gpu", f"{gpu:g} is not allowed with base train.device: cpu; allowed: 0 "
+                "(or train.device: auto/cuda)")
+
     # scheduler
     scheduler = _parse_scheduler(doc.get("scheduler", "fifo"), objectives, base, err)
 
