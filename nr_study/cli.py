@@ -1,14 +1,17 @@
 """`nr-study` entry point: dispatches to each subcommand's own `cli_main(argv) -> int`.
 
 Subcommands live next to the code they drive, so this file stays a table. A UserError anywhere becomes
-one line on stderr and exit code 2.
+`error: ...` on stderr (one line per problem) and its exit code (2 bad input, 1 a fault while running); Ctrl-C
+exits 130. Any other exception is a bug: one line naming it, the traceback only with NR_STUDY_TRACEBACK=1.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 
-from nr_study.errors import UserError
+from nr_study.errors import UserError, one_line
 
 COMMANDS = {
     "train": ("nr_study.train", "train one configuration (YAML) with MLflow tracking"),
@@ -35,15 +38,23 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
     try:
+        module = importlib.import_module(COMMANDS[name][0])
         return int(module.cli_main(rest) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        for ln in lines:  # several bad fields: one line each
+            print(f"error: {ln}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not a user error: still one line unless asked for the traceback
+        if os.environ.get("NR_STUDY_TRACEBACK"):
+            traceback.print_exc()
+        print(f"error: internal error in nr-study {name}: {type(exc).__name__}: {one_line(exc)} "
+              f"(set NR_STUDY_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

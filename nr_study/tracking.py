@@ -7,12 +7,19 @@ holding its own parent run is never disturbed.
 
 Tracking URI precedence: explicit argument (CLI --tracking-uri) > config tracking.uri > $MLFLOW_TRACKING_URI >
 sqlite:///<runs>/mlflow.db where <runs> is $NR_STUDY_RUNS or <cwd>/runs (absolute).
+
+Faults (docs/reliability.md): every MLflow call goes through `RunTracker._call`, which turns any client failure
+into one-line `TrackingError`. MLflow's HTTP client retries for minutes by default; unless the user set them,
+we lower MLFLOW_HTTP_REQUEST_MAX_RETRIES / _BACKOFF_FACTOR / _TIMEOUT so a dead server fails a run in seconds.
+The run then fails clearly with its checkpoint intact, and `--resume` (or the sweep's retry) logs the epochs
+the run lacks (`sync_history`) — we fail rather than buffer, so no metric lives only in a process's memory.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -20,9 +27,15 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Fail fast on an unreachable tracking server (MLflow's defaults: 7 retries, backoff factor 2, 120 s timeout,
+# i.e. minutes). With these a refused connection fails in ~6-9 s and a hung server within ~2 min.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+for _k, _v in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_k, _v)
 
 from nr_study import __version__  # noqa: E402
-from nr_study.errors import ConfigError  # noqa: E402
+from nr_study.errors import ConfigError, TrackingError, one_line  # noqa: E402
 
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 EPOCH_KEY = "test_err"  # the metric whose history says which epochs a run already has
@@ -32,14 +45,54 @@ def runs_dir() -> Path:
     return Path(os.environ.get("NR_STUDY_RUNS") or Path.cwd() / "runs").absolute()
 
 
-def default_tracking_uri() -> str:
+def default_tracking_uri(create: bool = True) -> str:
     d = runs_dir()
-    d.mkdir(parents=True, exist_ok=True)
+    if create:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"runs folder {d}: cannot create it ({exc.strerror or exc}); set $NR_STUDY_RUNS "
+                              f"to a writable folder or pass --tracking-uri") from None
     return f"sqlite:///{d / 'mlflow.db'}"
 
 
-def resolve_tracking_uri(uri: Optional[str] = None, cfg_uri: Optional[str] = None) -> str:
-    return uri or cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+def resolve_tracking_uri(uri: Optional[str] = None, cfg_uri: Optional[str] = None, create: bool = True) -> str:
+    """The URI to use; `create=False` computes the default without creating the runs folder (preflight)."""
+    return uri or cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(create)
+
+
+def local_store_dir(uri: str) -> Optional[Path]:
+    """The folder a local store writes into (sqlite DB's folder, file store root), None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent
+    if uri.startswith("file:"):
+        from urllib.parse import urlparse
+
+        return Path(urlparse(uri).path)
+    if "://" not in uri:
+        return Path(uri)
+    return None
+
+
+_UNREACHABLE = ("Max retries exceeded", "Connection refused", "NewConnectionError", "timed out", "ConnectionError",
+                "RemoteDisconnected", "Connection aborted", "Name or service not known", "Failed to resolve")
+
+
+def _short(exc: BaseException) -> str:
+    """A short reason for a failed MLflow call: the OS error when there is one, else the first line."""
+    text = str(exc)
+    m = re.search(r"\[Errno -?\d+\][^'\")\]]*", text)
+    if m:
+        return m.group(0).strip().rstrip(",")
+    return one_line(text, 240)
+
+
+def tracking_error(uri: str, what: str, exc: BaseException) -> TrackingError:
+    text = f"{type(exc).__name__}: {exc}"
+    if any(k in text for k in _UNREACHABLE):
+        return TrackingError(f"tracking server {uri} unreachable during {what} ({_short(exc)}); start it or "
+                             f"pass --tracking-uri")
+    return TrackingError(f"tracking store {uri}: {what} failed ({_short(exc)})")
 
 
 _CODE_VERSION: Optional[str] = None
@@ -72,6 +125,16 @@ def _artifact_location(uri: str, experiment: str) -> Optional[str]:
         db = Path(uri[len("sqlite:///"):])
         return (db.parent / "artifacts" / experiment).absolute().as_uri()
     return None
+
+
+def quiet_client_logs() -> None:
+    """CLI only: no INFO lines from MLflow's DB setup and no urllib3 retry warnings on stderr, so a failure
+    reads as the one `error:` line it ends with."""
+    import logging
+
+    for name, level in (("mlflow.store.db.utils", logging.WARNING), ("alembic", logging.WARNING),
+                        ("urllib3.connectionpool", logging.ERROR), ("urllib3.util.retry", logging.ERROR)):
+        logging.getLogger(name).setLevel(level)
 
 
 def _client(uri: str):
@@ -117,6 +180,18 @@ class RunTracker:
         self.parent_run_id = parent_run_id
         self.client = _client(self.uri)
         self.reopened = False
+        self.down = False  # a call failed because the store/server is unreachable: skip best-effort calls
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        """Run one MLflow client call; any failure becomes a one-line TrackingError."""
+        try:
+            return fn(*args, **kwargs)
+        except (TrackingError, ConfigError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            err = tracking_error(self.uri, what, exc)
+            self.down = self.down or "unreachable" in str(err)
+            raise err from exc
 
     def start(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -128,16 +203,20 @@ class RunTracker:
         if self.run_id:
             try:
                 self.client.get_run(self.run_id)
-            except MlflowException:
-                raise ConfigError(f"run id {self.run_id!r}: no such MLflow run at {self.uri}") from None
-            self.client.update_run(self.run_id, status=RUNNING)
+            except MlflowException as exc:
+                if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                    raise ConfigError(f"run id {self.run_id!r}: no such MLflow run at {self.uri}") from None
+                raise tracking_error(self.uri, "start", exc) from exc
+            except Exception as exc:
+                raise tracking_error(self.uri, "start", exc) from exc
+            self._call("start", self.client.update_run, self.run_id, status=RUNNING)
             self.reopened = True
             self.set_tags(tags)
         else:
-            exp_id = get_or_create_experiment(self.client, self.uri, self.experiment)
+            exp_id = self._call("start", get_or_create_experiment, self.client, self.uri, self.experiment)
             if self.run_name:
                 tags["mlflow.runName"] = self.run_name
-            run = self.client.create_run(exp_id, tags=tags, run_name=self.run_name)
+            run = self._call("start", self.client.create_run, exp_id, tags=tags, run_name=self.run_name)
             self.run_id = run.info.run_id
         return self.run_id
 
@@ -146,10 +225,10 @@ class RunTracker:
         """Log params; ones the run already has (a reopened run) are skipped — MLflow params are immutable."""
         from mlflow.entities import Param
 
-        have = self.client.get_run(self.run_id).data.params if self.reopened else {}
+        have = self._call("log_params", self.client.get_run, self.run_id).data.params if self.reopened else {}
         items = [Param(str(k), self._pstr(v)) for k, v in params.items() if str(k) not in have]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self._call("log_params", self.client.log_batch, self.run_id, params=items[i : i + 100])
 
     @staticmethod
     def _pstr(v) -> str:
@@ -161,7 +240,7 @@ class RunTracker:
 
         items = [RunTag(str(k), str(v)) for k, v in tags.items() if v is not None]
         if items:
-            self.client.log_batch(self.run_id, tags=items)
+            self._call("set_tags", self.client.log_batch, self.run_id, tags=items)
 
     # -- metrics ------------------------------------------------------------------------------------
     def log_epoch(self, epoch: int, metrics: dict) -> None:
@@ -172,10 +251,10 @@ class RunTracker:
         items = [Metric(k, float(v), ts, int(epoch)) for k, v in metrics.items()
                  if k != "epoch" and not isinstance(v, bool) and _finite(v)]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            self._call(f"logging epoch {epoch}", self.client.log_batch, self.run_id, metrics=items)
 
     def logged_epochs(self, key: str = EPOCH_KEY) -> set[int]:
-        return {int(m.step) for m in self.client.get_metric_history(self.run_id, key)}
+        return {int(m.step) for m in self._call("sync_history", self.client.get_metric_history, self.run_id, key)}
 
     def sync_history(self, history: Iterable[dict]) -> list[int]:
         """Log every epoch of `history` (dicts with 'epoch') that the run lacks; returns the epochs logged."""
@@ -194,25 +273,39 @@ class RunTracker:
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if _finite(v)]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            self._call("log_summary", self.client.log_batch, self.run_id, metrics=items)
 
     # -- artifacts ----------------------------------------------------------------------------------
     def log_dict(self, obj, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, obj, artifact_file)
+        self._call(f"logging {artifact_file}", self.client.log_dict, self.run_id, obj, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._call(f"logging {artifact_file}", self.client.log_text, self.run_id, text, artifact_file)
 
     def log_artifact(self, local_path, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+        self._call(f"logging {artifact_path or ''}/{Path(local_path).name}", self.client.log_artifact, self.run_id,
+                   str(local_path), artifact_path)
 
     def list_artifacts(self, path: Optional[str] = None) -> list[str]:
-        return [f.path for f in self.client.list_artifacts(self.run_id, path)]
+        return [f.path for f in self._call("list_artifacts", self.client.list_artifacts, self.run_id, path)]
 
     # -- end ----------------------------------------------------------------------------------------
     def end(self, status: str = FINISHED) -> None:
         if self.run_id:
-            self.client.set_terminated(self.run_id, status=status)
+            self._call(f"ending the run ({status})", self.client.set_terminated, self.run_id, status=status)
+
+    def end_quietly(self, status: str, error: Optional[str] = None) -> bool:
+        """Best effort after a failure: tag `nr.error` and set the status; never raises, skipped (False) when
+        the server is known to be unreachable (each call would wait for its retries)."""
+        if not self.run_id or self.down:
+            return False
+        try:
+            if error:
+                self.set_tags({"nr.error": error[:500]})
+            self.end(status)
+            return True
+        except Exception:
+            return False
 
 
 def download_artifact(run_id: str, artifact_path: str, tracking_uri: Optional[str] = None,

@@ -11,6 +11,12 @@ schedule restarts (optim.restart_after_rejuvenation).
 Checkpoints (`<checkpoint_dir>/state.pt`, torch.load(weights_only=True)) hold the architecture (model name,
 kwargs, core architecture spec as JSON), weights, optimizer, NR state, epoch, step, RNG states, run id and the
 metric history, so a run resumed after a rejuvenation continues bit-for-bit on CPU.
+
+Bad input fails before anything is written (docs/reliability.md): `train()` first checks that the checkpoint and
+tracking folders can be written, reads and matches the checkpoint (resume), builds the data and the model and
+runs one forward pass on the dataset's input shape — only then is the MLflow run created. Faults during training
+(divergence, tracking server lost, disk full) end the run FAILED with one line and the last checkpoint intact;
+Ctrl-C / SIGTERM end it KILLED.
 """
 from __future__ import annotations
 
@@ -20,8 +26,10 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +42,8 @@ import torch.nn.functional as F
 import yaml
 
 from nr_study.config import Config, config_from_dict, config_to_dict, flatten, load_config, resolved_nr
-from nr_study.errors import ConfigError
+from nr_study.errors import (CheckpointError, CheckpointWriteError, ConfigError, UnsupportedGraphError, UserError,
+                             one_line)
 
 CKPT_NAME = "state.pt"
 CKPT_FORMAT = 1
@@ -100,18 +109,95 @@ def set_rng_state(s: dict) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
+    """Write `obj` next to `path` and rename it over `path`: a crash or a full disk leaves the old file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # ENOSPC surfaces as RuntimeError from torch's zip writer
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        what = getattr(exc, "strerror", None) or one_line(exc, 200)
+        kept = "the previous checkpoint is intact" if path.is_file() else "no earlier checkpoint"
+        raise CheckpointWriteError(f"cannot write checkpoint {path} ({what}); {kept}") from exc
+
+
+CKPT_KEYS = ("format", "model", "optimizer", "epoch", "global_step", "history", "rng")
 
 
 def load_checkpoint(checkpoint_dir) -> Optional[dict]:
+    """The checkpoint in `checkpoint_dir` (None when there is none). A file that is not a readable nr_study
+    training checkpoint raises CheckpointError (one line), never an unpickling traceback."""
     p = Path(checkpoint_dir) / CKPT_NAME
     if not p.is_file():
         return None
-    return torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # garbage, truncated, or a pickle that weights_only refuses
+        raise CheckpointError(f"checkpoint {p}: not a readable nr_study checkpoint ({type(exc).__name__}: "
+                              f"{one_line(exc, 160)}); delete it or use another --checkpoint-dir") from None
+    if not isinstance(ck, dict) or not all(k in ck for k in CKPT_KEYS):
+        what = (f"a {type(ck).__name__}" if not isinstance(ck, dict)
+                else "a dict with keys " + ", ".join(sorted(map(str, ck))[:8]))
+        raise CheckpointError(f"checkpoint {p}: a torch file but not an nr_study training checkpoint (it holds "
+                              f"{what}); delete it or use another --checkpoint-dir")
+    if ck.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"checkpoint {p}: unknown checkpoint format {ck.get('format')!r}; allowed: "
+                              f"{CKPT_FORMAT}")
+    return ck
+
+
+def check_checkpoint_fits(ck: dict, cfg: Config, data, path) -> None:
+    """Refuse to resume a checkpoint written for another method/architecture/dataset (one line)."""
+    try:
+        old = json.loads(ck.get("config_json") or "{}")
+    except json.JSONDecodeError:
+        old = {}
+    meta = ck["model"] if isinstance(ck.get("model"), dict) else {}
+    have = {
+        "method": old.get("method"),
+        "model.name": meta.get("model_name", (old.get("model") or {}).get("name")),
+        "model.kwargs": json.loads(meta["model_kwargs_json"]) if meta.get("model_kwargs_json") else None,
+        "data.name": (old.get("data") or {}).get("name"),
+        "input shape": list(meta["input_shape"]) if meta.get("input_shape") is not None else None,
+        "num_classes": meta.get("num_classes"),
+    }
+    want = {"method": cfg.method, "model.name": cfg.model.name, "model.kwargs": dict(cfg.model.kwargs),
+            "data.name": cfg.data.name, "input shape": list(data.input_shape), "num_classes": int(data.num_classes)}
+    for k, v in want.items():
+        if have[k] is not None and have[k] != v:
+            raise CheckpointError(f"checkpoint {path}: written for {k} {have[k]!r}, but this config has {v!r}; "
+                                  f"resume with the config that wrote it or use another --checkpoint-dir")
+
+
+def check_writable_dir(path, what: str) -> Path:
+    """Raise ConfigError unless `path` is a writable folder or can be created as one. Creates nothing;
+    returns the nearest existing folder (for the free-space check)."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what} {p}: exists but is not a folder")
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {p}: cannot be created, {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {p}: {probe} is not writable (read-only file system or permissions)")
+    return probe
+
+
+def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need_bytes:
+        raise ConfigError(f"{what} {folder}: only {free / 2**20:.1f} MiB free, a checkpoint needs about "
+                          f"{need_bytes / 2**20:.1f} MiB; free some space or use another folder")
 
 
 def lr_at(ocfg, epochs: int, steps_per_epoch: int, step: int, offset: int = 0) -> float:
@@ -251,11 +337,22 @@ def slim_prune(model: nn.Module, input_shape: tuple, ratio: float) -> tuple[nn.M
     return model, report
 
 
-def to_ca_half_split(model: nn.Module, input_shape: tuple, impl: str = "two") -> nn.Module:
+def _no_free_groups_error(method: str, name: str, graph) -> ConfigError:
+    reasons = sorted({g.fixed_reason.split("'")[0].strip() for g in graph.groups.values()
+                      if g.producer is not None and g.fixed_reason})
+    return ConfigError(f"method {method}: model {name!r} has no prunable channels (every channel group is fixed: "
+                       f"{'; '.join(reasons[:3]) or 'none found'}); NR/SLIM/BL-CA need convolutions followed by a "
+                       f"BatchNorm outside residual additions; allowed here: method BL")
+
+
+def to_ca_half_split(model: nn.Module, input_shape: tuple, impl: str = "two", name: str = "") -> nn.Module:
     core = _core()
     if core is None:
         raise ConfigError("method BL-CA needs the NR core (nr_study.nr), which is not available")
-    return core.split_to_ca(model, input_shape, impl=impl)
+    graph = core.build_graph(model, input_shape)
+    if not graph.free_groups():
+        raise _no_free_groups_error("BL-CA", name or type(model).__name__, graph)
+    return core.split_to_ca(model, input_shape, impl=impl, graph=graph)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -291,6 +388,7 @@ class _Run:
         cfg = self.cfg
         model = create_model(cfg.model.name, num_classes=self.meta["num_classes"],
                              in_channels=self.meta["in_channels"], **cfg.model.kwargs)
+        self.check_input(model)
         if cfg.method == "NR-FS":
             spec, src = _fs_spec(cfg, tracking_uri)
             if src and src != cfg.model.name:
@@ -301,13 +399,14 @@ class _Run:
             model = core.apply_architecture(model, spec) or model
             _reinit(model)
         elif cfg.method == "BL-CA":
-            model = to_ca_half_split(model, self.input_shape, cfg.nr.impl)
+            model = to_ca_half_split(model, self.input_shape, cfg.nr.impl, cfg.model.name)
         self.model = model.to(self.device)
         self._attach_hook(state=None)
         self.rebuild_optimizer()
 
     def build_from_checkpoint(self, ck: dict) -> None:
         self.model = model_from_payload(ck["model"]).to(self.device)
+        self.check_input(self.model)
         self.slim_pruned = bool(ck.get("slim_pruned", False))
         self._attach_hook(state=ck.get("nr_state") or None)
         self.rebuild_optimizer()
@@ -337,6 +436,8 @@ class _Run:
             nrc = _nr_config(cfg, lambda_mode="fixed", lambda_fixed=cfg.slim.l1, max_rejuvenations=0,
                              window_epochs=None)
         self.hook, self.hook_kind = core.NeuralRejuvenation(self.model, self.input_shape, nrc), kind
+        if not self.hook.graph.free_groups():
+            raise _no_free_groups_error(cfg.method, cfg.model.name, self.hook.graph)
         if state:
             self.hook.load_state_dict(state)
 
@@ -471,6 +572,25 @@ class _Run:
             out[f"util_{c}"], out[c] = u.ratio, u.total
         return out
 
+    def check_input(self, model: nn.Module) -> None:
+        """One forward pass on a zero image of the dataset's shape: a model that cannot take it fails here,
+        before any run or checkpoint exists (and before the NR core traces it), with the shape named."""
+        was = model.training
+        model.eval()
+        try:
+            p = next(model.parameters(), None)
+            with torch.no_grad():
+                model(torch.zeros(1, *self.data.input_shape, device=p.device if p is not None else "cpu"))
+        except Exception as exc:
+            raise UnsupportedGraphError(shape_message(self.cfg, self.data, exc)) from exc
+        finally:
+            model.train(was)
+
+    def checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes: weights, momentum and the atomic write's temporary copy."""
+        n = sum(p.numel() * p.element_size() for p in self.model.state_dict().values())
+        return 3 * n + (1 << 20)
+
     # -- persistence --------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         if self.ckpt_dir is None:
@@ -514,6 +634,39 @@ def _fault_kill(tcfg, epoch: int, point: str) -> None:
     os._exit(137)  # pragma: no cover - SIGKILL does not return
 
 
+def shape_message(cfg: Config, data, exc: BaseException) -> str:
+    shape = "x".join(str(int(s)) for s in data.input_shape)
+    return (f"model.name {cfg.model.name!r} cannot take data.name {cfg.data.name!r} inputs of shape {shape} "
+            f"(C x H x W): {one_line(exc, 240)}; use a larger input (data.synthetic.shape / another dataset) or "
+            f"a model made for this size")
+
+
+def _interruptions_deferred():
+    """Context: SIGINT/SIGTERM are ignored while a run's final status is written (main thread only), so a
+    second Ctrl-C cannot leave the run RUNNING."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        got: list = []
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in old:
+                signal.signal(s, lambda signum, frame: got.append(signum))
+        except (ValueError, OSError):  # pragma: no cover - not allowed here
+            yield
+            return
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    return cm()
+
+
 def _tags(cfg: Config, extra: Optional[dict]) -> dict:
     res = resolved_nr(cfg)
     t = {"nr.method": cfg.method, "nr.arch": cfg.model.name, "nr.dataset": cfg.data.name, "nr.seed": cfg.seed,
@@ -544,40 +697,73 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
     on_epoch_end(metrics, checkpoint_dir): called after each epoch's checkpoint is written and logged.
     """
     from nr_study.data import build_data
-    from nr_study.tracking import FAILED, FINISHED, KILLED, RunTracker, resolve_tracking_uri
+    from nr_study.errors import TrackingError
+    from nr_study.tracking import FAILED, FINISHED, KILLED, RunTracker, local_store_dir, resolve_tracking_uri
 
     if not isinstance(cfg, Config):
         cfg = config_from_dict(cfg)
     tc = cfg.train
-    device = pick_device(tc.device)
-    torch.set_num_threads(tc.threads or available_cpus())
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not tc.cuda_deterministic
-        torch.backends.cudnn.deterministic = tc.cuda_deterministic
     ckpt_dir = Path(checkpoint_dir).absolute() if checkpoint_dir else None
-    ck = load_checkpoint(ckpt_dir) if (resume and ckpt_dir is not None) else None
-    if ck is not None and ck.get("format") != CKPT_FORMAT:
-        raise ConfigError(f"{ckpt_dir / CKPT_NAME}: unknown checkpoint format {ck.get('format')!r}")
-    uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
+    uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri, create=False)
+    # -- preflight: bad input fails here, before a run, a checkpoint folder or a runs/ folder exists ------------
+    try:
+        device = pick_device(tc.device)
+        torch.set_num_threads(tc.threads or available_cpus())
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = not tc.cuda_deterministic
+            torch.backends.cudnn.deterministic = tc.cuda_deterministic
+        ck_probe = check_writable_dir(ckpt_dir, "checkpoint folder") if ckpt_dir is not None else None
+        store = local_store_dir(uri)
+        if store is not None:
+            check_writable_dir(store, "tracking store folder")
+        ck = load_checkpoint(ckpt_dir) if (resume and ckpt_dir is not None) else None
+        seed_everything(cfg.seed)
+        data = build_data(cfg.data, device, seed=cfg.seed)
+        if ck is not None:
+            check_checkpoint_fits(ck, cfg, data, ckpt_dir / CKPT_NAME)
+        run = _Run(cfg, device, data, None, ckpt_dir)
+        run._progress = progress
+        try:
+            if ck is not None:
+                run.build_from_checkpoint(ck)
+            else:
+                run.build_fresh(uri)
+        except UnsupportedGraphError as exc:
+            msg = str(exc)
+            if "cannot take data.name" not in msg:
+                msg = shape_message(cfg, data, exc) if "shape" in msg else (
+                    f"model.name {cfg.model.name!r} on data.name {cfg.data.name!r} (inputs "
+                    f"{'x'.join(map(str, data.input_shape))}): {one_line(msg, 300)}")
+            raise UnsupportedGraphError(msg) from exc
+        if ck_probe is not None:
+            check_free_space(ck_probe, run.checkpoint_bytes(), "checkpoint folder")
+    except BaseException as exc:
+        if run_id:  # a run made for us (a sweep trial): say why it never started
+            t = RunTracker(uri, cfg.tracking.experiment, run_id=run_id)
+            t.end_quietly(KILLED if isinstance(exc, KeyboardInterrupt) else FAILED,
+                          f"{type(exc).__name__}: {one_line(exc)}")
+        raise
+    # -- the run --------------------------------------------------------------------------------------------
+    if store is not None:
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"tracking store folder {store}: cannot create it ({exc.strerror or exc})") from None
+    rng = rng_state()  # MLflow must not shift the training's random streams
     tracker = RunTracker(uri, cfg.tracking.experiment, run_id or (ck or {}).get("run_id") or None,
                          run_name=cfg.tracking.run_name, tags=_tags(cfg, tags), parent_run_id=parent_run_id)
+    run.tracker = tracker
     tracker.start()
     status = FAILED
     try:
         if not tracker.reopened:
             tracker.log_params(flatten(config_to_dict(cfg)))
             tracker.log_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config.yaml")
-        seed_everything(cfg.seed)
-        data = build_data(cfg.data, device, seed=cfg.seed)
-        run = _Run(cfg, device, data, tracker, ckpt_dir)
-        run._progress = progress
         if ck is not None:
-            run.build_from_checkpoint(ck)
             tracker.sync_history(run.history)
             if progress:
                 print(f"resumed from {ckpt_dir / CKPT_NAME} at epoch {run.epoch} (run {tracker.run_id})", flush=True)
-        else:
-            run.build_fresh(uri)
+        set_rng_state(rng)
         while run.epoch < tc.epochs:
             row = {"epoch": run.epoch + 1}
             row.update(run.train_epoch())
@@ -600,18 +786,21 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
             print(f"done: final test_err {summary['final_test_err']:.2f}% (best {summary['best_test_err']:.2f}%), "
                   f"params {summary['final_params']:,}, FLOPs {summary.get('final_flops', float('nan')):,.0f}, "
                   f"rejuvenations {summary['rejuvenations']}, run {summary['run_id']}", flush=True)
-        return summary
     except KeyboardInterrupt:
         status = KILLED
+        with _interruptions_deferred():
+            tracker.end_quietly(KILLED)
         raise
     except BaseException as exc:
-        try:
-            tracker.set_tags({"nr.error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]})
-        except Exception:  # never mask the real error
-            pass
+        with _interruptions_deferred():
+            tracker.end_quietly(FAILED, f"{type(exc).__name__}: {one_line(exc, 500)}")
+        if isinstance(exc, TrackingError) and ckpt_dir is not None and (ckpt_dir / CKPT_NAME).is_file():
+            raise TrackingError(f"{exc}; checkpoint {ckpt_dir / CKPT_NAME} holds epoch {run.epoch}: rerun with "
+                                f"--resume to continue (the missing epochs are logged then)") from exc
         raise
-    finally:
+    with _interruptions_deferred():
         tracker.end(status)
+    return summary
 
 
 def _finish(run: _Run, tracker) -> dict:
@@ -635,10 +824,26 @@ def _finish(run: _Run, tracker) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def cli_main(argv) -> int:
-    from nr_study.tracking import runs_dir
+class _ArgParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `error:` line (exit 2) instead of usage + error."""
 
-    ap = argparse.ArgumentParser(prog="nr-study train", description="Train one configuration with MLflow tracking.")
+    def error(self, message):
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's scheduler, `kill`): handled like Ctrl-C, the run ends KILLED, exit 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def cli_main(argv) -> int:
+    from nr_study.tracking import quiet_client_logs, runs_dir
+
+    quiet_client_logs()
+    ap = _ArgParser(prog="nr-study train", description="Train one configuration with MLflow tracking.")
     ap.add_argument("config", help="YAML config (see configs/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, value parsed as YAML (repeatable), e.g. --set nr.tr=0.3")
@@ -653,12 +858,24 @@ def cli_main(argv) -> int:
     ckpt = args.checkpoint_dir or str(runs_dir() / "checkpoints" / Path(args.config).stem)
     if args.resume and not (Path(ckpt) / CKPT_NAME).is_file():
         raise ConfigError(f"--resume: no checkpoint at {Path(ckpt) / CKPT_NAME}")
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         summary = train(cfg, tracking_uri=args.tracking_uri, run_id=args.run_id, checkpoint_dir=ckpt,
                         resume=args.resume, progress=not args.quiet)
     except TrainingDivergedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        code, what = (143, "terminated (SIGTERM)") if isinstance(exc, Terminated) else (130, "interrupted")
+        again = (f"; continue with: nr-study train {args.config} --resume --checkpoint-dir {ckpt}"
+                 if (Path(ckpt) / CKPT_NAME).is_file() else "")
+        print(f"error: {what}: the run ended KILLED{again}", file=sys.stderr)
+        return code
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     if args.quiet:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return 0

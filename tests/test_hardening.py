@@ -1,0 +1,527 @@
+"""Hardening: bad input, faults and safety, through the real CLI (`nr_study.cli.main`).
+
+Bad input: exit code 2, stderr is exactly one line starting with "error:", and nothing was written (no runs/
+folder or MLflow DB, no checkpoint folder). Faults while running: one line, exit 1, the run FAILED and the last
+checkpoint intact. Ctrl-C: the run ends KILLED, exit 130. docs/reliability.md lists every case below.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from nr_study import cli
+from nr_study import tracking as T
+from nr_study import train as TR
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "method": "BL",
+    "model": {"name": "vgg_small", "kwargs": {"width": 8}},
+    "data": {"name": "synthetic", "n_train": 64, "n_test": 32, "synthetic": {"shape": [1, 8, 8]}},
+    "optim": {"lr": 0.05},
+    "train": {"epochs": 2, "batch_size": 16, "threads": 1},
+    "tracking": {"experiment": "hardening"},
+}
+
+
+def _deep(base: dict, **sections) -> dict:
+    d = yaml.safe_load(yaml.safe_dump(base))
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            d[k].update(v)
+        else:
+            d[k] = v
+    return d
+
+
+def _files(root: Path) -> set:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """A fresh working folder: default runs/ and checkpoints resolve inside it, nothing from the environment."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("NR_STUDY_TRACEBACK", raising=False)
+    monkeypatch.setenv("NR_STUDY_RUNS", str(tmp_path / "runs"))
+    return tmp_path
+
+
+def run_cli(capsys, *argv) -> tuple[int, list[str], str]:
+    rc = cli.main(["train", *map(str, argv)])
+    cap = capsys.readouterr()
+    return rc, [ln for ln in cap.err.splitlines() if ln.strip()], cap.out
+
+
+def expect_bad_input(sandbox: Path, capsys, cfg, *extra, needles=(), ckpt: bool = True) -> str:
+    """Write `cfg` (dict or raw YAML text), run `nr-study train` on it; assert exit 2, one `error:` line
+    containing every needle, and no new file anywhere in the sandbox. Returns the line."""
+    path = sandbox / "cfg.yaml"
+    if cfg is not None:
+        path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    args = [path, *extra] + (["--checkpoint-dir", sandbox / "ck"] if ckpt else [])
+    before = _files(sandbox)
+    rc, err, _ = run_cli(capsys, *args)
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    assert _files(sandbox) == before  # no runs/, no mlflow.db, no checkpoint folder
+    return err[0]
+
+
+# ------------------------------------------------------------------------------------------ bad config values
+CONFIG_CASES = [
+    ("yaml_syntax", "method: BL\nnr:\n  tr: [0.5\n  delta_r: 0.01\n", (), ["YAML syntax error", "cfg.yaml:"]),
+    ("top_level_list", "- method\n- BL\n", (), ["top level must be a mapping"]),
+    ("unknown_key", _deep(TINY, modle={"name": "x"}), (), ["modle: unknown key; did you mean 'model'?"]),
+    ("unknown_nested_key", _deep(TINY, nr={"trr": 0.3}), (), ["nr.trr: unknown key; did you mean 'nr.tr'?"]),
+    ("wrong_type", _deep(TINY, train={"epochs": "ten"}), (), ["train.epochs: 'ten' has type str; expected int"]),
+    ("wrong_type_bool", _deep(TINY, data={"download": "yes"}), (), ["data.download: 'yes' has type str"]),
+    ("tr_above_1", _deep(TINY, nr={"tr": 1.5}), (), ["nr.tr: 1.5 is out of range; allowed: 0 < tr < 1"]),
+    ("tr_zero", _deep(TINY, nr={"tr": 0}), (), ["nr.tr: 0.0 is out of range; allowed: 0 < tr < 1"]),
+    ("delta_r_zero", _deep(TINY, nr={"delta_r": 0}), (), ["nr.delta_r: 0.0 is out of range; allowed: delta_r > 0"]),
+    ("delta_lambda_negative", _deep(TINY, nr={"delta_lambda": -1e-4}), (),
+     ["nr.delta_lambda: -0.0001 is out of range; allowed: delta_lambda >= 0"]),
+    ("target_ratio_zero", _deep(TINY, nr={"target_ratio": 0}), (), ["nr.target_ratio: 0.0 is out of range",
+                                                                     "0 < target_ratio <= 1"]),
+    ("target_ratio_above_1", _deep(TINY, nr={"target_ratio": 1.5}), (), ["nr.target_ratio: 1.5 is out of range"]),
+    ("negative_epochs", _deep(TINY, train={"epochs": -3}), (), ["train.epochs: -3 is out of range; allowed: "
+                                                                 "epochs >= 1"]),
+    ("batch_size_zero", _deep(TINY, train={"batch_size": 0}), (), ["train.batch_size: 0 is out of range"]),
+    ("nan_lr", "method: BL\noptim: {lr: .nan}\n", (), ["optim.lr: nan is out of range"]),
+    ("unknown_method", _deep(TINY, method="NR-XX"), (), ["method: 'NR-XX' is not allowed; allowed: one of BL"]),
+    ("unknown_dataset", _deep(TINY, data={"name": "cifar11"}), (), ["data.name: 'cifar11' is not allowed",
+                                                                     "did you mean 'cifar10'?"]),
+    ("unknown_scheme", _deep(TINY, method="NR", nr={"scheme": "cx"}), (), ["nr.scheme: 'cx' is not allowed",
+                                                                          "one of nr, cr, ca"]),
+    ("nr_fs_without_source", _deep(TINY, method="NR-FS"), (), ["fs.run_id: null is not allowed for method NR-FS"]),
+    ("set_without_equals", _deep(TINY), ("--set", "train.epochs"), ["--set 'train.epochs': malformed override; "
+                                                                      "expected KEY=VALUE"]),
+    ("set_empty_key", _deep(TINY), ("--set", "=3"), ["the key before '=' is empty"]),
+    ("set_bad_yaml_value", _deep(TINY), ("--set", "optim.milestones=[2"), ["value is not valid YAML"]),
+    ("set_unknown_key", _deep(TINY), ("--set", "optim.sched=cosine"), ["optim.sched: unknown key; did you mean "
+                                                                       "'optim.schedule'?"]),
+    ("set_out_of_range", _deep(TINY), ("--set", "nr.tr=2"), ["nr.tr: 2.0 is out of range"]),
+    ("bad_command_line", _deep(TINY), ("--epochs", "3"), ["nr-study train: unrecognized arguments: --epochs 3"]),
+]
+
+
+@pytest.mark.parametrize("name, cfg, extra, needles", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_is_one_line_exit_2(name, cfg, extra, needles, sandbox, capsys):
+    expect_bad_input(sandbox, capsys, cfg, *extra, needles=needles)
+
+
+def test_yaml_syntax_error_names_the_line(sandbox, capsys):
+    line = expect_bad_input(sandbox, capsys, "method: BL\nnr:\n  tr: [0.5\n  delta_r: 0.01\n")
+    assert re.search(r"cfg\.yaml:[3-5]: YAML syntax error", line), line
+
+
+def test_config_file_missing(sandbox, capsys):
+    before = _files(sandbox)
+    rc, err, _ = run_cli(capsys, sandbox / "nope.yaml")
+    assert rc == 2 and err == [f"error: {sandbox / 'nope.yaml'}: config file not found"]
+    assert _files(sandbox) == before
+
+
+def test_several_bad_fields_one_error_line_each(sandbox, capsys):
+    (sandbox / "cfg.yaml").write_text(yaml.safe_dump(_deep(TINY, nr={"tr": 0, "delta_r": -1})))
+    rc, err, _ = run_cli(capsys, sandbox / "cfg.yaml")
+    assert rc == 2 and len(err) == 2 and all(e.startswith("error: ") for e in err)
+    assert sorted(e.split(": ")[2] for e in err) == ["nr.delta_r", "nr.tr"]
+
+
+# --------------------------------------------------------------------------------- bad input found at build time
+def test_unknown_architecture(sandbox, capsys):
+    expect_bad_input(sandbox, capsys, _deep(TINY, model={"name": "vgg_smal", "kwargs": {}}),
+                     needles=["unknown architecture 'vgg_smal'", "did you mean 'vgg_small'?"])
+
+
+def test_unknown_torchvision_architecture(sandbox, capsys):
+    expect_bad_input(sandbox, capsys, _deep(TINY, model={"name": "tv:resnet19", "kwargs": {}}),
+                     needles=["'tv:resnet19' is not a torchvision classification model"])
+
+
+def test_architecture_option_unknown(sandbox, capsys):
+    expect_bad_input(sandbox, capsys, _deep(TINY, model={"name": "vgg_small", "kwargs": {"depth": 3}}),
+                     needles=["architecture 'vgg_small' has no option 'depth'"])
+
+
+def test_missing_dataset_path(sandbox, capsys):
+    expect_bad_input(sandbox, capsys, _deep(TINY, data={"name": "cifar10", "root": str(sandbox / "nodata")}),
+                     needles=["cifar10:", "nodata", "data.download=true"])
+
+
+def test_input_too_small_for_the_model_bl(sandbox, capsys):
+    # vgg_small pools 4 times: a 2x2 input cannot pass; BL has no NR hook, the forward check catches it
+    expect_bad_input(sandbox, capsys, _deep(TINY, data={"synthetic": {"shape": [1, 2, 2]}}),
+                     needles=["model.name 'vgg_small' cannot take data.name 'synthetic' inputs of shape 1x2x2"])
+
+
+def test_input_too_small_for_the_model_nr_core(sandbox, capsys):
+    # a 128 px ImageNet VGG given 8x8 images: the NR core's graph tracing raises UnsupportedGraphError
+    line = expect_bad_input(sandbox, capsys, _deep(TINY, method="NR", model={"name": "vgg19_simplified_imagenet",
+                                                                            "kwargs": {}}),
+                            needles=["'vgg19_simplified_imagenet' cannot take data.name 'synthetic' inputs of shape "
+                                     "1x8x8"])
+    assert "Output size is too small" in line
+
+
+def test_nr_on_model_with_nothing_prunable(sandbox, capsys):
+    # SqueezeNet has no BatchNorm: every channel group is fixed, NR could never do anything
+    cfg = _deep(TINY, method="NR", model={"name": "tv:squeezenet1_1", "kwargs": {}},
+                data={"synthetic": {"shape": [1, 32, 32]}})
+    expect_bad_input(sandbox, capsys, cfg, needles=["method NR: model 'tv:squeezenet1_1' has no prunable channels",
+                                                    "allowed here: method BL"])
+
+
+def test_slim_on_model_with_nothing_prunable(sandbox, capsys):
+    cfg = _deep(TINY, method="SLIM", model={"name": "tv:squeezenet1_1", "kwargs": {}},
+                data={"synthetic": {"shape": [1, 32, 32]}})
+    expect_bad_input(sandbox, capsys, cfg, needles=["method SLIM: model 'tv:squeezenet1_1' has no prunable"])
+
+
+def test_cuda_requested_without_cuda(sandbox, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    expect_bad_input(sandbox, capsys, _deep(TINY, train={"device": "cuda"}),
+                     needles=["train.device: 'cuda' is not available"])
+
+
+# ------------------------------------------------------------------------------------------------ output folders
+def test_checkpoint_folder_cannot_be_created(sandbox, capsys):
+    (sandbox / "afile").write_text("x")
+    (sandbox / "cfg.yaml").write_text(yaml.safe_dump(TINY))
+    before = _files(sandbox)
+    rc, err, _ = run_cli(capsys, sandbox / "cfg.yaml", "--checkpoint-dir", sandbox / "afile" / "sub")
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("error: checkpoint folder") and "afile is a file, not a folder" in err[0]
+    assert _files(sandbox) == before
+
+
+def test_runs_folder_cannot_be_created(sandbox, capsys, monkeypatch):
+    (sandbox / "afile").write_text("x")
+    monkeypatch.setenv("NR_STUDY_RUNS", str(sandbox / "afile" / "runs"))
+    line = expect_bad_input(sandbox, capsys, TINY, needles=["tracking store folder", "is a file, not a folder"])
+    assert "afile" in line
+
+
+def test_disk_too_full_for_a_checkpoint(sandbox, capsys, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(TR.shutil, "disk_usage", lambda p: usage(10 << 20, 10 << 20, 1000))
+    expect_bad_input(sandbox, capsys, TINY, needles=["checkpoint folder", "MiB free, a checkpoint needs about"])
+
+
+# -------------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory) -> Path:
+    """A real 1-epoch checkpoint of TINY (vgg_small width 8 on 1x8x8), written by train()."""
+    d = tmp_path_factory.mktemp("hard_ck")
+    TR.train(_deep(TINY, train={"epochs": 1}), tracking_uri=f"sqlite:///{d / 'mlflow.db'}",
+             checkpoint_dir=d / "ck", progress=False)
+    return d / "ck" / TR.CKPT_NAME
+
+
+def _resume_case(sandbox, capsys, content, cfg=TINY, needles=()):
+    ck = sandbox / "ck"
+    ck.mkdir()
+    if isinstance(content, (bytes, bytearray)):
+        (ck / TR.CKPT_NAME).write_bytes(content)
+    else:
+        torch.save(content, ck / TR.CKPT_NAME)
+    return expect_bad_input(sandbox, capsys, cfg, "--resume", needles=needles)
+
+
+def test_resume_garbage_checkpoint(sandbox, capsys):
+    _resume_case(sandbox, capsys, b"this is not a checkpoint\x00\x01" * 10,
+                 needles=["state.pt: not a readable nr_study checkpoint", "another --checkpoint-dir"])
+
+
+def test_resume_truncated_checkpoint(sandbox, capsys, real_checkpoint):
+    _resume_case(sandbox, capsys, real_checkpoint.read_bytes()[:3000], needles=["not a readable nr_study checkpoint"])
+
+
+def test_resume_torch_file_of_another_kind(sandbox, capsys):
+    _resume_case(sandbox, capsys, {"weight": torch.zeros(3), "epoch": 4},
+                 needles=["a torch file but not an nr_study training checkpoint", "keys epoch, weight"])
+
+
+def test_resume_plain_tensor_file(sandbox, capsys):
+    _resume_case(sandbox, capsys, torch.zeros(2, 2), needles=["not an nr_study training checkpoint (it holds a Tensor)"])
+
+
+def test_resume_unsafe_pickle_refused(sandbox, capsys):
+    class Evil:  # weights_only=True refuses arbitrary classes: nothing is executed
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+
+    _resume_case(sandbox, capsys, {"format": 1, "x": Evil()}, needles=["not a readable nr_study checkpoint"])
+    assert not (sandbox / "pwned").exists()
+
+
+def test_resume_checkpoint_of_another_architecture(sandbox, capsys, real_checkpoint):
+    cfg = _deep(TINY, model={"name": "vgg_small", "kwargs": {"width": 16}})
+    _resume_case(sandbox, capsys, real_checkpoint.read_bytes(), cfg=cfg,
+                 needles=["written for model.kwargs {'width': 8}, but this config has {'width': 16}"])
+
+
+def test_resume_checkpoint_of_another_dataset_shape(sandbox, capsys, real_checkpoint):
+    cfg = _deep(TINY, data={"synthetic": {"shape": [3, 8, 8]}})
+    _resume_case(sandbox, capsys, real_checkpoint.read_bytes(), cfg=cfg,
+                 needles=["written for input shape [1, 8, 8], but this config has [3, 8, 8]"])
+
+
+def test_resume_without_checkpoint(sandbox, capsys):
+    expect_bad_input(sandbox, capsys, TINY, "--resume", needles=["--resume: no checkpoint at"])
+
+
+# ----------------------------------------------------------------------------------------------------- faults
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_http_client_fails_fast_by_default():
+    for k, v in T.HTTP_DEFAULTS.items():  # unless the user set them (setdefault)
+        assert os.environ[k] == v or k in os.environ
+    assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 3
+
+
+@pytest.mark.timeout(120)
+def test_tracking_server_unreachable_at_start(sandbox, capsys):
+    (sandbox / "cfg.yaml").write_text(yaml.safe_dump(TINY))
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    before = _files(sandbox)
+    rc, err, _ = run_cli(capsys, sandbox / "cfg.yaml", "--tracking-uri", uri, "--checkpoint-dir", sandbox / "ck")
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: tracking server {uri} unreachable") and "Connection refused" in err[0]
+    assert _files(sandbox) == before
+
+
+@pytest.mark.timeout(180)
+def test_tracking_server_lost_mid_run_then_resume(sandbox, capsys, monkeypatch, tracking_uri):
+    """The server dies after epoch 1: the run fails with one line, the epoch-2 checkpoint is intact, and
+    --resume (server back) logs the missing epoch: every epoch appears once."""
+    dead = MlflowClient(f"http://127.0.0.1:{_closed_port()}")
+    real = T.RunTracker.log_epoch
+
+    def dies_at_2(self, epoch, metrics):
+        if epoch == 2:
+            self.client = dead  # every call from now on meets a closed port (real HTTP failures)
+        return real(self, epoch, metrics)
+
+    monkeypatch.setattr(T.RunTracker, "log_epoch", dies_at_2)
+    cfgp = sandbox / "cfg.yaml"
+    cfgp.write_text(yaml.safe_dump(_deep(TINY, train={"epochs": 3})))
+    args = [cfgp, "--tracking-uri", tracking_uri, "--checkpoint-dir", sandbox / "ck"]
+    rc, err, _ = run_cli(capsys, *args)
+    assert rc == 1 and len(err) == 1, err
+    assert "unreachable during logging epoch 2" in err[0] and "rerun with --resume" in err[0]
+    ck = TR.load_checkpoint(sandbox / "ck")
+    assert ck["epoch"] == 2
+    c = MlflowClient(tracking_uri)
+    rid = ck["run_id"]
+    assert [m.step for m in c.get_metric_history(rid, "test_err")] == [1]
+
+    monkeypatch.setattr(T.RunTracker, "log_epoch", real)
+    rc, err, out = run_cli(capsys, *args, "--resume")
+    assert rc == 0, err
+    assert c.get_run(rid).info.status == "FINISHED"
+    assert [m.step for m in c.get_metric_history(rid, "test_err")] == [1, 2, 3]
+
+
+def test_disk_full_mid_run_keeps_previous_checkpoint(sandbox, capsys, monkeypatch, tracking_uri):
+    real_save = torch.save
+    calls = []
+
+    def full_disk(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:  # the epoch-2 checkpoint: write a partial file, then the disk is full
+            Path(f).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(TR.torch, "save", full_disk)
+    (sandbox / "cfg.yaml").write_text(yaml.safe_dump(_deep(TINY, train={"epochs": 3})))
+    rc, err, _ = run_cli(capsys, sandbox / "cfg.yaml", "--tracking-uri", tracking_uri,
+                         "--checkpoint-dir", sandbox / "ck")
+    assert rc == 1 and len(err) == 1, err
+    assert "cannot write checkpoint" in err[0] and "No space left on device" in err[0]
+    assert "previous checkpoint is intact" in err[0]
+    monkeypatch.setattr(TR.torch, "save", real_save)
+    assert TR.load_checkpoint(sandbox / "ck")["epoch"] == 1
+    assert sorted(p.name for p in (sandbox / "ck").iterdir()) == [TR.CKPT_NAME]  # no temporary left behind
+    run = MlflowClient(tracking_uri).get_run(TR.load_checkpoint(sandbox / "ck")["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["nr.error"].startswith("CheckpointWriteError")
+
+
+def test_divergence_is_one_line_and_failed(sandbox, capsys, tracking_uri):
+    (sandbox / "cfg.yaml").write_text(yaml.safe_dump(_deep(TINY, optim={"lr": 1e30})))
+    rc, err, _ = run_cli(capsys, sandbox / "cfg.yaml", "--tracking-uri", tracking_uri,
+                         "--checkpoint-dir", sandbox / "ck")
+    assert rc == 1 and len(err) == 1 and re.match(r"error: epoch 1 step \d+: loss is (nan|inf)", err[0]), err
+    c = MlflowClient(tracking_uri)
+    exp = c.get_experiment_by_name("hardening")
+    last = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert last.info.status == "FAILED" and last.data.tags["nr.error"].startswith("TrainingDivergedError")
+
+
+def test_bad_input_marks_a_given_run_failed(tracking_uri, tmp_path):
+    """A sweep trial hands train() a run it created: bad input must end that run FAILED, not leave it RUNNING."""
+    t = T.RunTracker(tracking_uri, "hardening")
+    rid = t.start()
+    with pytest.raises(Exception, match="unknown architecture"):
+        TR.train(_deep(TINY, model={"name": "nope", "kwargs": {}}), tracking_uri=tracking_uri, run_id=rid,
+                 checkpoint_dir=tmp_path / "ck", progress=False)
+    run = MlflowClient(tracking_uri).get_run(rid)
+    assert run.info.status == "FAILED" and "unknown architecture" in run.data.tags["nr.error"]
+    assert not (tmp_path / "ck").exists()
+
+
+def test_internal_error_is_one_line(sandbox, capsys, monkeypatch):
+    def bug(*a, **kw):
+        raise ValueError("something\nmulti-line")
+
+    monkeypatch.setattr(TR, "load_config", bug)
+    rc, err, _ = run_cli(capsys, sandbox / "x.yaml")
+    assert rc == 1 and err == ["error: internal error in nr-study train: ValueError: something "
+                               "(set NR_STUDY_TRACEBACK=1 for the traceback)"]
+
+
+# ------------------------------------------------------------------------------------------------- processes
+def _script() -> str:
+    exe = Path(sys.executable).parent / "nr-study"
+    return str(exe) if exe.exists() else ""
+
+
+def test_console_script_bad_config_exit_2_one_line(tmp_path):
+    exe = _script()
+    if not exe:
+        pytest.skip("nr-study console script not installed in this environment")
+    p = tmp_path / "bad.yaml"
+    p.write_text("method: NR\nnr: {tr: 1.5}\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["NR_STUDY_RUNS"] = str(tmp_path / "runs")
+    r = subprocess.run([exe, "train", str(p)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [f"error: {p}: nr.tr: 1.5 is out of range; allowed: 0 < tr < 1"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_killed_exit_130_no_strays(tmp_path, tracking_uri):
+    exe = _script()
+    if not exe:
+        pytest.skip("nr-study console script not installed in this environment")
+    cfg = _deep(TINY, data={"n_train": 256}, train={"epochs": 200})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, NR_STUDY_RUNS=str(tmp_path / "runs"), PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([exe, "train", str(tmp_path / "cfg.yaml"), "--tracking-uri", tracking_uri,
+                          "--checkpoint-dir", str(tmp_path / "ck")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        line = ""
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if line.startswith("epoch ") or not line:
+                break
+        assert line.startswith("epoch "), p.stderr.read()[-2000:]
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        rc = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = [ln for ln in p.stderr.read().splitlines() if ln.startswith("error:")]
+    assert rc == 130 and len(err) == 1 and err[0].startswith("error: interrupted: the run ended KILLED"), err
+    assert "--resume" in err[0]
+    with pytest.raises(ProcessLookupError):  # nothing of that process group is left
+        os.killpg(p.pid, 0)
+    rid = TR.load_checkpoint(tmp_path / "ck")["run_id"]
+    assert MlflowClient(tracking_uri).get_run(rid).info.status == "KILLED"
+
+
+# ------------------------------------------------------------------------------------------------------ safety
+def _source_files():
+    for pkg in ("nr_study", "analysis"):
+        yield from sorted((ROOT / pkg).rglob("*.py"))
+
+
+def test_source_has_no_unsafe_calls():
+    bad = []
+    for f in _source_files():
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            where = f"{f.relative_to(ROOT)}:{i}: {line.strip()}"
+            if "shell=True" in code or "os.system" in code or "os.popen" in code:
+                bad.append(where)
+            if re.search(r"\byaml\.load\(", code) and "SafeLoader" not in code:
+                bad.append(where)
+            if re.search(r"\byaml\.(unsafe_load|full_load)\(|\bpickle\.loads?\(", code):
+                bad.append(where)
+            if re.search(r"\btorch\.load\(", code) and "weights_only=True" not in code:
+                bad.append(where)
+    assert not bad, "\n".join(bad)
+
+
+def test_no_downloads_at_run_time():
+    """Only torchvision's dataset download (when data.download=true) and the user's tracking server are
+    contacted: no model weights, no other URLs."""
+    bad = []
+    for f in _source_files():
+        text = f.read_text()
+        for m in re.finditer(r"https?://[^\s'\"]+", text):
+            url = m.group(0)
+            if not re.match(r"https?://(127\.0\.0\.1|localhost|x:|host|head|\{)", url):
+                bad.append(f"{f.relative_to(ROOT)}: {url}")
+        if re.search(r"weights\s*=\s*['\"]", text) or "load_state_dict_from_url" in text:
+            bad.append(f"{f.relative_to(ROOT)}: pretrained weights")
+    assert not bad, "\n".join(bad)
+
+
+def test_core_refuses_the_graph_one_line(sandbox, capsys):
+    """A model torch.fx cannot trace (data-dependent control flow) under NR: the core's UnsupportedGraphError
+    becomes one line naming the model and the data shape."""
+    from torch import nn
+
+    from nr_study.models import registry
+
+    class Branchy(nn.Module):
+        def __init__(self, num_classes=10, in_channels=3):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.head = nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            x = self.bn(self.conv(x))
+            if x.sum() > 0:  # fx cannot trace a branch on a tensor's value
+                x = x.relu()
+            return self.head(x.mean((2, 3)))
+
+    registry.register_model("_hard_branchy")(lambda num_classes=10, in_channels=3: Branchy(num_classes, in_channels))
+    try:
+        line = expect_bad_input(sandbox, capsys, _deep(TINY, method="NR", model={"name": "_hard_branchy",
+                                                                                "kwargs": {}}),
+                                needles=["model.name '_hard_branchy' on data.name 'synthetic' (inputs 1x8x8)",
+                                         "torch.fx cannot trace it"])
+        assert "\n" not in line
+    finally:
+        registry._REGISTRY.pop("_hard_branchy", None)
