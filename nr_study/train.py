@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import yaml
 
 from nr_study.config import Config, config_from_dict, config_to_dict, flatten, load_config, resolved_nr
-from nr_study.errors import (CheckpointError, CheckpointWriteError, ConfigError, UnsupportedGraphError, UserError,
+from nr_study.errors import (CheckpointError, CheckpointWriteError, ConfigError, UnsupportedGraphError,
                              one_line)
 
 CKPT_NAME = "state.pt"
