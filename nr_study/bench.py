@@ -78,7 +78,7 @@ class Sizes:
         if cuda:
             self.layer = (128, 32, 64, 5, 21) if full else (128, 32, 64, 3, 9)
         # whole runs (BL vs NR, also the MLflow share): model width, input hw, n_train, batch, epochs, pairs
-        self.run = {"full": (16, 32, 2048, 64, 4, 2), "quick": (8, 32, 512, 32, 2, 1),
+        self.run = {"full": (16, 32, 2048, 64, 4, 3), "quick": (8, 32, 512, 32, 2, 1),
                     "tiny": (4, 16, 256, 16, 2, 1)}[mode]
         if cuda:
             self.run = (32, 32, 8192, 128, 4, 2) if full else (32, 32, 4096, 128, 2, 1)
@@ -307,9 +307,12 @@ def split_layers(c: int, device: torch.device) -> dict[str, nn.Module]:
     s_idx, r_idx = torch.arange(h), torch.arange(h, c)
     inner, w_sr, w_r = conv_like(plain, h, h), conv_like(plain, h, h), conv_like(plain, c - h, c)
     ca2 = CAConv(s_idx, r_idx, inner, w_sr, w_r, plain, h, c - h, impl="two")
+    cr = CRConv(s_idx, r_idx, conv_like(plain, h, h), conv_like(plain, c - h, c - h))
+    with torch.no_grad():  # whatever conv_like initialises (or not), time on well-scaled weights
+        for conv in (plain, inner, w_sr, w_r, cr.conv_s, cr.conv_r):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     ca4 = CAConv(s_idx, r_idx, copy.deepcopy(inner), copy.deepcopy(w_sr), copy.deepcopy(w_r), plain, h, c - h,
                  impl="four")
-    cr = CRConv(s_idx, r_idx, conv_like(plain, h, h), conv_like(plain, c - h, c - h))
     return {n: m.to(device) for n, m in (("plain", plain), ("ca_two", ca2), ("ca_four", ca4), ("cr", cr))}
 
 
@@ -408,6 +411,14 @@ def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
             text = yaml.safe_dump(doc, sort_keys=False)
             path.write_text(text)
             space = load_search_space(path)
+            import ray
+
+            # the embedded default, always a fresh local instance: a bare ray.init() joins any Ray cluster
+            # already running on this machine (someone else's sweep or tests), which would skew the makespan
+            own_ray = not ray.is_initialized()
+            if own_ray:
+                ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False,
+                         _node_ip_address="127.0.0.1", log_to_driver=False)
             tune.Tuner.fit = timed_fit
             out = io.StringIO()
             t0 = time.perf_counter()
@@ -415,6 +426,8 @@ def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
                 run_sweep(space, source_text=text, runs=str(Path(td) / "runs"), verbose=0, out=out)
             finally:
                 tune.Tuner.fit = orig_fit
+                if own_ray:
+                    ray.shutdown()
             wall = time.perf_counter() - t0
         results = captured.get("results")
         if results is None:
@@ -437,7 +450,7 @@ def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
         return [row(name, makespan / ideal, goal, "ratio",
                     f"makespan (Tuner.fit) {makespan:.1f}s vs Σ trial time {sum(times):.1f}s / {slots} slots = "
                     f"{ideal:.1f}s; trials {min(times):.1f}–{max(times):.1f}s (Ray time_total_s); whole "
-                    f"run_sweep incl. MLflow server + Ray start {wall:.1f}s; {SWEEP_TRIALS} trials vgg_small w8 "
+                    f"run_sweep incl. MLflow server start {wall:.1f}s; {SWEEP_TRIALS} trials vgg_small w8 "
                     f"16x16 synthetic, 3 epochs, embedded Ray, cpu")]
     except Exception as exc:
         return [_error_row(name, goal, "ratio", exc)]
@@ -502,9 +515,18 @@ def _run_cfg(sz: Sizes, device: torch.device, method: str, epochs: Optional[int]
     if method != "BL":
         # monitor every 4 steps with a steep λ ramp, so the run rejuvenates (surgery included) around step 20:
         # a far denser monitor than the paper's once per epoch, so this overhead is an upper bound
+        # constraint FLOPs: the rejuvenated network keeps the BL network's compute, so the ratio shows NR's own
+        # cost (under a params budget realloc may move width to the high-resolution layers and raise FLOPs)
         cfg["nr"] = {"tr": 0.97, "dead_threshold": 0.8, "delta_t": 4, "delta_t_unit": "step",
-                     "delta_lambda": 0.04, "max_rejuvenations": 1}
+                     "delta_lambda": 0.04, "max_rejuvenations": 1, "constraint": "flops"}
     return cfg
+
+
+def _safe_ratio(a, b) -> str:
+    try:
+        return f"{float(a) / float(b):.3f}"
+    except (TypeError, ValueError, ZeroDivisionError):
+        return "?"
 
 
 def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
@@ -518,7 +540,7 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
             # warm-up: creates the store and the experiment (a sweep's trial finds them made), loads mlflow
             train(_run_cfg(sz, device, "BL", epochs=1), tracking_uri=uri, progress=False)
             walls: dict[str, list[float]] = {"BL": [], "NR": []}
-            shares, per_epoch, fixed, rejuv = [], [], [], []
+            shares, per_epoch, fixed, rejuv, flops = [], [], [], [], {}
             for i in range(pairs):
                 for method in (("BL", "NR") if i % 2 == 0 else ("NR", "BL")):
                     cfg = _run_cfg(sz, device, method)
@@ -531,6 +553,7 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
                     ep = cfg["train"]["epochs"]
                     per_epoch.append(acc["by"].get("log_epoch", 0.0) / ep)
                     fixed.append(acc["total"] - acc["by"].get("log_epoch", 0.0))
+                    flops[method] = summary.get("final_flops")
                     if method == "NR":
                         rejuv.append(int(summary.get("rejuvenations", 0)))
         width, hw, n_train, batch, ep, _ = sz.run
@@ -544,7 +567,8 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
                         f"model.pt); sqlite store in a temp dir; {what}")
         r, d = ratio_stats(walls["NR"], walls["BL"])
         run_row = row("run_nr/bl", r, GOALS["run"], "ratio",
-                      f"{d}; NR rejuvenations per run {rejuv}; monitor every "
+                      f"{d}; NR rejuvenations per run {rejuv}, constraint flops (final FLOPs NR/BL "
+                      f"{_safe_ratio(flops.get('NR'), flops.get('BL'))}); monitor every "
                       f"{_run_cfg(sz, device, 'NR')['nr']['delta_t']} steps; {what}; tracking included in both")
         return [share_row, run_row]
     except Exception as exc:
@@ -581,12 +605,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 def pick_threads(device: torch.device) -> int:
-    """All CPUs available, or 1 on a CPU run when the machine is already busy (load ≥ CPUs): several OpenMP
-    threads on oversubscribed cores wait on each other at every barrier, which swamps any ratio in noise."""
+    """All CPUs available, or 1 on a CPU run when the machine is already busy (load ≥ CPUs / 2): several
+    OpenMP threads on oversubscribed cores wait on each other at every barrier, which swamps any ratio in noise
+    (and the load of a shared machine changes during a run)."""
     from nr_study.train import available_cpus
 
     cpus = available_cpus()
-    if device.type == "cpu" and cpus > 1 and os.getloadavg()[0] >= cpus:
+    if device.type == "cpu" and cpus > 1 and os.getloadavg()[0] >= cpus / 2:
         return 1
     return cpus
 
@@ -626,7 +651,7 @@ def cli_main(argv) -> int:
     ap.add_argument("--only", action="append", choices=list(SECTIONS), default=None,
                     help="run only these sections (repeatable)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs available, or "
-                    "1 on a CPU run when the load average already reaches the CPU count)")
+                    "1 on a CPU run when the load average already reaches half the CPU count)")
     args = ap.parse_args(list(argv))
     tiny = args.tiny or os.environ.get("NR_STUDY_BENCH_TINY") == "1"
     mode = "tiny" if tiny else "quick" if args.quick else "full"
