@@ -197,3 +197,31 @@ def _tail(path: Path, n: int = 600) -> str:
         return path.read_text(errors="replace")[-n:].strip().replace("\n", " | ")
     except OSError:
         return ""
+
+
+def main(argv=None) -> int:
+    """`python -m nr_study.mlflow_server [--port 5000] [--runs DIR]`: serve the run folder (UI + REST API +
+    artifacts) in the foreground until Ctrl-C — what `make ui` needs to show the sweeps' artifacts too."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m nr_study.mlflow_server")
+    ap.add_argument("--port", type=int, default=5000)
+    ap.add_argument("--runs", default=None, help="run folder (default: $NR_STUDY_RUNS or ./runs)")
+    args = ap.parse_args(argv)
+    try:
+        server = MlflowServer.start(args.runs, port=args.port, quiet=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"MLflow UI at {server.url} (Ctrl-C stops it)", file=sys.stderr)
+    try:
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

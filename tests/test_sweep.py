@@ -212,7 +212,7 @@ def test_driver_kill_then_resume(mlflow_server, runs, tmp_path):
     import ray
 
     ray.shutdown()  # the CLI runs its own embedded Ray
-    doc = make_doc("driverkill", space={"optim.lr": [0.05, 0.06, 0.07, 0.08]}, max_concurrent=1,
+    doc = make_doc("driverkill", space={"optim.lr": [0.05, 0.06, 0.07]}, max_concurrent=1,
                    base={"train.epochs": 3})
     path = tmp_path / "driverkill.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -224,15 +224,15 @@ def test_driver_kill_then_resume(mlflow_server, runs, tmp_path):
     exp = _wait_for(lambda: client.get_experiment_by_name("test-driverkill"), 120, "the experiment")
     try:
         _wait_for(lambda: len(client.search_runs([exp.experiment_id],
-                                                 filter_string="attributes.status = 'FINISHED'")) >= 2,
-                  240, "two finished trials")
+                                                 filter_string="attributes.status = 'FINISHED'")) >= 1,
+                  240, "a finished trial")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         log.close()
     finished_before = {r.info.run_id: r.info.end_time for r in client.search_runs(
         [exp.experiment_id], filter_string="attributes.status = 'FINISHED'") if "nr.trial" in r.data.tags}
-    assert len(finished_before) >= 2
+    assert len(finished_before) >= 1
 
     out = subprocess.run(cmd[:5] + ["--resume"] + cmd[5:], capture_output=True, text=True, cwd=str(REPO),
                          timeout=400)
@@ -242,8 +242,8 @@ def test_driver_kill_then_resume(mlflow_server, runs, tmp_path):
     assert parents[0].info.status == "FINISHED"
     kids = client.search_runs([exp.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert len(kids) == 4, "no duplicate runs"
-    assert len({r.data.tags["nr.trial"] for r in kids}) == 4
+    assert len(kids) == 3, "no duplicate runs"
+    assert len({r.data.tags["nr.trial"] for r in kids}) == 3
     for r in kids:
         assert r.info.status == "FINISHED"
         assert epochs_logged(client, r.info.run_id) == [1, 2, 3]
@@ -251,11 +251,11 @@ def test_driver_kill_then_resume(mlflow_server, runs, tmp_path):
             assert r.info.end_time == finished_before[r.info.run_id]
 
 
-def test_two_node_cluster_with_address(mlflow_server, runs):
+def test_two_node_cluster_with_address(mlflow_server, runs, tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
-    from nr_study.sweep.runner import run_sweep
+    from nr_study.sweep import cli_main
 
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
@@ -265,11 +265,16 @@ def test_two_node_cluster_with_address(mlflow_server, runs):
         cluster.wait_for_nodes()
         doc = make_doc("cluster", space={"optim.lr": [0.05, 0.1]}, max_concurrent=2,
                        base={"train.epochs": 2})
-        space = parse_search_space(doc, "cluster.yaml")
-        summary = run_sweep(space, source_text=yaml.safe_dump(doc), tracking_uri=mlflow_server.url, verbose=0,
-                            address=cluster.address)
+        path = tmp_path / "cluster.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        assert cli_main([str(path), "--address", cluster.address, "--tracking-uri", mlflow_server.url,
+                         "--runs", str(runs), "--verbose", "0"]) == 0
         client = client_for(mlflow_server)
-        kids = children_of(client, summary)
+        exp = client.get_experiment_by_name("test-cluster")
+        parent = client.search_runs([exp.experiment_id], filter_string="tags.`nr.role` = 'sweep'")[0]
+        assert parent.info.status == "FINISHED"
+        kids = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         assert len(kids) == 2 and all(r.info.status == "FINISHED" for r in kids)
         assert len({r.data.tags["nr.node"] for r in kids}) == 2, "one trial on each node"
     finally:

@@ -508,7 +508,15 @@ def init_ray(address: Optional[str]):
         return False
     env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
+        kw: dict[str, Any] = {}
+        if _loopback_cluster(address):
+            # A cluster bound to 127.0.0.1 (e.g. `ray start --head --node-ip-address 127.0.0.1`): Ray would
+            # rewrite 127.0.0.1 to this host's network address, where nothing listens. Stay on loopback.
+            import ray._private.ray_constants as ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
+            kw["_node_ip_address"] = "127.0.0.1"
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env}, **kw)
     else:
         from nr_study.train import available_cpus
 
@@ -516,6 +524,20 @@ def init_ray(address: Optional[str]):
                                   _node_ip_address="127.0.0.1", log_to_driver=True)
         ray.init(**kw)
     return True
+
+
+def _loopback_cluster(address: str) -> bool:
+    if address.startswith("ray://"):
+        return False
+    if address == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment
+
+            address = get_ray_address_from_environment("auto", None) or ""
+        except Exception:
+            return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def cluster_resources(address: Optional[str]) -> Optional[dict]:
