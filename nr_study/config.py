@@ -153,6 +153,7 @@ class NRCfg:
     gamma0: Optional[float] = F(None, _rng(0.0, lo_open=True), doc="null: the core's default")
     dead_threshold: float = F(0.01, _rng(0.0, 1.0, True, True))
     impl: str = F("two", _choice(("two", "four")), doc="CA convolutions: two or four per layer")
+    round_to: int = F(1, _rng(1), doc="round rejuvenated widths down to multiples of this (8 for GPUs)")
 
 
 @dataclass(frozen=True)

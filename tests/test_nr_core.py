@@ -336,3 +336,13 @@ def test_config_errors_name_the_field():
         NRConfig(tr=1.5)
     with pytest.raises(ValueError, match="scheme"):
         rejuvenate(make("plain_vgg"), INPUT, scheme="xx")
+
+
+def test_round_to_multiples():
+    model = make("plain_vgg")
+    graph = build_graph(model, INPUT)
+    kill_channels(model, graph, 0.3, seed=12)
+    base = utilization(model, INPUT).total
+    _, rep = rejuvenate(model, INPUT, 1.0, round_to=4)
+    assert all(w % 4 == 0 for w in rep.widths_after.values())
+    assert rep.cost_after <= base

@@ -37,6 +37,7 @@ class NRConfig:
     gamma0: float = 1.0
     dead_threshold: float = 0.01
     impl: str = "two"  # NR-CA: "two" or "four" convolutions per layer
+    round_to: int = 1  # round new widths down to multiples of this (8 suits GPU kernels)
 
     def __post_init__(self):
         checks = [
@@ -52,6 +53,7 @@ class NRConfig:
             ("scheme", self.scheme in SCHEMES, ", ".join(SCHEMES)),
             ("impl", self.impl in ("two", "four"), "two, four"),
             ("gamma0", self.gamma0 > 0, "gamma0 > 0"),
+            ("round_to", isinstance(self.round_to, int) and self.round_to >= 1, "an integer >= 1"),
             ("dead_threshold", 0 < self.dead_threshold < 1, "0 < dead_threshold < 1"),
         ]
         for key, ok, allowed in checks:
@@ -113,7 +115,7 @@ class NeuralRejuvenation:
             _, report = rejuvenate(self.model, self.input_shape, self.cfg.target_ratio, self.cfg.constraint,
                                    self.cfg.scheme, self.cfg.rescale, self.cfg.realloc, inplace=True,
                                    threshold=self.cfg.dead_threshold, gamma0=self.cfg.gamma0, graph=self.graph,
-                                   impl=self.cfg.impl)
+                                   impl=self.cfg.impl, round_to=self.cfg.round_to)
             self.rejuvenations += 1
             self.lam.reset()
             self.last_ratio = {}

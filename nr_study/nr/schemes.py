@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import skip_init
 
 
 def conv_like(template: nn.Conv2d, in_ch: int, out_ch: int) -> nn.Conv2d:
-    """A bias-free conv with the template's kernel, stride, padding and dilation."""
-    return nn.Conv2d(in_ch, out_ch, template.kernel_size, template.stride, template.padding,
+    """A bias-free, uninitialised conv with the template's kernel, stride, padding and dilation (callers fill it)."""
+    return skip_init(nn.Conv2d, in_ch, out_ch, template.kernel_size, template.stride, template.padding,
                      template.dilation, bias=False, padding_mode=template.padding_mode,
                      device=template.weight.device, dtype=template.weight.dtype)
 
@@ -100,25 +101,24 @@ class CAConv(_SplitConv):
             return self.forward_four(xs, xr)
         s_out, r_out = self.s_out, self.r_out
         if isinstance(self.inner, nn.Conv2d) and self.w_sr is not None:
-            y = self._conv(xs, torch.cat([self.inner.weight, self.w_sr.weight], 0))
-            a_s, b_r = y[:, :s_out], y[:, s_out:]
+            a_s, b_r = self._conv(xs, torch.cat([self.inner.weight, self.w_sr.weight], 0)).split([s_out, r_out], 1)
         else:
             a_s = self.inner(xs)
             b_r = self.w_sr(xs) if self.w_sr is not None else None
         if self.w_r is not None:
-            y = self.w_r(xr)
-            b_s, a_r = y[:, :s_out], y[:, s_out:]
-            s = a_s + 2 * torch.sigmoid(a_s) * b_s
+            b_s, a_r = self.w_r(xr).split([s_out, r_out], 1)
+            s = _attend(a_s, b_s)
         else:
             s, a_r = a_s, None
-        return torch.cat([s, self._r_out(a_r, b_r, x)], 1) if r_out else s
+        return torch.cat([s, self._r_out(a_r, b_r)], 1) if r_out else s
 
-    def _r_out(self, a_r, b_r, x):
+    @staticmethod
+    def _r_out(a_r, b_r):
         if a_r is None:  # no R input: A_R = 0, so R_out = 0 + 2·σ(0)·B_R = B_R
             return b_r
         if b_r is None:
             return a_r
-        return a_r + 2 * torch.sigmoid(a_r) * b_r
+        return _attend(a_r, b_r)
 
     def forward_four(self, xs, xr):
         """Reference: one convolution per block, as the official implementation runs it."""
@@ -128,13 +128,18 @@ class CAConv(_SplitConv):
         if self.w_r is not None:
             b_s = self._conv(xr, self.w_r.weight[:s_out])
             a_r = self._conv(xr, self.w_r.weight[s_out:]) if self.r_out else None
-            s = a_s + 2 * torch.sigmoid(a_s) * b_s
+            s = _attend(a_s, b_s)
         else:
             s, a_r = a_s, None
-        return torch.cat([s, self._r_out(a_r, b_r, None)], 1) if self.r_out else s
+        return torch.cat([s, self._r_out(a_r, b_r)], 1) if self.r_out else s
 
     def blocks(self):
         return [(torch.cat([self.s_idx, self.r_idx]), slice(0, self.out_channels))]  # every block exists
+
+
+def _attend(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + 2·σ(a)·b in one fused kernel."""
+    return torch.addcmul(a, torch.sigmoid(a), b, value=2.0)
 
 
 SPLIT_CONVS = (CRConv, CAConv)

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from torch.nn.utils import skip_init
+
 from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks, widths_cost
 from nr_study.nr.graph import ChannelGraph, Layer, build_graph
 from nr_study.nr.schemes import CAConv, CRConv, conv_like
@@ -59,8 +61,9 @@ def base_cost(model: nn.Module, graph: ChannelGraph) -> dict[str, int]:
     return model.nr_base_cost
 
 
-def expansion_widths(w_prime: dict[int, int], alpha: float) -> dict[int, int]:
-    return {g: max(1, math.floor(alpha * w)) for g, w in w_prime.items()}
+def expansion_widths(w_prime: dict[int, int], alpha: float, multiple: int = 1) -> dict[int, int]:
+    """w'' = floor(α·w'), or floor(α·w'/m)·m when widths are rounded to multiples of m (fast kernels like them)."""
+    return {g: multiple * max(1, math.floor(alpha * w / multiple)) for g, w in w_prime.items()}
 
 
 def split_counts(w_prime: dict[int, int], widths: dict[int, int]) -> tuple[dict[int, int], dict[int, int]]:
@@ -70,11 +73,12 @@ def split_counts(w_prime: dict[int, int], widths: dict[int, int]) -> tuple[dict[
 
 
 def solve_alpha(graph: ChannelGraph, w_prime: dict[int, int], target: float, constraint: str,
-                scheme: str = "nr") -> float:
+                scheme: str = "nr", multiple: int = 1) -> float:
     """Largest α with cost(floor(α·w')) <= target, by bisection on the step function of α."""
 
     def cost(alpha: float) -> int:
-        return widths_cost(graph, *split_counts(w_prime, expansion_widths(w_prime, alpha)), constraint, scheme)
+        widths = expansion_widths(w_prime, alpha, multiple)
+        return widths_cost(graph, *split_counts(w_prime, widths), constraint, scheme)
 
     if cost(0.0) > target:
         raise ValueError(f"target_ratio: the fixed layers alone cost {cost(0.0)} {constraint}, more than the "
@@ -100,8 +104,10 @@ def solve_alpha(graph: ChannelGraph, w_prime: dict[int, int], target: float, con
 def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constraint: str = "params",
                scheme: str = "nr", rescale: bool = True, realloc: bool = True, inplace: bool = False,
                threshold: float = 0.01, gamma0: float = 1.0, graph: ChannelGraph | None = None,
-               impl: str = "two") -> tuple[nn.Module, RejuvenationReport]:
-    """Rejuvenate ``model``'s dead channels under target_ratio · c(A as first built); returns (model, report)."""
+               impl: str = "two", round_to: int = 1) -> tuple[nn.Module, RejuvenationReport]:
+    """Rejuvenate ``model``'s dead channels under target_ratio · c(A as first built); returns (model, report).
+
+    ``round_to`` > 1 rounds the new widths down to multiples of it (GPU kernels run faster on them)."""
     if constraint not in CONSTRAINTS:
         raise ValueError(f"constraint: {constraint!r} is not allowed; allowed: {', '.join(CONSTRAINTS)}")
     if scheme not in SCHEMES:
@@ -124,8 +130,8 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
         live_idx[g.id] = idx if len(idx) else gammas[g.id].argmax().view(1)  # a layer never vanishes
     w_prime = {gid: len(idx) for gid, idx in live_idx.items()}
     if realloc:
-        alpha = solve_alpha(graph, w_prime, target, constraint, scheme)
-        widths = expansion_widths(w_prime, alpha)
+        alpha = solve_alpha(graph, w_prime, target, constraint, scheme, round_to)
+        widths = expansion_widths(w_prime, alpha, round_to)
     else:  # NR-IP: widths unchanged, dead channels reborn in place
         alpha, widths = 1.0, {g.id: g.width for g in free}
     s_count, r_count = split_counts(w_prime, widths)
@@ -270,20 +276,21 @@ def _scale_input(module: nn.Module, vec: torch.Tensor) -> None:
         raise TypeError(f"cannot rescale the inputs of {type(module).__name__}")
 
 
-def _kaiming(shape, like: torch.Tensor) -> torch.Tensor:
-    t = torch.empty(shape, device=like.device, dtype=like.dtype)
-    if t.numel():
-        nn.init.kaiming_normal_(t, mode="fan_out", nonlinearity="relu")
-    return t
+def _kaiming(shape, like: torch.Tensor, fan_out: int | None = None) -> torch.Tensor:
+    """He-normal values (ReLU gain, fan-out mode); ``fan_out`` of the whole layer when drawing only a block."""
+    fan_out = fan_out or shape[0] * math.prod(shape[2:])
+    return torch.randn(shape, device=like.device, dtype=like.dtype) * math.sqrt(2.0 / max(1, fan_out))
 
 
 def _new_dense(template: nn.Module, in_ch: int, out_ch: int, groups: int = 1) -> nn.Module:
+    """An uninitialised layer shaped like ``template``: every caller overwrites its weights (and bias)."""
     has_bias = template.bias is not None
+    dev, dtype = template.weight.device, template.weight.dtype
     if isinstance(template, nn.Linear):
-        return nn.Linear(in_ch, out_ch, bias=has_bias, device=template.weight.device, dtype=template.weight.dtype)
-    return nn.Conv2d(in_ch, out_ch, template.kernel_size, template.stride, template.padding, template.dilation,
-                     groups=groups, bias=has_bias, padding_mode=template.padding_mode,
-                     device=template.weight.device, dtype=template.weight.dtype)
+        return skip_init(nn.Linear, in_ch, out_ch, bias=has_bias, device=dev, dtype=dtype)
+    return skip_init(nn.Conv2d, in_ch, out_ch, template.kernel_size, template.stride, template.padding,
+                     template.dilation, groups=groups, bias=has_bias, padding_mode=template.padding_mode,
+                     device=dev, dtype=dtype)
 
 
 def _remap_dense_weight(w: torch.Tensor, in_src: torch.Tensor, out_src: torch.Tensor) -> torch.Tensor:
@@ -292,12 +299,15 @@ def _remap_dense_weight(w: torch.Tensor, in_src: torch.Tensor, out_src: torch.Te
     in_src, out_src = in_src.to(dev), out_src.to(dev)
     new = w.new_zeros((len(out_src), len(in_src)) + tuple(w.shape[2:]))
     s_out, s_in = torch.nonzero(out_src >= 0).flatten(), torch.nonzero(in_src >= 0).flatten()
-    new[s_out[:, None], s_in] = w[out_src[s_out][:, None], in_src[s_in]]
+    kept = w.index_select(0, out_src[s_out]).index_select(1, in_src[s_in])
+    rows = w.new_zeros((len(s_out), len(in_src)) + tuple(w.shape[2:]))
+    new.index_copy_(0, s_out, rows.index_copy_(1, s_in, kept))
     r_out, r_in = torch.nonzero(out_src < 0).flatten(), torch.nonzero(in_src < 0).flatten()
     if len(r_out):
         cols = r_in if len(r_in) else torch.arange(len(in_src), device=dev)
-        fresh = _kaiming(new.shape, w)
-        new[r_out[:, None], cols] = fresh[r_out[:, None], cols]
+        fresh = _kaiming((len(r_out), len(cols)) + tuple(w.shape[2:]), w, fan_out=new[0, 0].numel() * len(out_src))
+        rows = w.new_zeros((len(r_out), len(in_src)) + tuple(w.shape[2:]))
+        new.index_copy_(0, r_out, rows.index_copy_(1, cols, fresh))
     return new
 
 
