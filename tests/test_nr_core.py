@@ -290,7 +290,8 @@ def test_hook_reaches_tr_in_bounded_checks_and_resets_lambda():
     """Training with the L1 pressure drives r under Tr within (1 − Tr)/Δr + O(1) checks once λ has grown."""
     torch.manual_seed(0)
     model = TINY_NETS["plain_vgg"]()
-    cfg = NRConfig(tr=0.6, delta_r=0.02, delta_lambda=2e-3, delta_t=5, delta_t_unit="step", max_rejuvenations=1)
+    cfg = NRConfig(tr=0.6, delta_r=0.02, delta_lambda=2e-3, delta_t=5, delta_t_unit="step", max_rejuvenations=1,
+                   rescale=True)
     hook = NeuralRejuvenation(model, INPUT, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
@@ -314,7 +315,8 @@ def test_hook_reaches_tr_in_bounded_checks_and_resets_lambda():
     assert report["ratio"] < cfg.tr
     assert hook.lam.lam == 0 and hook.rejuvenations == 1
     assert not hook.flag_on  # max_rejuvenations reached: the NR flag stays off
-    assert hook.metrics()["util_params"] == 1.0  # after surgery every channel is alive
+    # with rescaling every survivor is back at |γ| >= γ0, the new channels start at γ0: all alive
+    assert hook.metrics()["util_params"] == 1.0
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     F.cross_entropy(model(x), y).backward()  # the rebuilt model trains
     opt.step()
