@@ -32,26 +32,31 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/python -m compileall -q nr_study analysis tests
-	$(BIN)/python -m pyflakes nr_study analysis tests 2>/dev/null || $(BIN)/python -m pip install -q pyflakes && $(BIN)/python -m pyflakes nr_study analysis tests
+	$(BIN)/python -m pyflakes nr_study analysis tests
 
 demo: setup
-	@if [ ! -f search_spaces/demo.yaml ]; then echo "demo: the sweep command has not landed yet (issue 4); nothing to run." >&2; exit 1; fi
-	$(BIN)/nr-study sweep search_spaces/demo.yaml
+	$(BIN)/nr-study sweep search_spaces/demo.yaml --runs $(RUNS)
+	$(BIN)/nr-study tables --experiment nr-demo --tracking-uri sqlite:///$(abspath $(RUNS))/mlflow.db --out $(RUNS)/demo-report
+	$(BIN)/nr-study plots --experiment nr-demo --tracking-uri sqlite:///$(abspath $(RUNS))/mlflow.db --out $(RUNS)/demo-report
+	@echo ""
+	@echo "demo done. Tables and plots: $(RUNS)/demo-report/report.md (or open $(RUNS)/demo-report/index.html)"
+	@echo "Compare the runs in the MLflow UI: make ui   (then open http://127.0.0.1:5000)"
 
 sweep: setup
-	$(BIN)/nr-study sweep $(SPACE) $(if $(ADDRESS),--address $(ADDRESS),)
+	$(BIN)/nr-study sweep $(SPACE) --runs $(RUNS) $(if $(ADDRESS),--address $(ADDRESS),)
 
 tables: setup
-	$(BIN)/nr-study tables --out $(RUNS)/report
+	$(BIN)/nr-study tables --tracking-uri sqlite:///$(abspath $(RUNS))/mlflow.db --out $(RUNS)/report
 
 plots: setup
-	$(BIN)/nr-study plots --out $(RUNS)/report
+	$(BIN)/nr-study plots --tracking-uri sqlite:///$(abspath $(RUNS))/mlflow.db --out $(RUNS)/report
 
 bench: setup
 	$(BIN)/nr-study bench
 
+# The MLflow UI (and artifact proxy) over the run folder, on 127.0.0.1 only.
 ui: setup
-	$(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$(abspath $(RUNS))/mlflow.db
+	$(BIN)/python -m nr_study.mlflow_server --runs $(RUNS) --port 5000
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

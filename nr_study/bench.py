@@ -533,7 +533,6 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
     from nr_study.train import train
 
     pairs = sz.run[5]
-    names = ("mlflow_share", "run_nr/bl")
     try:
         with tempfile.TemporaryDirectory(prefix="nr-bench-runs-") as td:
             uri = f"sqlite:///{Path(td) / 'mlflow.db'}"

@@ -13,7 +13,7 @@ import time
 import pytest
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from analysis import plots as P  # noqa: E402
