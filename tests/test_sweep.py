@@ -6,8 +6,6 @@ about a second of compute; the time goes into Ray worker start-up. Heavy tests a
 from __future__ import annotations
 
 import copy
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -280,3 +278,32 @@ def test_two_node_cluster_with_address(mlflow_server, runs, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_ctrl_c_leaves_no_run_running(mlflow_server, runs, tmp_path):
+    """SIGINT (Ctrl-C) to the CLI: exit code 130, the interrupted trial's run and the parent KILLED."""
+    import ray
+
+    ray.shutdown()
+    doc = make_doc("ctrlc", space={"optim.lr": [0.05, 0.06]}, max_concurrent=1,
+                   base={"train.epochs": 40, "data.n_train": 512})
+    path = tmp_path / "ctrlc.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cmd = [PY, "-m", "nr_study.cli", "sweep", str(path), "--tracking-uri", mlflow_server.url, "--runs", str(runs),
+           "--verbose", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(REPO), text=True)
+    client = client_for(mlflow_server)
+    try:
+        exp = _wait_for(lambda: client.get_experiment_by_name("test-ctrlc"), 120, "the experiment")
+        _wait_for(lambda: [r for r in client.search_runs([exp.experiment_id]) if "nr.trial" in r.data.tags
+                           and client.get_metric_history(r.info.run_id, "test_err")], 180, "a logged epoch")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "--resume" in out
+    runs_ = client.search_runs([exp.experiment_id])
+    assert runs_ and not [r for r in runs_ if r.info.status == "RUNNING"]
+    parent = [r for r in runs_ if r.data.tags.get("nr.role") == "sweep"][0]
+    assert parent.info.status == "KILLED"
+    assert [r.info.status for r in runs_ if "nr.trial" in r.data.tags] == ["KILLED"]

@@ -48,6 +48,8 @@ def cli_main(argv) -> int:
 
     summary = run_sweep(space, source_text=path.read_text(), address=args.address, tracking_uri=args.tracking_uri,
                         resume=args.resume, runs=args.runs, verbose=args.verbose)
+    if summary.get("interrupted"):
+        return 130
     errored = sum(1 for t in summary.get("trials", []) if t.get("error"))
     if errored:
         print(f"{errored} trial(s) errored; see the table above and the MLflow runs", file=sys.stderr)

@@ -16,7 +16,6 @@ nr.early_stopped), FAILED (errored) or KILLED (interrupted).
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -163,17 +162,25 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
     if local is not None and int(local.get("epoch", 0)) >= cfg.train.epochs and _status(client, run_id) == FINISHED:
         return  # finished (the driver died before Ray recorded it): nothing to re-run or re-log
 
+    final: dict = {}
+
     def on_epoch_end(row: dict, checkpoint_dir: Optional[str]) -> None:
+        if int(row["epoch"]) >= cfg.train.epochs:
+            # The last epoch is reported after train() returns: a scheduler may stop a trial at its last
+            # report (ASHA at max_t), and the trainer must first log the summary and the final model.
+            final.update(row=row, checkpoint_dir=checkpoint_dir)
+            return
         tune.report(_numeric(row), checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
-    try:
-        train(cfg, tracking_uri=ctx.tracking_uri, run_id=run_id, checkpoint_dir=str(work), resume=resume,
-              on_epoch_end=on_epoch_end, progress=False, tags=tags, parent_run_id=ctx.parent_run_id)
-    except SystemExit:
-        # Ray ends a trial that a scheduler stopped (ASHA) with SystemExit from inside report(): the run
-        # is not a failure; it stopped early.
-        _mark_early_stopped(client, run_id)
-        raise
+    # Ray ends a trial it stops (ASHA, or a Ctrl-C of the sweep) with SystemExit from inside report(); the
+    # driver, which knows which of the two it was, closes the run at the end of the sweep.
+    summary = train(cfg, tracking_uri=ctx.tracking_uri, run_id=run_id, checkpoint_dir=str(work), resume=resume,
+                    on_epoch_end=on_epoch_end, progress=False, tags=tags, parent_run_id=ctx.parent_run_id)
+    if final:
+        extra = {k: summary[k] for k in ("final_test_err", "best_test_err", "final_params", "final_flops")
+                 if isinstance(summary.get(k), (int, float))}
+        tune.report(_numeric({**final["row"], **extra}),
+                    checkpoint=tune.Checkpoint.from_directory(final["checkpoint_dir"]))
 
 
 def _status(client, run_id: str) -> Optional[str]:
@@ -181,18 +188,6 @@ def _status(client, run_id: str) -> Optional[str]:
         return client.get_run(run_id).info.status
     except Exception:
         return None
-
-
-def _mark_early_stopped(client, run_id: str) -> None:
-    try:
-        client.set_tag(run_id, "nr.early_stopped", "true")
-        try:
-            client.delete_tag(run_id, "nr.error")
-        except Exception:
-            pass
-        client.set_terminated(run_id, status=FINISHED)
-    except Exception:
-        pass
 
 
 # --------------------------------------------------------------------------------------------- Ray pieces
@@ -360,43 +355,57 @@ def start_parent(client, uri: str, space: SearchSpace, experiment_id: str, sweep
     return run_id
 
 
+def _stopped_by_ray(run) -> bool:
+    """The trainer ended this run FAILED only because Ray stopped the trial (SystemExit from report())."""
+    return run.info.status == FAILED and run.data.tags.get("nr.error", "").startswith("SystemExit")
+
+
 def finalize(client, space: SearchSpace, experiment_id: str, parent_run_id: str, trials: Optional[list],
              error: Optional[BaseException]) -> dict:
-    """Close every child still RUNNING and the parent; returns counts by final status."""
-    by_trial = {}
-    for t in trials or []:
-        by_trial[t.trial_id] = t
+    """Close every child the sweep left open and the parent; returns counts by final status.
+
+    `trials` are Ray's trials as last saved in the experiment state (taken before Ray's own cleanup, which
+    marks interrupted trials TERMINATED): TERMINATED before the last epoch = stopped early by the scheduler
+    (FINISHED, tag nr.early_stopped), ERROR = FAILED, anything else = interrupted (KILLED; --resume continues it).
+    """
+    by_trial = {t.trial_id: t for t in trials or []}
+    epochs = int(space.base["train"]["epochs"])
     counts: dict[str, int] = {}
     children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                   max_results=10000)
     for run in children:
-        tid = run.data.tags.get("nr.trial")
-        t = by_trial.get(tid)
-        status = run.info.status
-        if t is not None and t.status == "TERMINATED":
+        rid, status = run.info.run_id, run.info.status
+        t = by_trial.get(run.data.tags.get("nr.trial"))
+        tstatus = t.status if t is not None else None
+        new = None
+        if tstatus == "TERMINATED":
             iters = int((t.last_result or {}).get("training_iteration", 0) or 0)
-            epochs = int(space.base["train"]["epochs"])
             if iters < epochs:
-                client.set_tag(run.info.run_id, "nr.early_stopped", "true")
+                client.set_tag(rid, "nr.early_stopped", "true")
                 if status != FINISHED:
-                    try:
-                        client.delete_tag(run.info.run_id, "nr.error")
-                    except Exception:
-                        pass
-                    client.set_terminated(run.info.run_id, FINISHED)
-                    status = FINISHED
-        if status == RUNNING:
-            if t is not None and t.status == "ERROR":
-                status = FAILED
-            elif t is not None and t.status == "TERMINATED":
-                status = FINISHED
-            else:
-                status = KILLED
-            client.set_terminated(run.info.run_id, status)
+                    new = FINISHED
+            elif status == RUNNING:
+                new = FINISHED
+        elif tstatus == "ERROR":
+            if status == RUNNING:
+                new = FAILED
+        elif status == RUNNING or _stopped_by_ray(run):
+            new = KILLED
+        if new is not None:
+            if _stopped_by_ray(run):
+                try:
+                    client.delete_tag(rid, "nr.error")
+                except Exception:
+                    pass
+            client.set_terminated(rid, new)
+            status = new
+        if os.environ.get("NR_SWEEP_DEBUG"):
+            print(f"finalize {rid} trial={run.data.tags.get('nr.trial')} tstatus={tstatus} was={run.info.status} "
+                  f"now={status} err={run.data.tags.get('nr.error')!r}", file=sys.stderr)
         counts[status] = counts.get(status, 0) + 1
-    unfinished = any(t.status not in ("TERMINATED", "ERROR") for t in (trials or []))
+    unfinished = trials is None or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
     errored = any(t.status == "ERROR" for t in (trials or []))
-    if error is not None and isinstance(error, KeyboardInterrupt) or (unfinished and error is None):
+    if isinstance(error, KeyboardInterrupt) or unfinished:
         parent_status = KILLED
     elif error is not None or errored:
         parent_status = FAILED
@@ -590,6 +599,7 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
     error: Optional[BaseException] = None
     trials = None
     summary: dict = {}
+    summary_interrupted = False
     client = parent_run_id = experiment_id = None
     prev_term = signal.getsignal(signal.SIGTERM)
     if prev_term in (signal.SIG_DFL, None) and _is_main_thread():
@@ -629,7 +639,10 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
         else:
             tuner = build_tuner(space, ctx, storage_root, sweep_dir.name, verbose=verbose)
         results = tuner.fit()
-        trials = list(results._experiment_analysis.trials)
+        # Trial states as saved at the end of the run, before Ray's cleanup (which marks interrupted trials
+        # TERMINATED): the truth about what finished, stopped early, failed, or was interrupted.
+        trials = _trials_from_state(sweep_dir) or list(results._experiment_analysis.trials)
+        summary_interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
         summary = summarize(space, results)
         text = format_summary(space, summary)
         if text:
@@ -667,7 +680,11 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
                 server.stop()
             if _is_main_thread() and signal.getsignal(signal.SIGTERM) is _sigterm_to_interrupt:
                 signal.signal(signal.SIGTERM, prev_term)
-    summary.update(sweep_dir=str(sweep_dir), parent_run_id=parent_run_id, experiment_id=experiment_id)
+    summary.update(sweep_dir=str(sweep_dir), parent_run_id=parent_run_id, experiment_id=experiment_id,
+                   interrupted=summary_interrupted)
+    if summary_interrupted:
+        print(f"sweep interrupted; continue it with: nr-study sweep {space.path} --resume {sweep_dir}", file=out,
+              flush=True)
     return summary
 
 
