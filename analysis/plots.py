@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +229,7 @@ def plot_tradeoff(runs: list[RunRecord], out_dir: str | Path, paper: Paper | Non
             ax.legend(loc="best")
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
-        fig.suptitle(title)
+        fig.suptitle(textwrap.fill(title, width=48 * ncols))  # one panel is narrow: wrap, never clip
         results.append(PlotResult(name, title, data, _save(fig, out_dir, name), list(notes)))
     return results
 
