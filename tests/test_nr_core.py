@@ -348,3 +348,23 @@ def test_round_to_multiples():
     _, rep = rejuvenate(model, INPUT, 1.0, round_to=4)
     assert all(w % 4 == 0 for w in rep.widths_after.values())
     assert rep.cost_after <= base
+
+
+@pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])
+def test_a_single_surviving_first_channel(scheme):
+    """A group shrinking to its own first channel is still a change (regression: it was taken for identity)."""
+    model = make("plain_vgg")
+    graph = build_graph(model, INPUT)
+    keep = {g.bn: torch.arange(g.width) < 1 for g in graph.free_groups()}
+    pruned = prune(model, INPUT, keep)
+    assert pruned(torch.randn(INPUT)).shape == (2, 10)
+    assert all(g.width == 1 for g in build_graph(pruned, INPUT).free_groups())
+    assert weight_params(pruned) == utilization(pruned, INPUT).total < weight_params(model)
+    modules = dict(model.named_modules())
+    with torch.no_grad():  # every layer but its first channel dead
+        for g in graph.free_groups():
+            modules[g.bn].weight[1:] = 0
+            modules[g.bn].bias[1:] = 0
+    new, rep = rejuvenate(model, INPUT, 1.0, scheme=scheme, realloc=False)
+    assert all(v == 1 for v in rep.survivors.values())
+    assert new(torch.randn(INPUT)).shape == (2, 10)

@@ -215,17 +215,22 @@ def apply_surgery(model: nn.Module, graph: ChannelGraph, keep: dict[int, torch.T
         for layer in graph.layers:
             in_src = layout_src(layer.in_layout)
             out_src = in_src if layer.kind == "depthwise" else layout_src(((layer.out_group, 1),))
-            if (in_src >= 0).all() and torch.equal(in_src, torch.arange(len(in_src))) and \
-                    torch.equal(out_src, torch.arange(len(out_src))):
+            n_out = graph.width(layer.in_layout) if layer.kind == "depthwise" else graph.groups[layer.out_group].width
+            if _unchanged(in_src, graph.width(layer.in_layout)) and _unchanged(out_src, n_out):
                 continue
             new = _remap_layer(modules[layer.name], layer, in_src, out_src, scheme, impl)
             model.set_submodule(layer.name, new.train(modules[layer.name].training))
         for bn in graph.bns:
             s = layout_src(bn.layout)
-            if not torch.equal(s, torch.arange(len(s))):
+            if not _unchanged(s, graph.width(bn.layout)):
                 model.set_submodule(bn.name, _remap_bn(modules[bn.name], s, gamma0))
     for gid, s in src.items():
         graph.groups[gid].width = len(s)
+
+
+def _unchanged(src: torch.Tensor, old_width: int) -> bool:
+    """True when a channel map keeps every old channel in place and adds none."""
+    return len(src) == old_width and torch.equal(src, torch.arange(old_width))
 
 
 def _rescale(modules, graph: ChannelGraph, keep, gamma0: float, report) -> None:
