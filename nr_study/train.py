@@ -740,7 +740,7 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
     except BaseException as exc:
         if run_id:  # a run made for us (a sweep trial): say why it never started
             t = RunTracker(uri, cfg.tracking.experiment, run_id=run_id)
-            t.end_quietly(KILLED if isinstance(exc, KeyboardInterrupt) else FAILED,
+            t.end_quietly(KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit)) else FAILED,
                           f"{type(exc).__name__}: {one_line(exc)}")
         raise
     # -- the run --------------------------------------------------------------------------------------------
@@ -786,7 +786,7 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
             print(f"done: final test_err {summary['final_test_err']:.2f}% (best {summary['best_test_err']:.2f}%), "
                   f"params {summary['final_params']:,}, FLOPs {summary.get('final_flops', float('nan')):,.0f}, "
                   f"rejuvenations {summary['rejuvenations']}, run {summary['run_id']}", flush=True)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a sweep stopping the trial (ASHA): not a failure
         status = KILLED
         with _interruptions_deferred():
             tracker.end_quietly(KILLED)

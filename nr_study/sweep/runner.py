@@ -529,7 +529,8 @@ def init_ray(address: Optional[str]):
     else:
         from nr_study.train import available_cpus
 
-        kw: dict[str, Any] = dict(num_cpus=available_cpus(), include_dashboard=False,
+        # address="local": always a fresh embedded instance, never a cluster someone else started on this host
+        kw: dict[str, Any] = dict(address="local", num_cpus=available_cpus(), include_dashboard=False,
                                   _node_ip_address="127.0.0.1", log_to_driver=True)
         ray.init(**kw)
     return True
