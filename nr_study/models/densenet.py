@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ConvBNReLU, init_weights
+from .layers import ConvBNReLU, GAPNet, init_weights
 from .registry import register_model
 
 
@@ -42,7 +42,7 @@ class Transition(nn.Module):
         return self.pool(self.relu(self.bn(self.conv(x))))
 
 
-class DenseNet(nn.Module):
+class DenseNet(GAPNet):
     """Post-activation DenseNet-BC: ``stem`` -> dense blocks with transitions -> GAP -> FC.
 
     Every dense layer's output is already ReLU'd, so no final BN is needed (unlike pre-activation DenseNet).
@@ -68,13 +68,6 @@ class DenseNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c, num_classes)
         init_weights(self)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 @register_model("densenet_bc_100_40")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
 
@@ -37,3 +38,14 @@ def init_weights(model: nn.Module, linear_std: float | None = 0.01) -> nn.Module
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model
+
+
+class GAPNet(nn.Module):
+    """stem -> features -> global average pool -> flatten -> one Linear, the tail every paper CNN here shares.
+
+    Subclasses set ``stem`` (nn.Identity() when there is none), ``features``, ``avgpool`` and ``classifier``.
+    """
+
+    def forward(self, x):
+        x = self.features(self.stem(x))
+        return self.classifier(torch.flatten(self.avgpool(x), 1))

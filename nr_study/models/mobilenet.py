@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
-from .layers import ConvBNReLU, init_weights
+from .layers import ConvBNReLU, GAPNet, init_weights
 from .registry import register_model
 
 # (output channels at width 1.0, stride) of the 13 depthwise-separable blocks.
@@ -25,7 +24,7 @@ class DepthwiseSeparable(nn.Sequential):
         ))
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(GAPNet):
     def __init__(self, width_mult: float = 1.0, num_classes: int = 1000, in_channels: int = 3):
         super().__init__()
 
@@ -42,13 +41,6 @@ class MobileNetV1(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c, num_classes)
         init_weights(self)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 @register_model("mobilenet_v1_025")

@@ -7,7 +7,7 @@ from torch import nn
 
 from nr_study.errors import ConfigError
 
-from .layers import ConvBNReLU, init_weights
+from .layers import ConvBNReLU, GAPNet, init_weights
 from .registry import register_model
 
 
@@ -24,21 +24,16 @@ def _make_features(cfg, in_channels: int) -> tuple[nn.Sequential, int]:
     return nn.Sequential(*layers), c
 
 
-class VGG(nn.Module):
+class VGG(GAPNet):
     """``features`` -> global average pool -> flatten -> ``classifier`` (one Linear)."""
 
     def __init__(self, features: nn.Sequential, out_channels: int, num_classes: int):
         super().__init__()
+        self.stem = nn.Identity()
         self.features = features
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(out_channels, num_classes)
         init_weights(self)
-
-    def forward(self, x):
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 # Paper §4.4 and the official code (models/cifar/vgg.py): the 4 original max-pools are removed and 2 are
@@ -60,7 +55,7 @@ def vgg19_bn_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return VGG(features, c, num_classes)
 
 
-class VGG19Simplified(nn.Module):
+class VGG19Simplified(GAPNet):
     """Paper §4.2 / Table 1's simplified VGG-19 for 128 px ImageNet (see :func:`vgg19_simplified_imagenet`)."""
 
     def __init__(self, num_classes: int = 1000, in_channels: int = 3):
@@ -73,13 +68,6 @@ class VGG19Simplified(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c, num_classes)
         init_weights(self)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 @register_model("vgg19_simplified_imagenet")
