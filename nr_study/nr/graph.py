@@ -11,7 +11,7 @@ and nothing made it fixed. Anything the walk does not understand is refused, nam
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -89,23 +89,12 @@ class ChannelGraph:
     layers: list[Layer]
     bns: list[BNRef]
     input_shape: tuple[int, ...]
-    _consumers: dict[int, list[Layer]] = field(default_factory=dict, repr=False)
 
     def width(self, layout: Layout) -> int:
         return sum(self.groups[g].width * f for g, f in layout)
 
     def free_groups(self) -> list[Group]:
         return [g for g in self.groups.values() if g.free]
-
-    def consumers(self, gid: int) -> list[Layer]:
-        """Layers that read group ``gid`` (cached; the structure never changes after tracing)."""
-        if not self._consumers:
-            for layer in self.layers:
-                for g, _ in layer.in_layout:
-                    self._consumers.setdefault(g, [])
-                    if layer not in self._consumers[g]:
-                        self._consumers[g].append(layer)
-        return self._consumers.get(gid, [])
 
 
 class _Tracer(torch.fx.Tracer):
