@@ -33,9 +33,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis.runs import NR_METHODS, RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count, runs_folder  # noqa: E402
-from analysis.tables import Paper, common_parser, load_paper  # noqa: E402
-from nr_study.errors import ConfigError  # noqa: E402
+from analysis.runs import NR_METHODS, RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count  # noqa: E402
+from analysis.tables import Paper, parse_common, load_paper  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8, "figure.dpi": 100})
 MAX_LINES = 12
@@ -539,13 +538,10 @@ def write_manifest(results: list[PlotResult], out_dir: str | Path) -> Path:
 
 
 def cli_main(argv: list[str]) -> int:
-    p = common_parser("plots", "Figure 1, trade-offs, Tr sweeps, rejuvenation counts, λ trajectories and Optuna fronts from MLflow runs.")
-    p.add_argument("--metric", default="final", help="error at the final epoch (final) or the best epoch (best)")
-    args = p.parse_args(argv)
-    if args.metric not in ("final", "best"):
-        raise ConfigError(f"--metric: unknown value {args.metric!r}; allowed: final, best")
+    args = parse_common("plots", "Figure 1, trade-offs, Tr sweeps, rejuvenation counts, λ trajectories and Optuna "
+                        "fronts from MLflow runs.", argv)
     store = RunStore(args.tracking_uri or default_tracking_uri(), args.experiment)
-    out = Path(args.out) if args.out else runs_folder() / "report"
+    out = args.out
     results = make_all(store, out, args.metric)
     write_manifest(results, out)
     from analysis.report import write_index

@@ -641,18 +641,33 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<runs>/mlflow.db)")
     p.add_argument("--out", default=None, help="output folder (default: <runs folder>/report)")
+    p.add_argument("--metric", default="final", help="error at the final epoch (final) or the best epoch (best)")
     return p
 
 
-def cli_main(argv: list[str]) -> int:
-    p = common_parser("tables", "Rebuild the paper's tables (paper | reproduced mean ± std (n) | Δ) from MLflow runs.")
-    p.add_argument("--metric", default="final", help="error at the final epoch (final) or the best epoch (best)")
-    args = p.parse_args(argv)
+def parse_common(prog: str, description: str, argv: list[str]) -> argparse.Namespace:
+    """Parse and check what `tables` and `plots` share; the output folder must be writable before any work."""
+    args = common_parser(prog, description).parse_args(argv)
     if args.metric not in METRIC_MODES:
         raise ConfigError(f"--metric: unknown value {args.metric!r}; allowed: {', '.join(METRIC_MODES)}")
+    args.out = Path(args.out) if args.out else runs_folder() / "report"
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".nr-study-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {args.out}: cannot write there ({exc.strerror or exc}); "
+                          "allowed: a writable folder") from None
+    return args
+
+
+def cli_main(argv: list[str]) -> int:
+    args = parse_common("tables", "Rebuild the paper's tables (paper | reproduced mean ± std (n) | Δ) from MLflow "
+                        "runs.", argv)
     store = RunStore(args.tracking_uri or default_tracking_uri(), args.experiment)
     built = build_tables(store, args.metric)
-    out = Path(args.out) if args.out else runs_folder() / "report"
+    out = args.out
     write_tables(built, out)
     from analysis.report import write_index
 

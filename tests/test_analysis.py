@@ -353,9 +353,12 @@ def test_cli_tables_and_plots(store_uri, tmp_path, capsys):
     (["--experiment", "nope"], "unknown experiment 'nope'"),
     (["--metric", "median"], "--metric: unknown value 'median'"),
     (["--bogus"], "unrecognized arguments"),
+    (["--out", "{tmp}/a_file/report"], "cannot write there"),  # a path under a regular file (root ignores modes)
 ])
 def test_cli_bad_input_one_line_exit_2(store_uri, tmp_path, capsys, args, needle):
     uri, _ = store_uri
+    (tmp_path / "a_file").write_text("")
+    args = [a.format(tmp=tmp_path) for a in args]
     for cmd in ("tables", "plots"):
         rc = cli([cmd, "--tracking-uri", uri, "--out", str(tmp_path)] + args)
         err = capsys.readouterr().err
