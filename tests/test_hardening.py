@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from nr_study import cli
 from nr_study import tracking as T
 from nr_study import train as TR
+from tests.procs import with_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -427,27 +427,36 @@ def test_console_script_bad_config_exit_2_one_line(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["bad.yaml"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig, code, what", [(signal.SIGINT, 130, "interrupted"),
-                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["int", "term"])
-def test_ctrl_c_ends_killed_exit_130_no_strays(sig, code, what, tmp_path, tracking_uri):
-    exe = _script()
-    if not exe:
-        pytest.skip("nr-study console script not installed in this environment")
+def _start_long_train(tmp_path: Path, tracking_uri: str, sigint: str) -> subprocess.Popen:
+    """`nr-study train` on a 200-epoch TINY run in its own process group, SIGINT at `sigint` (tests/procs.py)."""
     cfg = _deep(TINY, data={"n_train": 256}, train={"epochs": 200})
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, NR_STUDY_RUNS=str(tmp_path / "runs"), PYTHONUNBUFFERED="1")
-    p = subprocess.Popen([exe, "train", str(tmp_path / "cfg.yaml"), "--tracking-uri", tracking_uri,
-                          "--checkpoint-dir", str(tmp_path / "ck")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env, cwd=tmp_path, start_new_session=True)
+    cmd = with_signals([_script(), "train", tmp_path / "cfg.yaml", "--tracking-uri", tracking_uri,
+                        "--checkpoint-dir", tmp_path / "ck"], sigint=sigint)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+
+
+def _wait_epoch_line(p: subprocess.Popen) -> str:
+    line = "x"
+    while line and not line.startswith("epoch "):
+        line = p.stdout.readline()
+    assert line.startswith("epoch "), p.stderr.read()[-2000:]
+    return line
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("sig, code, what", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["int", "term"])
+def test_ctrl_c_ends_killed_exit_130_no_strays(sig, code, what, tmp_path, tracking_uri):
+    """Started with default dispositions whatever the test runner inherited (a background job ignores SIGINT)."""
+    if not _script():
+        pytest.skip("nr-study console script not installed in this environment")
+    p = _start_long_train(tmp_path, tracking_uri, sigint="default")
     try:
-        deadline = time.monotonic() + 240
-        line = ""
-        while time.monotonic() < deadline:
-            line = p.stdout.readline()
-            if line.startswith("epoch ") or not line:
-                break
-        assert line.startswith("epoch "), p.stderr.read()[-2000:]
+        _wait_epoch_line(p)
         os.killpg(p.pid, sig)  # Ctrl-C in a terminal signals the whole foreground group; a scheduler sends TERM
         rc = p.wait(timeout=120)
     finally:
@@ -458,6 +467,33 @@ def test_ctrl_c_ends_killed_exit_130_no_strays(sig, code, what, tmp_path, tracki
     assert "--resume" in err[0]
     with pytest.raises(ProcessLookupError):  # nothing of that process group is left
         os.killpg(p.pid, 0)
+    rid = TR.load_checkpoint(tmp_path / "ck")["run_id"]
+    assert MlflowClient(tracking_uri).get_run(rid).info.status == "KILLED"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ignored_sigint_is_respected_sigterm_still_stops(tmp_path, tracking_uri):
+    """Started with SIGINT ignored (`nohup`, a background job), nr-study keeps it ignored: a Ctrl-C to the group
+    does not stop the run (it finishes two more epochs), SIGTERM still ends it KILLED with exit 143."""
+    if not _script():
+        pytest.skip("nr-study console script not installed in this environment")
+    p = _start_long_train(tmp_path, tracking_uri, sigint="ignore")
+    try:
+        _wait_epoch_line(p)
+        os.killpg(p.pid, signal.SIGINT)
+        # the checkpoint is written before an epoch's line: lines past this epoch + 1 come after the Ctrl-C
+        after = TR.load_checkpoint(tmp_path / "ck")["epoch"]
+        epoch = 0
+        while epoch < after + 2:
+            epoch = int(_wait_epoch_line(p).split()[1].split("/")[0])
+        os.killpg(p.pid, signal.SIGTERM)
+        rc = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = [ln for ln in p.stderr.read().splitlines() if ln.startswith("error:")]
+    assert rc == 143 and len(err) == 1 and err[0].startswith("error: terminated (SIGTERM): the run ended KILLED"), err
     rid = TR.load_checkpoint(tmp_path / "ck")["run_id"]
     assert MlflowClient(tracking_uri).get_run(rid).info.status == "KILLED"
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from nr_study.sweep.space import parse_search_space
+from tests.procs import with_signals
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -291,7 +292,9 @@ def test_ctrl_c_leaves_no_run_running(mlflow_server, runs, tmp_path):
     path.write_text(yaml.safe_dump(doc))
     cmd = [PY, "-m", "nr_study.cli", "sweep", str(path), "--tracking-uri", mlflow_server.url, "--runs", str(runs),
            "--verbose", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(REPO), text=True)
+    # default SIGINT whatever this test process inherited (a background job / nohup ignores it): tests/procs.py
+    proc = subprocess.Popen(with_signals(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(REPO),
+                            text=True)
     client = client_for(mlflow_server)
     try:
         exp = _wait_for(lambda: client.get_experiment_by_name("test-ctrlc"), 120, "the experiment")
