@@ -33,7 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis.runs import NR_METHODS, RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count  # noqa: E402
+from analysis.runs import NR_METHODS, RunRecord, RunStore, mean_std, norm, rejuvenation_count  # noqa: E402
 from analysis.tables import Paper, parse_common, load_paper  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8, "figure.dpi": 100})
@@ -540,9 +540,8 @@ def write_manifest(results: list[PlotResult], out_dir: str | Path) -> Path:
 def cli_main(argv: list[str]) -> int:
     args = parse_common("plots", "Figure 1, trade-offs, Tr sweeps, rejuvenation counts, λ trajectories and Optuna "
                         "fronts from MLflow runs.", argv)
-    store = RunStore(args.tracking_uri or default_tracking_uri(), args.experiment)
     out = args.out
-    results = make_all(store, out, args.metric)
+    results = make_all(args.store, out, args.metric)
     write_manifest(results, out)
     from analysis.report import write_index
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nr_study.errors import ConfigError
+from nr_study.files import check_sqlite_store
 
 FINISHED = "FINISHED"
 
@@ -60,6 +61,7 @@ def check_tracking_uri(uri: str) -> str:
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():
             raise ConfigError(f"--tracking-uri: no MLflow database at {path} (run a sweep first, or pass --tracking-uri)")
+        check_sqlite_store(uri)
     elif uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request

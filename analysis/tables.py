@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from analysis.runs import RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count, runs_folder
 from nr_study.errors import ConfigError
+from nr_study.files import read_yaml
 
 PAPER_YAML = Path(__file__).with_name("paper_results.yaml")
 DASH = "—"
@@ -115,7 +115,7 @@ class Paper:
 
 
 def load_paper(path: str | Path = PAPER_YAML) -> Paper:
-    data = yaml.safe_load(Path(path).read_text())
+    data = read_yaml(path, "paper results file")
     aliases = {k: {norm(a) for a in v} | {norm(k)} for k, v in (data.get("arch_aliases") or {}).items()}
     tables: dict[str, PaperTable] = {}
     for key, t in data["tables"].items():
@@ -646,10 +646,12 @@ def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def parse_common(prog: str, description: str, argv: list[str]) -> argparse.Namespace:
-    """Parse and check what `tables` and `plots` share; the output folder must be writable before any work."""
+    """Parse and check what `tables` and `plots` share: the store opens (args.store) and the output folder is
+    writable before any work, and a bad store leaves no --out folder behind."""
     args = common_parser(prog, description).parse_args(argv)
     if args.metric not in METRIC_MODES:
         raise ConfigError(f"--metric: unknown value {args.metric!r}; allowed: {', '.join(METRIC_MODES)}")
+    args.store = RunStore(args.tracking_uri or default_tracking_uri(), args.experiment)
     args.out = Path(args.out) if args.out else runs_folder() / "report"
     try:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -665,8 +667,7 @@ def parse_common(prog: str, description: str, argv: list[str]) -> argparse.Names
 def cli_main(argv: list[str]) -> int:
     args = parse_common("tables", "Rebuild the paper's tables (paper | reproduced mean ± std (n) | Δ) from MLflow "
                         "runs.", argv)
-    store = RunStore(args.tracking_uri or default_tracking_uri(), args.experiment)
-    built = build_tables(store, args.metric)
+    built = build_tables(args.store, args.metric)
     out = args.out
     write_tables(built, out)
     from analysis.report import write_index

@@ -1,6 +1,6 @@
 """Training configuration: frozen dataclasses, YAML loading, validation, `--set` overrides.
 
-A config is data. `load_config(path, overrides)` reads YAML (yaml.safe_load), applies `a.b=value` overrides
+A config is data. `load_config(path, overrides)` reads YAML (nr_study.files.read_yaml), applies `a.b=value` overrides
 (each value parsed with yaml.safe_load) and validates. Every bad field gives one line naming the key, the value
 and what is allowed; several bad fields give several lines in one ConfigError.
 
@@ -14,12 +14,12 @@ import difflib
 import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
 from nr_study.errors import ConfigError
+from nr_study.files import read_yaml
 
 # Method table (docs/architecture.md). `nr`: the NR hook is on. scheme/rescale/realloc: the hook's defaults,
 # overridden by nr.scheme / nr.rescale / nr.realloc when those are set explicitly.
@@ -428,27 +428,8 @@ def apply_overrides(d: dict, overrides) -> dict:
     return d
 
 
-def read_yaml(path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    text = p.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of keys, got {_tname(data)}")
-    return data
-
-
 def load_config(path, overrides=()) -> Config:
-    d = read_yaml(path)
+    d = read_yaml(path, "config file")
     apply_overrides(d, overrides)
     try:
         return config_from_dict(d)

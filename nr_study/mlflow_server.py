@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 from nr_study.errors import UserError
+from nr_study.files import check_sqlite_store
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_NAME = "mlartifacts"
@@ -71,6 +72,7 @@ class MlflowServer:
         `folder/mlflow.db`, artifacts go to `folder/mlartifacts` through the server's artifact proxy.
         """
         folder = runs_dir(folder)
+        check_sqlite_store(f"sqlite:///{folder / DB_NAME}")  # a garbage file: one line, not a server that dies
         lock_fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

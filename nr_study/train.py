@@ -4,6 +4,8 @@ Read top to bottom: build data and model (NR-FS: an earlier run's architecture, 
 form on a half/half split), attach the NR hook (NR methods) or a fixed-λ L1 hook (SLIM), then per epoch:
 steps (forward, backward, hook.after_backward, SGD step, hook.end_of_step) -> hook.end_of_epoch -> SLIM prune ->
 evaluation -> checkpoint (atomic) -> MLflow (one log_batch) -> on_epoch_end -> fault injection.
+With progress on and stderr a terminal, an epoch's steps show a tqdm bar (images/s, loss) on stderr; the
+epoch's line follows on stdout. Sweep trials run with progress off.
 A rejuvenation (a report from the hook) rebuilds the optimizer: momentum buffers are dropped, because the
 parameter tensors are new (S weights move to new positions and R weights are fresh); optionally the lr
 schedule restarts (optim.restart_after_rejuvenation).
@@ -44,6 +46,7 @@ import yaml
 from nr_study.config import Config, config_from_dict, config_to_dict, flatten, load_config, resolved_nr
 from nr_study.errors import (CheckpointError, CheckpointWriteError, ConfigError, UnsupportedGraphError,
                              one_line)
+from nr_study.files import check_sqlite_store, read_json, read_torch
 
 CKPT_NAME = "state.pt"
 CKPT_FORMAT = 1
@@ -135,11 +138,7 @@ def load_checkpoint(checkpoint_dir) -> Optional[dict]:
     p = Path(checkpoint_dir) / CKPT_NAME
     if not p.is_file():
         return None
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # garbage, truncated, or a pickle that weights_only refuses
-        raise CheckpointError(f"checkpoint {p}: not a readable nr_study checkpoint ({type(exc).__name__}: "
-                              f"{one_line(exc, 160)}); delete it or use another --checkpoint-dir") from None
+    ck = read_torch(p, "nr_study checkpoint", hint="delete it or use another --checkpoint-dir")
     if not isinstance(ck, dict) or not all(k in ck for k in CKPT_KEYS):
         what = (f"a {type(ck).__name__}" if not isinstance(ck, dict)
                 else "a dict with keys " + ", ".join(sorted(map(str, ck))[:8]))
@@ -255,22 +254,21 @@ def _fs_spec(cfg: Config, tracking_uri: str) -> tuple[dict, Optional[str]]:
         from nr_study.tracking import download_artifact
 
         path = download_artifact(cfg.fs.run_id, "model/model.pt", cfg.fs.tracking_uri or tracking_uri)
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        src_name = payload["model_name"]
-        spec = payload.get("arch_spec_json") or ""
+        payload = read_torch(path, "nr_study model file")
+        spec = payload.get("arch_spec_json") if isinstance(payload, dict) else None
         if not spec:
             raise ConfigError(f"fs.run_id: run {cfg.fs.run_id!r} has no architecture spec (was it a BL run?)")
-        return json.loads(spec), src_name
+        return json.loads(spec), payload.get("model_name")
     path = Path(cfg.fs.architecture_file)
     if not path.is_file():
         raise ConfigError(f"fs.architecture_file: {str(path)!r} not found; expected final_widths.json or model.pt")
     if path.suffix in (".pt", ".pth"):
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = read_torch(path, "nr_study model file")
+        if not (isinstance(payload, dict) and payload.get("arch_spec_json")):
+            raise ConfigError(f"fs.architecture_file: {str(path)!r} holds no architecture spec; allowed: the "
+                              f"model.pt of an NR run (or its final_widths.json)")
         return json.loads(payload["arch_spec_json"]), payload.get("model_name")
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"fs.architecture_file: {str(path)!r} is not JSON ({exc})") from None
+    obj = read_json(path, "final_widths.json architecture file")
     if isinstance(obj, dict) and "architecture" in obj:  # final_widths.json
         return obj["architecture"], obj.get("model")
     return obj, None
@@ -460,7 +458,10 @@ class _Run:
         if self.cfg.optim.restart_after_rejuvenation:
             self.sched_offset = self.step
         if self._progress:
-            print(f"  rejuvenation {self.n_events} at epoch {self.epoch + 1} step {self.step}", flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(f"  rejuvenation {self.n_events} at epoch {self.epoch + 1} step {self.step}", file=sys.stdout)
+            sys.stdout.flush()  # tqdm.write: clears the epoch bar on the same terminal, prints, redraws it
 
     def maybe_slim_prune(self) -> None:
         cfg = self.cfg
@@ -489,33 +490,39 @@ class _Run:
         bad = torch.zeros((), device=self.device, dtype=torch.bool)
         check_every = 1 if self.device.type == "cpu" else NAN_CHECK_EVERY
         t0 = time.perf_counter()
-        for x, y in self.data.train_batches(self.epoch + 1, cfg.train.batch_size, self.spe):
-            if self.device.type == "cuda" and cfg.train.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(cfg.optim, cfg.train.epochs, self.spe, self.step, self.sched_offset)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
-                out = self.model(x)
-                loss = F.cross_entropy(out.float(), y)
-            bad = bad | ~torch.isfinite(loss.detach())
-            if (self.step + 1) % check_every == 0 and bool(bad):  # CPU: every step; CUDA: without a sync per step
-                raise TrainingDivergedError(
-                    f"epoch {self.epoch + 1} step {self.step + 1}: loss is {loss.item()}; training diverged "
-                    f"(lower optim.lr, nr.delta_lambda or nr.lambda_max)")
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.hook is not None:
-                self.hook.after_backward()
-            self.opt.step()
-            self.step += 1
-            loss_sum += loss.detach().double() * len(y)
-            wrong += (out.detach().argmax(1) != y).sum()
-            seen += len(y)
-            if self.hook is not None:
-                rep = self.hook.end_of_step()
-                if rep:
-                    self.on_rejuvenation(rep)
+        batches = self.data.train_batches(self.epoch + 1, cfg.train.batch_size, self.spe)
+        with epoch_bar(batches, steps=self.spe, batch_size=cfg.train.batch_size,
+                       desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", enabled=self._progress) as bar:
+            for x, y in bar:
+                if self.device.type == "cuda" and cfg.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                lr = lr_at(cfg.optim, cfg.train.epochs, self.spe, self.step, self.sched_offset)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = self.model(x)
+                    loss = F.cross_entropy(out.float(), y)
+                bad = bad | ~torch.isfinite(loss.detach())
+                sync = (self.step + 1) % check_every == 0  # CPU: every step; CUDA: without a sync per step
+                if sync and bool(bad):
+                    raise TrainingDivergedError(
+                        f"epoch {self.epoch + 1} step {self.step + 1}: loss is {loss.item()}; training diverged "
+                        f"(lower optim.lr, nr.delta_lambda or nr.lambda_max)")
+                if sync and not bar.disable:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.hook is not None:
+                    self.hook.after_backward()
+                self.opt.step()
+                self.step += 1
+                loss_sum += loss.detach().double() * len(y)
+                wrong += (out.detach().argmax(1) != y).sum()
+                seen += len(y)
+                if self.hook is not None:
+                    rep = self.hook.end_of_step()
+                    if rep:
+                        self.on_rejuvenation(rep)
         if bool(bad):
             raise TrainingDivergedError(f"epoch {self.epoch + 1}: loss became NaN/inf by step {self.step}; training "
                                         f"diverged (lower optim.lr, nr.delta_lambda or nr.lambda_max)")
@@ -618,6 +625,15 @@ class _Run:
     _progress = True
 
 
+def epoch_bar(batches, *, steps: int, batch_size: int, desc: str, enabled: bool):
+    """A tqdm bar around one epoch's batches (images/s; the loop adds the loss), on stderr, only when enabled
+    and stderr is a terminal: a CPU epoch can take minutes, while logs, pipes and Ray trials stay clean."""
+    from tqdm import tqdm
+
+    return tqdm(batches, total=steps, desc=desc, unit="img", unit_scale=batch_size, leave=False, file=sys.stderr,
+                dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()))
+
+
 def _fault_kill(tcfg, epoch: int, point: str) -> None:
     if tcfg.fault_kill_at_epoch != epoch or tcfg.fault_kill_point != point:
         return
@@ -716,6 +732,7 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
         store = local_store_dir(uri)
         if store is not None:
             check_writable_dir(store, "tracking store folder")
+        check_sqlite_store(uri)
         ck = load_checkpoint(ckpt_dir) if (resume and ckpt_dir is not None) else None
         seed_everything(cfg.seed)
         data = build_data(cfg.data, device, seed=cfg.seed)

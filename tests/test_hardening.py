@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from nr_study import cli
 from nr_study import tracking as T
 from nr_study import train as TR
+from nr_study.errors import ConfigError
 from tests.procs import with_signals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +200,80 @@ def test_cuda_requested_without_cuda(sandbox, capsys):
         pytest.skip("this machine has CUDA")
     expect_bad_input(sandbox, capsys, _deep(TINY, train={"device": "cuda"}),
                      needles=["train.device: 'cuda' is not available"])
+
+
+# ------------------------------------------------------------------------- files that are not what they should be
+GARBAGE = bytes(range(256)) * 8  # not UTF-8 (0x80 at offset 128), not JSON, not SQLite, not a torch file
+NR_FS = ["--set", "method=NR-FS", "--set", "fs.architecture_file={f}"]
+# (id, file name, content, argv ({f}: that file, {cfg}: a good TINY config, {d}: the sandbox), needles)
+FILE_CASES = [
+    ("train_binary", "cfg.yaml", GARBAGE, ["train", "{f}"],
+     ["{f}: not UTF-8 text YAML (byte 0x80 at offset 128); allowed: a UTF-8 text YAML config file"]),
+    ("train_empty", "cfg.yaml", b"", ["train", "{f}"], ["{f}: empty config file (only whitespace or comments)"]),
+    ("train_only_comments", "cfg.yaml", b"# to do\n\n   \n# method: NR\n", ["train", "{f}"],
+     ["{f}: empty config file"]),
+    ("train_empty_mapping", "cfg.yaml", b"{}\n", ["train", "{f}"], ["{f}: empty config file ({{}})"]),
+    ("train_folder", "cfgdir", None, ["train", "{f}"], ["{f}: is a folder; allowed: a text YAML config file"]),
+    ("sweep_binary", "space.yaml", GARBAGE, ["sweep", "{f}"],
+     ["{f}: not UTF-8 text YAML", "allowed: a UTF-8 text YAML search space file"]),
+    ("sweep_empty", "space.yaml", b"", ["sweep", "{f}"], ["{f}: empty search space file"]),
+    ("sweep_only_comments_dry_run", "space.yaml", b"# name: x\n", ["sweep", "{f}", "--dry-run"],
+     ["{f}: empty search space file"]),
+    ("train_store_not_sqlite", "mlflow.db", GARBAGE, ["train", "{cfg}", "--tracking-uri", "sqlite:///{f}"],
+     ["{f}: not an SQLite database; allowed: an MLflow database"]),
+    ("tables_store_not_sqlite", "mlflow.db", GARBAGE, ["tables", "--tracking-uri", "sqlite:///{f}", "--out",
+                                                       "{d}/report"], ["{f}: not an SQLite database"]),
+    ("plots_store_not_sqlite", "mlflow.db", GARBAGE, ["plots", "--tracking-uri", "sqlite:///{f}", "--out",
+                                                      "{d}/report"], ["{f}: not an SQLite database"]),
+    ("nr_fs_widths_binary", "final_widths.json", GARBAGE, ["train", "{cfg}", *NR_FS],
+     ["{f}: not UTF-8 text", "allowed: a UTF-8 text JSON final_widths.json architecture file"]),
+    ("nr_fs_widths_not_json", "final_widths.json", b'{"architecture": [1,', ["train", "{cfg}", *NR_FS],
+     ["{f}: not valid JSON (line 1: "]),
+    ("nr_fs_model_pt_garbage", "model.pt", GARBAGE, ["train", "{cfg}", *NR_FS],
+     ["{f}: not a readable nr_study model file ("]),
+    ("nr_fs_model_pt_other_torch_file", "model.pt", "tensor", ["train", "{cfg}", *NR_FS],
+     ["holds no architecture spec; allowed: the model.pt of an NR run"]),
+]
+
+
+@pytest.mark.parametrize("name, fname, content, argv, needles", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_bad_file_is_one_line_exit_2(name, fname, content, argv, needles, sandbox, capsys):
+    """Every command that reads a user file: a binary, empty, malformed or foreign file is one line naming it,
+    exit 2, and nothing is written (no runs/, no checkpoint folder, no report folder)."""
+    bad = sandbox / fname
+    if content is None:
+        bad.mkdir()
+    elif content == "tensor":
+        torch.save(torch.zeros(3), bad)
+    else:
+        bad.write_bytes(content)
+    (sandbox / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    fill = dict(f=bad, cfg=sandbox / "tiny.yaml", d=sandbox)
+    before = _files(sandbox)
+    rc = cli.main([a.format(**fill) for a in argv])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    for n in needles:
+        assert n.format(**fill) in err[0], (n, err[0])
+    assert _files(sandbox) == before
+
+
+def test_sweep_resume_of_a_garbage_state_file(sandbox, capsys):
+    (sandbox / "space.yaml").write_text(yaml.safe_dump({"name": "x", "base": TINY}))
+    (sandbox / "old").mkdir()
+    (sandbox / "old" / "nr_sweep.json").write_bytes(b'["not", "a sweep"]')
+    rc = cli.main(["sweep", str(sandbox / "space.yaml"), "--resume", str(sandbox / "old")])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and err == [f"error: {sandbox / 'old' / 'nr_sweep.json'}: not an nr-study sweep state (no "
+                               f"'document' mapping); allowed: the nr_sweep.json a sweep wrote"], err
+
+
+def test_paper_results_file_goes_through_the_same_loader(sandbox):
+    from analysis.tables import load_paper
+
+    (sandbox / "paper.yaml").write_bytes(GARBAGE)
+    with pytest.raises(ConfigError, match=r"paper\.yaml: not UTF-8 text YAML .*allowed: a UTF-8 text YAML paper"):
+        load_paper(sandbox / "paper.yaml")
 
 
 # ------------------------------------------------------------------------------------------------ output folders

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from nr_study.errors import UserError
+from nr_study.files import read_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,7 @@ def cli_main(argv) -> int:
         raise UserError("--resume continues the sweep as it was launched; --set is not allowed with it")
     from nr_study.sweep.runner import run_sweep
 
-    summary = run_sweep(space, source_text=path.read_text(), address=args.address, tracking_uri=args.tracking_uri,
+    summary = run_sweep(space, source_text=read_text(path, "search space file"), address=args.address, tracking_uri=args.tracking_uri,
                         resume=args.resume, runs=args.runs, verbose=args.verbose)
     if summary.get("interrupted"):
         return 130

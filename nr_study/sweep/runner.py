@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nr_study.errors import ConfigError, UserError
+from nr_study.files import read_json
 
 # Before Ray is imported anywhere: the classic CLIReporter table (trimmed to our metrics), no per-checkpoint
 # snapshot warnings, no MLflow "View run" lines from every trial.
@@ -583,7 +584,10 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             raise UserError(f"--resume: no sweep named {space.name!r} to resume under {storage_root}"
                             if not isinstance(resume, str) else f"--resume {resume}: not a sweep folder "
                             f"(no {SWEEP_FILE})")
-        state = json.loads((sweep_dir / SWEEP_FILE).read_text())
+        state = read_json(sweep_dir / SWEEP_FILE, "sweep state file")
+        if not isinstance(state, dict) or not isinstance(state.get("document"), dict):
+            raise UserError(f"{sweep_dir / SWEEP_FILE}: not an nr-study sweep state (no 'document' mapping); "
+                            f"allowed: the {SWEEP_FILE} a sweep wrote")
         from nr_study.sweep.space import parse_search_space
 
         space = parse_search_space(state["document"], state.get("path", space.path))

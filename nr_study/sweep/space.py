@@ -256,9 +256,9 @@ def format_template(template: str, full: dict, where: str = "template") -> str:
 
 # --------------------------------------------------------------------------------------------- loading
 def read_document(path) -> dict:
-    from nr_study.config import read_yaml
+    from nr_study.files import read_yaml
 
-    return read_yaml(path)
+    return read_yaml(path, "search space file")
 
 
 def apply_space_overrides(doc: dict, overrides) -> dict:

@@ -1,0 +1,96 @@
+"""Reading the files a user hands us: configs, search spaces, architecture files, sweep state, SQLite stores.
+
+One place turns a missing, unreadable, binary, empty or malformed file into one ConfigError line that names
+the file and says what is allowed (exit 2), so no command ends in a UnicodeDecodeError or a silent default
+run. No torch or MLflow import here: `analysis/` uses it too.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nr_study.errors import CheckpointError, ConfigError, one_line
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def read_text(path, what: str = "file", form: str = "text") -> str:
+    """The file's text, decoded as UTF-8; anything else is one line naming the file. `form` says what the
+    text should be ("text YAML")."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{path}: is a folder; allowed: a {form} {what}")
+    if not p.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 {form} (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                          f"allowed: a UTF-8 {form} {what}") from None
+
+
+def read_yaml(path, what: str = "config file") -> dict:
+    """A YAML file whose top level is a non-empty mapping. An empty file (or only comments) is refused: it is
+    almost always a mistake, and reading it as "all defaults" would start a full-size run."""
+    text = read_text(path, what, "text YAML")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: empty {what} (only whitespace or comments); allowed: a YAML mapping of keys")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    if not data:
+        raise ConfigError(f"{path}: empty {what} ({{}}); allowed: a YAML mapping of keys")
+    return data
+
+
+def read_json(path, what: str = "JSON file") -> Any:
+    text = read_text(path, what, "text JSON")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); allowed: a {what}") from None
+
+
+def read_torch(path, what: str = "torch file", hint: str = "") -> Any:
+    """torch.load(weights_only=True): a pickle that would run code is refused like any garbage, in one line."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # garbage, truncated, or a pickle that weights_only refuses
+        raise CheckpointError(f"{path}: not a readable {what} ({type(exc).__name__}: {one_line(exc, 160)})"
+                              + (f"; {hint}" if hint else "")) from None
+
+
+def check_sqlite_store(uri: str) -> None:
+    """A `sqlite:///` tracking URI naming an existing file must name an SQLite database; otherwise MLflow's
+    'file is not a database' would surface as an internal error. A missing or empty file is a new store."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the MLflow database ({exc.strerror or exc})") from None
+    if head != SQLITE_MAGIC:
+        raise ConfigError(f"{path}: not an SQLite database; allowed: an MLflow database (mlflow.db) or a path "
+                          f"where none exists yet")
