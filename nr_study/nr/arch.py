@@ -18,7 +18,7 @@ def module_spec(m: nn.Module) -> dict | None:
         return {"type": "ca", "s_idx": m.s_idx.tolist(), "r_idx": m.r_idx.tolist(), "s_out": m.s_out,
                 "r_out": m.r_out, "impl": m.impl, "inner": module_spec(m.inner),
                 "w_sr": module_spec(m.w_sr) if m.w_sr is not None else None,
-                "w_r": module_spec(m.w_r) if m.w_r is not None else None}
+                "w_r": module_spec(m.w_r) if m.w_r is not None else None, "bias_r": m.bias_r is not None}
     if isinstance(m, nn.Conv2d):
         return {"type": "conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": list(m.kernel_size),
                 "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
@@ -74,9 +74,10 @@ def build_module(spec: dict) -> nn.Module:
         template = inner
         while isinstance(template, CAConv):
             template = template.inner
+        bias_r = torch.zeros(spec["r_out"]) if spec.get("bias_r") else None
         return CAConv(s_idx, r_idx, inner, build_module(spec["w_sr"]) if spec["w_sr"] else None,
                       build_module(spec["w_r"]) if spec["w_r"] else None, template, spec["s_out"], spec["r_out"],
-                      impl=spec["impl"])
+                      impl=spec["impl"], bias_r=bias_r)
     raise ValueError(f"architecture spec: unknown module type {t!r}")
 
 

@@ -30,7 +30,10 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 
 
 def live_masks(model: nn.Module, graph: ChannelGraph, threshold: float = 0.01) -> dict[int, torch.Tensor]:
-    """Per free group: bool mask of live channels, |γ| >= threshold · max|γ| of its unit BN (paper §3.1.1)."""
+    """Per free group: bool mask of live channels, |γ| >= threshold · max|γ| of its unit BN (paper §3.1.1).
+
+    A layer never vanishes, nor does a side (S or R) of a split conv over it: where all of one is dead, its
+    strongest channel counts as live. Pruning keeps exactly these channels, so U(θ) is the pruned cost."""
     groups = graph.free_groups()
     if not groups:
         return {}
@@ -40,9 +43,23 @@ def live_masks(model: nn.Module, graph: ChannelGraph, threshold: float = 0.01) -
     flat = torch.cat(gammas).abs()
     seg = torch.repeat_interleave(torch.arange(len(groups), device=flat.device),
                                   torch.tensor(widths, device=flat.device))
-    top = flat.new_zeros(len(groups)).scatter_reduce_(0, seg, flat, "amax", include_self=False)[seg]
-    live = (flat >= threshold * top) & (top > 1e-12)
-    return dict(zip((g.id for g in groups), live.split(widths)))
+    top = flat.new_zeros(len(groups)).scatter_reduce_(0, seg, flat, "amax", include_self=False)
+    live = (flat >= threshold * top[seg]) & (top[seg] > 1e-12)
+    masks = dict(zip((g.id for g in groups), live.split(widths)))
+    if graph.sides or bool((top <= 1e-12).any()):
+        masks = {gid: keep_one_per_side(m, gamma.abs(), [torch.arange(len(m))] + graph.sides.get(gid, []))
+                 for (gid, m), gamma in zip(masks.items(), gammas)}
+    return masks
+
+
+def keep_one_per_side(mask: torch.Tensor, score: torch.Tensor, sides: list[torch.Tensor]) -> torch.Tensor:
+    """``mask`` with, in every index set of ``sides`` that it leaves empty, the highest-scoring channel added."""
+    out = mask.clone()
+    for idx in sides:
+        idx = idx.to(mask.device)
+        if len(idx) and not bool(out[idx].any()):
+            out[idx[score[idx].argmax()]] = True
+    return out
 
 
 def _segment_mask(graph: ChannelGraph, layout, masks) -> torch.Tensor:
@@ -113,6 +130,16 @@ def graph_utilization(model: nn.Module, graph: ChannelGraph, constraint: str = "
     per_group = [LayerUtil(g.producer or "input", g.width, live_n.get(g.id, g.width), not g.free,
                            g.fixed_reason) for g in graph.groups.values() if g.producer is not None]
     return Utilization(constraint, live, total, per_group)
+
+
+def min_reachable_ratio(model: nn.Module, graph: ChannelGraph, constraint: str = "params") -> float:
+    """The smallest r(θ) the L1 pressure can reach: every free channel dead but one per layer (and side).
+
+    Fixed groups never die, so a model they dominate (grouped convs, gates, residual streams) may never
+    get under a given Tr; the hook refuses such a Tr up front instead of growing λ forever."""
+    one = {g.id: torch.arange(g.width) == 0 for g in graph.free_groups()}
+    one = {gid: keep_one_per_side(m, torch.ones(len(m)), graph.sides.get(gid, [])) for gid, m in one.items()}
+    return graph_utilization(model, graph, constraint, masks=one).ratio
 
 
 def _live_counts(masks: dict[int, torch.Tensor]) -> dict[int, int]:

@@ -7,11 +7,15 @@ Concatenation joins layouts; elementwise ops pass them through; an add or a mult
 couples their groups, which makes them *fixed* (never penalised, removed or expanded: paper §4.3).
 A group is *free* when its producer feeds exactly one BatchNorm (the *unit BN*, whose γ judges liveness)
 and nothing made it fixed. Anything the walk does not understand is refused, naming the node.
+
+A model may branch on ``self.training`` (auxiliary heads): we trace it in both modes, build the graph from
+the training trace (it runs every weight) and require the eval trace to be a part of it, read the same way.
+Every weight layer and BN is called once: a module applied twice (weight sharing) is refused.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from nr_study.errors import UnsupportedGraphError
-from nr_study.nr.schemes import SPLIT_CONVS
+from nr_study.nr.schemes import SPLIT_CONVS, CAConv
 
 Segment = tuple[int, int]  # (group id, features per channel)
 Layout = tuple[Segment, ...]
@@ -89,6 +93,8 @@ class ChannelGraph:
     layers: list[Layer]
     bns: list[BNRef]
     input_shape: tuple[int, ...]
+    # per free group: the channel index sets of the split convs' S/R sides over it; each keeps a channel
+    sides: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
     def width(self, layout: Layout) -> int:
         return sum(self.groups[g].width * f for g, f in layout)
@@ -114,20 +120,155 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
 
 
 def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> ChannelGraph:
-    """Trace ``model`` once on a zero batch of ``input_shape`` and derive its channel graph."""
-    gm = trace(model)
+    """Trace ``model`` in train and eval mode on a zero batch of ``input_shape`` and derive its channel graph."""
     was_training = model.training
-    param = next(model.parameters())
-    model.eval()
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(*input_shape, device=param.device, dtype=param.dtype))
-    except Exception as exc:
-        raise UnsupportedGraphError(
-            f"model {type(model).__name__} cannot take an input of shape {tuple(input_shape)}: {exc}") from exc
+        train_graph = _graph_in_mode(model, input_shape, training=True)
+        eval_graph = _graph_in_mode(model, input_shape, training=False)
     finally:
         model.train(was_training)
+    graph = _merge_modes(train_graph, eval_graph)
+    _check_every_weight_is_traced(model, graph)
+    graph.sides = split_sides(model, graph)
+    return graph
+
+
+def _graph_in_mode(model: nn.Module, input_shape, training: bool) -> ChannelGraph:
+    """One trace and walk with ``model.train(training)``; the model's buffers and the RNG are left untouched."""
+    model.train(training)
+    gm = trace(model)
+    param = next(model.parameters(), None)
+    if param is None:
+        raise UnsupportedGraphError(f"model {type(model).__name__} has no parameters")
+    # a batch of two: train-mode BN needs more than one value per channel, and sizes coincide less often
+    shape = (max(2, int(input_shape[0])),) + tuple(input_shape[1:])
+    saved = {k: b.clone() for k, b in model.named_buffers()}
+    devices = [param.device] if param.device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            ShapeProp(gm).propagate(torch.zeros(*shape, device=param.device, dtype=param.dtype))
+    except UnsupportedGraphError:
+        raise
+    except Exception as exc:
+        mode = "train" if training else "eval"
+        raise UnsupportedGraphError(f"model {type(model).__name__} cannot take an input of shape "
+                                    f"{tuple(input_shape)} in {mode} mode: {exc}") from exc
+    finally:
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in saved:
+                    b.copy_(saved[k])
     return _Walker(gm, tuple(input_shape)).run()
+
+
+def _group_key(graph: ChannelGraph, gid: int) -> str:
+    g = graph.groups[gid]
+    return g.producer if g.producer is not None else f"input#{gid}"
+
+
+def _merge_modes(train: ChannelGraph, ev: ChannelGraph) -> ChannelGraph:
+    """The train-mode graph, restricted by what the eval-mode trace adds (more readers fix more groups).
+
+    The eval trace must run a subset of the train trace's layers, each reading the same channels."""
+    by_key = {_group_key(train, gid): gid for gid in train.groups}
+
+    def mapped(layout: Layout, what: str) -> Layout:
+        out = []
+        for g, f in layout:
+            key = _group_key(ev, g)
+            if key not in by_key:
+                raise UnsupportedGraphError(f"{what} reads channels of '{key}' only in eval mode; "
+                                            "the channel analysis needs one graph for both modes")
+            out.append((by_key[key], f))
+        return tuple(out)
+
+    train_layers = {layer.name: layer for layer in train.layers}
+    for layer in ev.layers:
+        ref = train_layers.get(layer.name)
+        if ref is None:
+            raise UnsupportedGraphError(f"layer '{layer.name}' runs only in eval mode; the channel analysis "
+                                        "needs every weight layer in the training graph")
+        if ref.kind != layer.kind or ref.in_layout != mapped(layer.in_layout, f"layer '{layer.name}'"):
+            raise UnsupportedGraphError(f"layer '{layer.name}' reads different channels in train and eval mode")
+    train_bns = {bn.name: bn for bn in train.bns}
+    for bn in ev.bns:
+        ref = train_bns.get(bn.name)
+        if ref is None or ref.layout != mapped(bn.layout, f"BatchNorm '{bn.name}'"):
+            raise UnsupportedGraphError(f"BatchNorm '{bn.name}' normalises different channels in train and "
+                                        "eval mode")
+    for gid, g in ev.groups.items():
+        mine = train.groups[by_key[_group_key(ev, gid)]]
+        if g.fixed_reason is not None and mine.fixed_reason is None:
+            mine.fixed_reason = f"{g.fixed_reason} (in eval mode)"
+        if g.bn != mine.bn and mine.fixed_reason is None:
+            mine.fixed_reason = "its BatchNorm differs between train and eval mode"
+        if g.rescale_reason is not None and mine.rescale_reason is None:
+            mine.rescale_reason = f"{g.rescale_reason} (in eval mode)"
+    return train
+
+
+def _check_every_weight_is_traced(model: nn.Module, graph: ChannelGraph) -> None:
+    """cost = Σ conv/linear weights needs every weight layer in the graph; an unused one is refused."""
+    traced = {layer.name for layer in graph.layers}
+    for name, m in model.named_modules():
+        if isinstance(m, SPLIT_CONVS):
+            continue
+        if type(m) in (nn.Conv2d, nn.Linear) and name not in traced and not _inside_split(model, name):
+            raise UnsupportedGraphError(f"module '{name}' ({type(m).__name__}) is never called by forward "
+                                        "in train or eval mode; its weights would be missing from the cost")
+
+
+def _inside_split(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), SPLIT_CONVS):
+            return True
+    return False
+
+
+def split_sides(model: nn.Module, graph: ChannelGraph) -> dict[int, list[torch.Tensor]]:
+    """Per free group, the index sets of every S or R side a split conv reads or writes over it.
+
+    Pruning keeps at least one channel of each side, so no block of a split conv ever loses all its inputs
+    or outputs (a zero-width conv is not a conv), and utilization counts the same channels."""
+    sides: dict[int, list[torch.Tensor]] = {}
+
+    def add(gid: int, idx: torch.Tensor) -> None:
+        if graph.groups[gid].free and len(idx):
+            sides.setdefault(gid, []).append(idx)
+
+    def walk(m: nn.Module, in_pos: torch.Tensor, out_gid: int, out_pos: torch.Tensor) -> None:
+        for part in (in_pos[m.s_idx], in_pos[m.r_idx]):
+            for gid, idx in _by_group(part, owner):
+                add(gid, idx)
+        s_out, r_out = out_pos[: m.s_out], out_pos[m.s_out:]
+        add(out_gid, s_out)
+        add(out_gid, r_out)
+        if isinstance(m, CAConv) and isinstance(m.inner, CAConv):
+            walk(m.inner, in_pos[m.s_idx], out_gid, s_out)
+
+    modules = dict(model.named_modules())
+    for layer in graph.layers:
+        m = modules.get(layer.name)
+        if not isinstance(m, SPLIT_CONVS):
+            continue
+        owner = []  # (group, channel) of each position of the layer's input
+        for g, f in layer.in_layout:
+            owner.extend((g, c) for c in range(graph.groups[g].width) for _ in range(f))
+        walk(m, torch.arange(len(owner)), layer.out_group, torch.arange(graph.groups[layer.out_group].width))
+    return sides
+
+
+def _by_group(positions: torch.Tensor, owner: list[tuple[int, int]]):
+    out: dict[int, list[int]] = {}
+    for p in positions.tolist():
+        g, c = owner[p]
+        out.setdefault(g, []).append(c)
+    return [(g, torch.tensor(cs, dtype=torch.long)) for g, cs in out.items()]
+
+
+def _arg(node, pos: int, name: str, default):
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
 
 
 def _shape(node) -> tuple[int, ...] | None:
@@ -145,6 +286,7 @@ class _Walker:
         self.bns: list[BNRef] = []
         self.layout: dict[torch.fx.Node, Layout] = {}
         self.producer_node: dict[int, torch.fx.Node] = {}
+        self.called: set[str] = set()
 
     # -- helpers ---------------------------------------------------------------------------------
     def new_group(self, width: int, producer: str | None) -> int:
@@ -174,6 +316,22 @@ class _Walker:
             self.refuse(node, "no tensor input with a known channel layout")
         return self.layout[ins[0]]
 
+    def passthrough(self, node, shape, rescale_reason: str | None = None) -> None:
+        """An op that keeps the batch and channel dims in place: its output has its input's layout."""
+        src = _shape(self.tensor_inputs(node)[0]) if self.tensor_inputs(node) else None
+        lay = self.first_layout(node)
+        if src is None or len(src) < 2 or len(shape) < 2 or tuple(shape[:2]) != tuple(src[:2]):
+            self.refuse(node, f"expected an op keeping the (batch, channel) dims, got {src} -> {tuple(shape)}")
+        if rescale_reason is not None:
+            self.no_rescale(lay, rescale_reason)
+        self.layout[node] = lay
+
+    def called_once(self, node) -> None:
+        if node.target in self.called:
+            self.refuse(node, f"module '{node.target}' is called more than once (weight sharing / a reused "
+                              "BatchNorm): its channels cannot be judged or resized per call")
+        self.called.add(node.target)
+
     # -- walk --------------------------------------------------------------------------------------
     def run(self) -> ChannelGraph:
         for node in self.gm.graph.nodes:
@@ -189,6 +347,8 @@ class _Walker:
                     if a in self.layout:
                         self.fix(self.layout[a], "network output")
             elif shape is None:
+                if node.op == "call_module":
+                    self.refuse(node, "a module that does not return one tensor is not understood")
                 continue  # sizes, shapes, python values: they carry no channels
             elif node.op == "get_attr":
                 self.refuse(node, "a parameter/buffer used directly in forward is not supported")
@@ -203,8 +363,12 @@ class _Walker:
 
     def visit_module(self, node, m: nn.Module, shape) -> None:
         name = node.target
+        if isinstance(m, (nn.Conv2d, *SPLIT_CONVS, nn.Linear, *_BN)):
+            self.called_once(node)
         if isinstance(m, (nn.Conv2d, *SPLIT_CONVS)):
             lay = self.first_layout(node)
+            if len(shape) != 4:
+                self.refuse(node, f"a conv on an unbatched or non-2d input (output shape {shape})")
             hw = shape[2] * shape[3]
             k = m.kernel_size[0] * m.kernel_size[1]
             if m.groups == 1:
@@ -231,38 +395,32 @@ class _Walker:
             self.layers.append(Layer(name, "linear", lay, gid, 1, 1, 1))
             self.layout[node] = ((gid, 1),)
         elif isinstance(m, _BN):
-            lay = self.first_layout(node)
-            self.bns.append(BNRef(name, lay))
-            self.layout[node] = lay
+            self.passthrough(node, shape)
+            self.bns.append(BNRef(name, self.layout[node]))
         elif isinstance(m, _HOMOGENEOUS_MODULES):
-            self.layout[node] = self.first_layout(node)
+            self.passthrough(node, shape)
         elif isinstance(m, _OTHER_ELEMENTWISE_MODULES):
-            lay = self.first_layout(node)
-            self.no_rescale(lay, f"passes through {type(m).__name__} '{name}', which is not positively homogeneous")
-            self.layout[node] = lay
+            self.passthrough(node, shape, f"passes through {type(m).__name__} '{name}', which is not "
+                                          "positively homogeneous")
+            if isinstance(m, nn.PReLU) and m.num_parameters > 1:
+                self.fix(self.layout[node], f"read by PReLU '{name}' with one weight per channel")
         elif isinstance(m, nn.Flatten):
-            if m.start_dim != 1:
-                self.refuse(node, f"Flatten(start_dim={m.start_dim}) is not supported (only start_dim=1)")
-            self.flatten(node)
+            self.flatten(node, m.start_dim, m.end_dim)
         else:
             self.refuse(node, f"module type {type(m).__name__} is not understood by the channel analysis")
 
     def visit_function(self, node, fn, shape) -> None:
         if fn in _HOMOGENEOUS_FUNCS:
-            self.layout[node] = self.first_layout(node)
+            self.passthrough(node, shape)
         elif fn in _OTHER_ELEMENTWISE_FUNCS:
-            lay = self.first_layout(node)
-            self.no_rescale(lay, f"passes through {getattr(fn, '__name__', fn)}, not positively homogeneous")
-            self.layout[node] = lay
+            self.passthrough(node, shape, f"passes through {getattr(fn, '__name__', fn)}, not positively "
+                                          "homogeneous")
         elif fn in _ADD or fn in _MUL:
             self.binary(node, fn, shape)
         elif fn in _CAT:
             self.concat(node, shape)
         elif fn is torch.flatten:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            if start != 1:
-                self.refuse(node, f"torch.flatten with start_dim={start} (only 1 is supported)")
-            self.flatten(node)
+            self.flatten(node, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
         elif fn is torch.mean:
             self.reduce(node, shape)
         else:
@@ -270,19 +428,20 @@ class _Walker:
 
     def visit_method(self, node, method: str, shape) -> None:
         if method in _HOMOGENEOUS_METHODS:
-            self.layout[node] = self.first_layout(node)
+            self.passthrough(node, shape)
         elif method in _OTHER_ELEMENTWISE_METHODS:
-            lay = self.first_layout(node)
-            self.no_rescale(lay, f"passes through .{method}(), not positively homogeneous")
-            self.layout[node] = lay
+            self.passthrough(node, shape, f"passes through .{method}(), not positively homogeneous")
         elif method in ("add", "add_", "sub", "mul", "mul_", "div"):
             self.binary(node, method, shape)
-        elif method in ("flatten", "view", "reshape"):
+        elif method == "flatten":
+            self.flatten(node, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+        elif method in ("view", "reshape"):
+            # a view keeps the memory order: to the same shape it is the identity, to (N, C·rest) a flatten
             src = _shape(node.args[0])
-            if len(shape) == 2 and src is not None and src[0] == shape[0]:
-                self.flatten(node)
+            if src is not None and len(src) >= 2 and len(shape) == 2 and src[0] == shape[0]:
+                self.flatten(node, 1, -1)
             elif src == shape:
-                self.layout[node] = self.first_layout(node)
+                self.passthrough(node, shape)
             else:
                 self.refuse(node, f".{method}() from {src} to {shape} mixes channels")
         elif method == "mean":
@@ -291,20 +450,37 @@ class _Walker:
             self.refuse(node, f"method .{method}() is not understood by the channel analysis")
 
     # -- structural ops --------------------------------------------------------------------------------
-    def flatten(self, node) -> None:
+    def flatten(self, node, start, end) -> None:
+        """Only a flatten of every dim after the batch is understood: channel c becomes a block of features."""
         src = _shape(node.args[0])
         lay = self.first_layout(node)
+        if src is None or not isinstance(start, int) or not isinstance(end, int):
+            self.refuse(node, "flatten with non-constant dims")
+        start, end = start % len(src), end % len(src)
+        if len(src) == 2 and start == 1:
+            self.layout[node] = lay  # flattening (N, C) is the identity
+            return
+        if start != 1 or end != len(src) - 1:
+            self.refuse(node, f"flatten of dims {start}..{end} of a {len(src)}-d tensor (only from dim 1 to the "
+                              "last is supported)")
         per_channel = 1
         for d in src[2:]:
             per_channel *= d
         self.layout[node] = tuple((g, f * per_channel) for g, f in lay)
 
     def reduce(self, node, shape) -> None:
+        """A mean over spatial dims keeps the channels; one over the batch or channel dim is refused."""
         src = _shape(node.args[0])
-        if len(shape) >= 2 and src is not None and shape[1] == src[1] and shape[0] == src[0]:
-            self.layout[node] = self.first_layout(node)  # a spatial mean keeps channels
-        else:
-            self.refuse(node, f"mean from {src} to {shape} reduces over channels")
+        dims = _arg(node, 1, "dim", None)
+        if src is None or dims is None:
+            self.refuse(node, "a mean over every dim reduces over channels")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not all(isinstance(d, int) for d in dims):
+            self.refuse(node, f"mean over non-constant dims {dims}")
+        dims = {d % len(src) for d in dims}
+        if dims & {0, 1}:
+            self.refuse(node, f"mean over dims {sorted(dims)} of {src} reduces over the batch or channel dim")
+        self.passthrough(node, shape)
 
     def binary(self, node, op, shape) -> None:
         ins = self.tensor_inputs(node)
@@ -317,6 +493,10 @@ class _Walker:
             return
         lays = [self.layout[a] for a in ins]
         shapes = [_shape(a) for a in ins]
+        if len({len(sh) for sh in shapes}) != 1 or len(shapes[0]) < 2 or any(
+                sh[1] not in (1, shape[1]) or sh[0] not in (1, shape[0]) for sh in shapes):
+            self.refuse(node, f"elementwise {name} of shapes {shapes}: operands must share the (batch, channel) "
+                              "dims (or broadcast a size-1 dim)")
         for lay in lays:
             self.fix(lay, f"coupled by elementwise {name} at '{node.name}' (residual/gating)")
         big = max(range(len(ins)), key=lambda i: shapes[i][1] if len(shapes[i]) > 1 else 0)
@@ -331,7 +511,7 @@ class _Walker:
             self.refuse(node, f"concatenation along dim {dim} (only the channel dim 1 is supported)")
         lay: list[Segment] = []
         for p in parts:
-            if p not in self.layout:
+            if p not in self.layout or len(_shape(p) or ()) != len(shape):
                 self.refuse(node, "concatenates a tensor with unknown channel layout")
             lay.extend(self.layout[p])
         self.layout[node] = tuple(lay)
@@ -346,6 +526,10 @@ class _Walker:
             group = self.groups[gid]
             users = list(node.users)
             if len(users) == 1 and users[0].op == "call_module" and users[0].target == bn_by_input.get(node):
+                if getattr(self.modules[users[0].target], "weight", None) is None:
+                    group.fixed_reason = group.fixed_reason or \
+                        f"BatchNorm '{users[0].target}' has no learnable scale γ (affine=False)"
+                    continue
                 group.bn = users[0].target
             elif group.fixed_reason is None:
                 group.fixed_reason = "no BatchNorm directly after its producer"

@@ -7,11 +7,12 @@ momentum over: the S weights restart their momentum, the R weights have none to 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
-from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks
+from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks, min_reachable_ratio
 from nr_study.nr.graph import build_graph
 from nr_study.nr.sparsity import LambdaController, l1_subgradient_
 from nr_study.nr.surgery import SCHEMES, base_cost, rejuvenate
@@ -68,6 +69,8 @@ class NeuralRejuvenation:
         self.cfg = config or NRConfig()
         self.graph = build_graph(model, self.input_shape)
         base_cost(model, self.graph)
+        if self.cfg.max_rejuvenations > 0:
+            self._check_reachable()
         self.lam = LambdaController(self.cfg.delta_r, self.cfg.delta_lambda, self.cfg.lambda_mode,
                                     self.cfg.lambda_fixed, self.cfg.lambda_max)
         self.step = 0
@@ -75,6 +78,21 @@ class NeuralRejuvenation:
         self.rejuvenations = 0
         self.last_ratio: dict[str, float] = {}
         self._collect_gammas()
+
+    def _check_reachable(self) -> None:
+        """Refuse a model with nothing to rejuvenate, or a Tr its fixed channels keep r from reaching."""
+        name = type(self.model).__name__
+        if not self.graph.free_groups():
+            raise ValueError(f"model {name}: no free channel group (every channel is fixed by residual adds, "
+                             "grouped convs, gates or a missing BatchNorm), so NR has nothing to rejuvenate")
+        c = self.cfg.constraint
+        r_min = min_reachable_ratio(self.model, self.graph, c)
+        if r_min >= self.cfg.tr:
+            raise ValueError(f"nr.tr: {self.cfg.tr} cannot be reached on model {name}: even with every free "
+                             f"channel dead but one per layer r({c}) is {r_min:.3f}; allowed: tr > {r_min:.3f}")
+        if r_min > 0.8 * self.cfg.tr:
+            warnings.warn(f"nr.tr: {self.cfg.tr} is close to the smallest reachable r({c}) = {r_min:.3f} on "
+                          f"model {name}: λ may grow large before r gets there", stacklevel=3)
 
     # -- events -----------------------------------------------------------------------------------------
     def after_backward(self) -> None:

@@ -5,8 +5,10 @@ Both modules read an input whose channels are split by two index buffers (``s_id
 
 - ``CRConv`` (NR-CR): S_out = W_SS * S, R_out = W_RR * R. The cross blocks do not exist at all.
 - ``CAConv`` (NR-CA, eq. 9-10): S_out = A_S + 2σ(A_S)·(W_RS * R), R_out = A_R + 2σ(A_R)·(W_SR * S),
-  with A_S = inner(S) and A_R = W_RR * R. ``inner`` is W_SS as a plain conv the first time; after a second
-  rejuvenation it is the previous CAConv itself (pruned), so the layer keeps computing exactly what it did.
+  with A_S = inner(S) (+ b_S) and A_R = W_RR * R + b_R: a conv bias belongs to its block's A term. ``inner``
+  is W_SS as a plain conv (carrying b_S) the first time; after a second rejuvenation it is the previous
+  CAConv itself (pruned), so the layer keeps computing exactly what it did. A layer whose outputs are all
+  fixed (the last conv of a residual block) has no R_out: only the S_out line exists.
   The default ``impl="two"`` runs two convolutions (one per input group, each producing both outputs);
   ``impl="four"`` runs one per block, like the official code. Same FLOPs; `nr-study bench` times both.
 """
@@ -18,10 +20,11 @@ import torch.nn.functional as F
 from torch.nn.utils import skip_init
 
 
-def conv_like(template: nn.Conv2d, in_ch: int, out_ch: int) -> nn.Conv2d:
-    """A bias-free, uninitialised conv with the template's kernel, stride, padding and dilation (callers fill it)."""
+def conv_like(template: nn.Conv2d, in_ch: int, out_ch: int, bias: bool = False) -> nn.Conv2d:
+    """An uninitialised conv with the template's kernel, stride, padding, dilation and padding mode (callers
+    fill it); bias-free unless asked, since a block's bias lives with its A term only."""
     return skip_init(nn.Conv2d, in_ch, out_ch, template.kernel_size, template.stride, template.padding,
-                     template.dilation, bias=False, padding_mode=template.padding_mode,
+                     template.dilation, bias=bias, padding_mode=template.padding_mode,
                      device=template.weight.device, dtype=template.weight.dtype)
 
 
@@ -36,8 +39,9 @@ class _SplitConv(nn.Module):
         self.kernel_size, self.stride = template.kernel_size, template.stride
         self.padding, self.dilation = template.padding, template.dilation
         self.padding_mode = template.padding_mode
+        # non-zero padding modes pad explicitly, then convolve unpadded (what nn.Conv2d does inside)
+        self._pad = list(template._reversed_padding_repeated_twice) if self.padding_mode != "zeros" else None
         self.groups = 1
-        self.bias = None
         # contiguous splits (one channel group) are cheap views; concatenated inputs need a gather
         s, r = self.s_idx.tolist(), self.r_idx.tolist()
         self._s_slice = (s[0], len(s)) if s and s == list(range(s[0], s[0] + len(s))) else None
@@ -48,10 +52,10 @@ class _SplitConv(nn.Module):
         xr = x.narrow(1, *self._r_slice) if self._r_slice else x.index_select(1, self.r_idx)
         return xs, xr
 
-    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros":
-            raise NotImplementedError("split convolutions support zero padding only")
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation)
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self._pad is not None:
+            return F.conv2d(F.pad(x, self._pad, mode=self.padding_mode), w, b, self.stride, 0, self.dilation)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation)
 
     @property
     def weight(self) -> torch.Tensor:  # pragma: no cover - guard for code that expects a dense conv
@@ -59,7 +63,7 @@ class _SplitConv(nn.Module):
 
 
 class CRConv(_SplitConv):
-    """NR-CR: two independent convolutions, S->S and R->R."""
+    """NR-CR: two independent convolutions, S->S and R->R, each with its own bias when the layer has one."""
 
     def __init__(self, s_idx, r_idx, conv_s: nn.Conv2d, conv_r: nn.Conv2d):
         super().__init__(s_idx, r_idx, conv_s, conv_s.out_channels, conv_r.out_channels)
@@ -81,18 +85,26 @@ class CRConv(_SplitConv):
         dense[self.s_out:, self.r_idx] = self.conv_r.weight.detach()
         return dense
 
+    def dense_bias(self) -> torch.Tensor | None:
+        if self.conv_s.bias is None:
+            return None
+        return torch.cat([self.conv_s.bias.detach(), self.conv_r.bias.detach()])
+
 
 class CAConv(_SplitConv):
     """NR-CA: cross attention between S and R (paper eq. 9-10).
 
-    ``inner``: S_in -> S_out (Conv2d or an older CAConv); ``w_sr``: S_in -> R_out (None when r_out == 0);
-    ``w_r``: R_in -> [S_out; R_out] (None when R_in is empty).
+    ``inner``: S_in -> S_out (Conv2d or an older CAConv; it carries b_S); ``w_sr``: S_in -> R_out (None when
+    r_out == 0); ``w_r``: R_in -> [S_out; R_out] (None when R_in is empty); ``bias_r``: b_R (None when the
+    layer has no bias or no R_out). With no R input A_R = b_R, as eq. 10 reads with W_RR * R = 0.
     """
 
     def __init__(self, s_idx, r_idx, inner: nn.Module, w_sr: nn.Conv2d | None, w_r: nn.Conv2d | None,
-                 template: nn.Conv2d, s_out: int, r_out: int, impl: str = "two"):
+                 template: nn.Conv2d, s_out: int, r_out: int, impl: str = "two",
+                 bias_r: torch.Tensor | None = None):
         super().__init__(s_idx, r_idx, template, s_out, r_out)
         self.inner, self.w_sr, self.w_r = inner, w_sr, w_r
+        self.bias_r = nn.Parameter(bias_r.detach().clone()) if bias_r is not None and r_out else None
         self.impl = impl
 
     def forward(self, x):
@@ -100,10 +112,12 @@ class CAConv(_SplitConv):
         if self.impl == "four":
             return self.forward_four(xs, xr)
         s_out, r_out = self.s_out, self.r_out
-        if isinstance(self.inner, nn.Conv2d) and self.w_sr is not None:
-            a_s, b_r = self._conv(xs, torch.cat([self.inner.weight, self.w_sr.weight], 0)).split([s_out, r_out], 1)
+        inner = self.inner
+        if isinstance(inner, nn.Conv2d) and self.w_sr is not None:
+            bias = None if inner.bias is None else torch.cat([inner.bias, inner.bias.new_zeros(r_out)])
+            a_s, b_r = self._conv(xs, torch.cat([inner.weight, self.w_sr.weight], 0), bias).split([s_out, r_out], 1)
         else:
-            a_s = self.inner(xs)
+            a_s = inner(xs)
             b_r = self.w_sr(xs) if self.w_sr is not None else None
         if self.w_r is not None:
             b_s, a_r = self.w_r(xr).split([s_out, r_out], 1)
@@ -112,9 +126,12 @@ class CAConv(_SplitConv):
             s, a_r = a_s, None
         return torch.cat([s, self._r_out(a_r, b_r)], 1) if r_out else s
 
-    @staticmethod
-    def _r_out(a_r, b_r):
-        if a_r is None:  # no R input: A_R = 0, so R_out = 0 + 2·σ(0)·B_R = B_R
+    def _r_out(self, a_r, b_r):
+        """R_out = A_R + 2σ(A_R)·B_R with A_R = W_RR*R + b_R; a missing term is zero (2σ(0) = 1)."""
+        if self.bias_r is not None:
+            b = self.bias_r.view(1, -1, 1, 1)
+            a_r = b if a_r is None else a_r + b
+        if a_r is None:
             return b_r
         if b_r is None:
             return a_r
@@ -123,7 +140,7 @@ class CAConv(_SplitConv):
     def forward_four(self, xs, xr):
         """Reference: one convolution per block, as the official implementation runs it."""
         s_out = self.s_out
-        a_s = self.inner(xs)
+        a_s = self.inner(xs)  # W_SS*S + b_S
         b_r = self._conv(xs, self.w_sr.weight) if self.w_sr is not None else None
         if self.w_r is not None:
             b_s = self._conv(xr, self.w_r.weight[:s_out])

@@ -7,6 +7,10 @@ the pruned network: W_S→S kept, W_R→S = 0, W_S→R = 0, W_R→R Kaiming, R's
 R input (it reads the image or a fixed residual stream) its R outputs are initialised from all inputs
 instead, since otherwise they would be constant. The same code prunes (no new channels) for Network
 Slimming and for the utilization invariants.
+
+Every new weight block is drawn with one rule, the layer's own Kaiming init (He-normal, ReLU gain, fan-out
+of the whole new layer), whatever the scheme. A conv bias stays with its block: b_S with W_SS, b_R (zero)
+with W_RR.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ import torch.nn as nn
 
 from torch.nn.utils import skip_init
 
-from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks, widths_cost
-from nr_study.nr.graph import ChannelGraph, Layer, build_graph
+from nr_study.nr.cost import CONSTRAINTS, graph_utilization, keep_one_per_side, live_masks, widths_cost
+from nr_study.nr.graph import ChannelGraph, Layer, build_graph, split_sides
 from nr_study.nr.schemes import CAConv, CRConv, conv_like
 
 SCHEMES = ("nr", "cr", "ca")
@@ -114,20 +118,18 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
         raise ValueError(f"scheme: {scheme!r} is not allowed; allowed: {', '.join(SCHEMES)}")
     if not 0 < target_ratio <= 1:
         raise ValueError(f"target_ratio: {target_ratio!r} is not allowed; allowed: 0 < target_ratio <= 1")
-    if not inplace:
-        model = copy.deepcopy(model)
-    graph = graph or build_graph(model, input_shape)
+    model, graph = _target(model, input_shape, graph, inplace)
+    free = graph.free_groups()
+    if not free:
+        raise ValueError(f"model {type(model).__name__}: no free channel group to rejuvenate (every channel "
+                         "is fixed by residual adds, grouped convs, gates or a missing BatchNorm)")
     target = target_ratio * base_cost(model, graph)[constraint]
     modules = dict(model.named_modules())
-    masks = live_masks(model, graph, threshold)
+    masks = live_masks(model, graph, threshold)  # a layer, and each side of a split conv, keeps a channel
     util = graph_utilization(model, graph, constraint, masks=masks)
 
-    free = graph.free_groups()
     gammas = {g.id: modules[g.bn].weight.detach().abs() for g in free}
-    live_idx = {}
-    for g in free:
-        idx = torch.nonzero(masks[g.id]).flatten()
-        live_idx[g.id] = idx if len(idx) else gammas[g.id].argmax().view(1)  # a layer never vanishes
+    live_idx = {g.id: torch.nonzero(masks[g.id]).flatten() for g in free}
     w_prime = {gid: len(idx) for gid, idx in live_idx.items()}
     if realloc:
         alpha = solve_alpha(graph, w_prime, target, constraint, scheme, round_to)
@@ -135,11 +137,10 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
     else:  # NR-IP: widths unchanged, dead channels reborn in place
         alpha, widths = 1.0, {g.id: g.width for g in free}
     s_count, r_count = split_counts(w_prime, widths)
-    keep = {}
-    for gid, idx in live_idx.items():
-        if s_count[gid] < len(idx):  # compressing below the survivors: keep the strongest
-            idx = idx[gammas[gid][idx].argsort(descending=True)[: s_count[gid]]].sort().values
-        keep[gid] = idx
+    keep = {gid: _strongest(idx, gammas[gid], s_count[gid], graph.sides.get(gid, []))
+            for gid, idx in live_idx.items()}
+    s_count = {gid: len(idx) for gid, idx in keep.items()}
+    widths = {gid: s_count[gid] + r_count[gid] for gid in keep}
 
     report = RejuvenationReport(alpha, constraint, scheme, rescale, realloc, target_ratio, int(target),
                                 util.total, util.live, 0)
@@ -150,28 +151,53 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
         report.survivors[g.producer] = s_count[g.id]
         report.rejuvenated[g.producer] = r_count[g.id]
     apply_surgery(model, graph, keep, r_count, scheme=scheme, rescale=rescale, gamma0=gamma0, impl=impl,
-                  report=report)
+                  report=report, densify_cr=True)
     report.cost_after = graph_utilization(model, graph, constraint, masks={}).total
     return model, report
+
+
+def _target(model: nn.Module, input_shape, graph: ChannelGraph | None, inplace: bool):
+    """The model and graph to operate on: copies of both unless ``inplace`` (the caller's graph is theirs)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+        graph = copy.deepcopy(graph) if graph is not None else None
+    return model, graph or build_graph(model, input_shape)
+
+
+def _strongest(idx: torch.Tensor, score: torch.Tensor, n: int, sides: list[torch.Tensor]) -> torch.Tensor:
+    """Compressing below the survivors keeps the ``n`` strongest (in their old order). Each side of a split
+    conv still keeps its best survivor, which may keep a channel or two more than ``n``."""
+    if n >= len(idx):
+        return idx
+    chosen = set(idx[score[idx].argsort(descending=True)[:n]].tolist())
+    alive = set(idx.tolist())
+    for side in sides:
+        cand = [c for c in side.tolist() if c in alive]
+        if cand and not chosen.intersection(cand):
+            chosen.add(max(cand, key=lambda c: float(score[c])))
+    return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
 def prune(model: nn.Module, input_shape, keep_masks: dict[str, torch.Tensor], inplace: bool = False,
           graph: ChannelGraph | None = None) -> nn.Module:
     """Physically remove channels: ``keep_masks`` maps a unit BN's name to the bool mask of channels to keep."""
-    if not inplace:
-        model = copy.deepcopy(model)
-    graph = graph or build_graph(model, input_shape)
+    model, graph = _target(model, input_shape, graph, inplace)
     base_cost(model, graph)
     by_bn = {g.bn: g.id for g in graph.free_groups()}
     unknown = sorted(set(keep_masks) - set(by_bn))
     if unknown:
         raise ValueError(f"keep_masks: {unknown} are not prunable BatchNorms; allowed: {sorted(by_bn)}")
+    modules = dict(model.named_modules())
     keep = {}
     for name, mask in keep_masks.items():
-        idx = torch.nonzero(mask.flatten()).flatten()
-        if len(idx) == 0:
-            idx = dict(model.named_modules())[name].weight.detach().abs().argmax().view(1)
-        keep[by_bn[name]] = idx
+        gid = by_bn[name]
+        mask = mask.flatten().to(torch.bool).cpu()
+        if len(mask) != graph.groups[gid].width:
+            raise ValueError(f"keep_masks['{name}']: {len(mask)} entries, the layer has {graph.groups[gid].width}")
+        gamma = modules[name].weight.detach().abs().cpu()
+        # like U(θ): a layer, and each side of a split conv, keeps its strongest channel
+        mask = keep_one_per_side(mask, gamma, [torch.arange(len(mask))] + graph.sides.get(gid, []))
+        keep[gid] = torch.nonzero(mask).flatten()
     apply_surgery(model, graph, keep, {gid: 0 for gid in keep}, scheme="nr", rescale=False)
     return model
 
@@ -182,16 +208,21 @@ def prune(model: nn.Module, input_shape, keep_masks: dict[str, torch.Tensor], in
 
 def apply_surgery(model: nn.Module, graph: ChannelGraph, keep: dict[int, torch.Tensor], n_new: dict[int, int],
                   scheme: str = "nr", rescale: bool = False, gamma0: float = 1.0, impl: str = "two",
-                  report: RejuvenationReport | None = None) -> None:
-    """Rebuild, in place, every layer and BN touching a changed group: group g becomes [keep[g]; n_new[g] new]."""
+                  report: RejuvenationReport | None = None, densify_cr: bool = False) -> None:
+    """Rebuild, in place, every layer and BN touching a changed group: group g becomes [keep[g]; n_new[g] new].
+
+    ``densify_cr``: a rejuvenation makes every survivor S, so NR-CR's absent cross blocks become zeros
+    (exact: the map is linear) and the layer is dense again; a prune keeps the CR blocks as they are."""
     modules = dict(model.named_modules())
-    for layer in graph.layers:  # NR-CR's absent cross blocks become zeros: exact, and survivors are all S now
+    for layer in graph.layers if densify_cr else ():
         if isinstance(modules[layer.name], CRConv):
             old = modules[layer.name]
-            dense = conv_like(old.conv_s, old.in_channels, old.out_channels)
+            dense = conv_like(old.conv_s, old.in_channels, old.out_channels, bias=old.conv_s.bias is not None)
             with torch.no_grad():
                 dense.weight.copy_(old.to_dense())
-            model.set_submodule(layer.name, dense)
+                if dense.bias is not None:
+                    dense.bias.copy_(old.dense_bias())
+            model.set_submodule(layer.name, dense.train(old.training))
             modules[layer.name] = dense
     if rescale:
         _rescale(modules, graph, keep, gamma0, report)
@@ -226,6 +257,7 @@ def apply_surgery(model: nn.Module, graph: ChannelGraph, keep: dict[int, torch.T
                 model.set_submodule(bn.name, _remap_bn(modules[bn.name], s, gamma0))
     for gid, s in src.items():
         graph.groups[gid].width = len(s)
+    graph.sides = split_sides(model, graph)
 
 
 def _unchanged(src: torch.Tensor, old_width: int) -> bool:
@@ -281,10 +313,14 @@ def _scale_input(module: nn.Module, vec: torch.Tensor) -> None:
         raise TypeError(f"cannot rescale the inputs of {type(module).__name__}")
 
 
-def _kaiming(shape, like: torch.Tensor, fan_out: int | None = None) -> torch.Tensor:
-    """He-normal values (ReLU gain, fan-out mode); ``fan_out`` of the whole layer when drawing only a block."""
-    fan_out = fan_out or shape[0] * math.prod(shape[2:])
+def _kaiming(shape, like: torch.Tensor, fan_out: int) -> torch.Tensor:
+    """He-normal values (ReLU gain) with the fan-out of the whole new layer, also when drawing one block."""
     return torch.randn(shape, device=like.device, dtype=like.dtype) * math.sqrt(2.0 / max(1, fan_out))
+
+
+def _fan_out(template: nn.Module, n_out: int) -> int:
+    """fan-out of a layer like ``template`` with ``n_out`` outputs, as nn.init.kaiming_normal_ computes it."""
+    return n_out * (math.prod(template.kernel_size) if hasattr(template, "kernel_size") else 1)
 
 
 def _new_dense(template: nn.Module, in_ch: int, out_ch: int, groups: int = 1) -> nn.Module:
@@ -298,7 +334,7 @@ def _new_dense(template: nn.Module, in_ch: int, out_ch: int, groups: int = 1) ->
                      device=dev, dtype=dtype)
 
 
-def _remap_dense_weight(w: torch.Tensor, in_src: torch.Tensor, out_src: torch.Tensor) -> torch.Tensor:
+def _remap_dense_weight(w: torch.Tensor, in_src: torch.Tensor, out_src: torch.Tensor, fan_out: int) -> torch.Tensor:
     """[S_out; R_out] × [S_in; R_in]: W_SS copied, W_RS = W_SR = 0, W_RR Kaiming (or R from all if no R_in)."""
     dev = w.device
     in_src, out_src = in_src.to(dev), out_src.to(dev)
@@ -310,13 +346,14 @@ def _remap_dense_weight(w: torch.Tensor, in_src: torch.Tensor, out_src: torch.Te
     r_out, r_in = torch.nonzero(out_src < 0).flatten(), torch.nonzero(in_src < 0).flatten()
     if len(r_out):
         cols = r_in if len(r_in) else torch.arange(len(in_src), device=dev)
-        fresh = _kaiming((len(r_out), len(cols)) + tuple(w.shape[2:]), w, fan_out=new[0, 0].numel() * len(out_src))
+        fresh = _kaiming((len(r_out), len(cols)) + tuple(w.shape[2:]), w, fan_out)
         rows = w.new_zeros((len(r_out), len(in_src)) + tuple(w.shape[2:]))
         new.index_copy_(0, r_out, rows.index_copy_(1, cols, fresh))
     return new
 
 
 def _remap_bias(old: nn.Module, new: nn.Module, out_src: torch.Tensor) -> None:
+    """Survivors keep their bias, new outputs start at 0."""
     if old.bias is not None:
         out_src = out_src.to(old.bias.device)
         ok = out_src >= 0
@@ -325,44 +362,48 @@ def _remap_bias(old: nn.Module, new: nn.Module, out_src: torch.Tensor) -> None:
 
 
 def _remap_layer(old: nn.Module, layer: Layer, in_src, out_src, scheme: str, impl: str) -> nn.Module:
+    if layer.kind == "grouped":
+        raise AssertionError(f"grouped conv '{layer.name}' has fixed channels and cannot change")
+    if bool((in_src >= 0).all()) and bool((out_src >= 0).all()):
+        return _select(old, in_src, out_src)  # only survivors: the layer keeps its form (CR/CA blocks too)
     if layer.kind == "depthwise":
         new = _new_dense(old, len(in_src), len(in_src), groups=len(in_src))
         ok = (in_src >= 0).to(old.weight.device)
-        fresh = _kaiming(new.weight.shape, old.weight)
+        fresh = _kaiming(new.weight.shape, old.weight, _fan_out(old, len(in_src)))
         new.weight.copy_(torch.where(ok.view(-1, 1, 1, 1), old.weight[in_src.clamp(min=0).to(ok.device)], fresh))
         _remap_bias(old, new, in_src)
         return new
-    if layer.kind == "grouped":
-        raise AssertionError(f"grouped conv '{layer.name}' has fixed channels and cannot change")
     s_pos = torch.nonzero(in_src >= 0).flatten()
     r_pos = torch.nonzero(in_src < 0).flatten()
     s_out = int((out_src >= 0).sum())
     r_out = len(out_src) - s_out
-    wants_split = layer.kind == "conv" and len(r_pos) > 0 and r_out > 0
-    if isinstance(old, CAConv) or (scheme == "ca" and wants_split):
+    template = _template(old)
+    fan = _fan_out(template, len(out_src))
+    # eq. 9-10 apply to every conv that reads R, whether its outputs are free (S and R) or fixed (S only)
+    if isinstance(old, CAConv) or (scheme == "ca" and layer.kind == "conv" and len(r_pos)):
         inner = _select(old, in_src[s_pos], out_src[:s_out])
-        template = _template(old)
-        if not len(r_pos) and not r_out:
-            return inner
         w_sr = w_r = None
         if r_out:
             w_sr = conv_like(template, len(s_pos), r_out)
             if len(r_pos):
                 w_sr.weight.zero_()  # W_S->R = 0
             else:  # no R input: S is R's only source
-                w_sr.weight.copy_(_kaiming(w_sr.weight.shape, template.weight))
+                w_sr.weight.copy_(_kaiming(w_sr.weight.shape, template.weight, fan))
         if len(r_pos):
             w_r = conv_like(template, len(r_pos), s_out + r_out)
-            w_r.weight.zero_()
-            w_r.weight[s_out:] = _kaiming((r_out, len(r_pos)) + tuple(w_r.weight.shape[2:]), template.weight)
-        return CAConv(s_pos, r_pos, inner, w_sr, w_r, template, s_out, r_out, impl=impl)
-    if scheme == "cr" and wants_split:
+            w_r.weight.zero_()  # W_R->S = 0
+            w_r.weight[s_out:] = _kaiming((r_out, len(r_pos)) + tuple(w_r.weight.shape[2:]), template.weight, fan)
+        bias_r = template.bias.new_zeros(r_out) if template.bias is not None and r_out else None
+        return CAConv(s_pos, r_pos, inner, w_sr, w_r, template, s_out, r_out, impl=impl, bias_r=bias_r)
+    if scheme == "cr" and layer.kind == "conv" and len(r_pos) and r_out:
         conv_s = _select(old, in_src[s_pos], out_src[:s_out])
-        conv_r = conv_like(old, len(r_pos), r_out)
-        conv_r.weight.copy_(_kaiming(conv_r.weight.shape, old.weight))
+        conv_r = conv_like(old, len(r_pos), r_out, bias=old.bias is not None)
+        conv_r.weight.copy_(_kaiming(conv_r.weight.shape, old.weight, fan))
+        if conv_r.bias is not None:
+            conv_r.bias.zero_()
         return CRConv(s_pos, r_pos, conv_s, conv_r)
     new = _new_dense(old, len(in_src), len(out_src))
-    new.weight.copy_(_remap_dense_weight(old.weight, in_src, out_src))
+    new.weight.copy_(_remap_dense_weight(old.weight, in_src, out_src, fan))
     _remap_bias(old, new, out_src)
     return new
 
@@ -373,31 +414,48 @@ def _template(module: nn.Module) -> nn.Conv2d:
     return module
 
 
+def _split_positions(keep: torch.Tensor, s_idx: torch.Tensor, r_idx: torch.Tensor):
+    """For input positions ``keep`` of a split conv: (new S positions, their index in S; same for R)."""
+    pos_s = {int(p): i for i, p in enumerate(s_idx.tolist())}
+    pos_r = {int(p): i for i, p in enumerate(r_idx.tolist())}
+    keep = keep.tolist()
+    new_s = [j for j, p in enumerate(keep) if p in pos_s]
+    new_r = [j for j, p in enumerate(keep) if p in pos_r]
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return (as_long(new_s), as_long([pos_s[keep[j]] for j in new_s]),
+            as_long(new_r), as_long([pos_r[keep[j]] for j in new_r]))
+
+
 def _select(module: nn.Module, in_keep: torch.Tensor, out_keep: torch.Tensor) -> nn.Module:
-    """The same kind of module restricted to the given input and output channels (all old, no new ones)."""
-    if isinstance(module, CAConv):
-        pos_s = {int(p): i for i, p in enumerate(module.s_idx.tolist())}
-        pos_r = {int(p): i for i, p in enumerate(module.r_idx.tolist())}
-        new_s = [j for j, p in enumerate(in_keep.tolist()) if p in pos_s]
-        new_r = [j for j, p in enumerate(in_keep.tolist()) if p in pos_r]
-        inner_in = torch.tensor([pos_s[in_keep[j].item()] for j in new_s], dtype=torch.long)
-        r_in = torch.tensor([pos_r[in_keep[j].item()] for j in new_r], dtype=torch.long)
-        out_keep = out_keep.cpu()
+    """The same kind of module restricted to the given input and output channels (all old, no new ones).
+
+    Sides never empty here (pruning keeps a channel of each side of a split conv: graph.split_sides)."""
+    in_keep, out_keep = in_keep.cpu(), out_keep.cpu()
+    if isinstance(module, (CAConv, CRConv)):
+        new_s, s_in, new_r, r_in = _split_positions(in_keep, module.s_idx, module.r_idx)
         out_s = out_keep[out_keep < module.s_out]
         out_r = out_keep[out_keep >= module.s_out] - module.s_out
-        inner = _select(module.inner, inner_in, out_s)
-        w_sr = _slice_conv(module.w_sr, out_r, inner_in) if module.w_sr is not None and len(out_r) else None
+        if isinstance(module, CRConv):
+            return CRConv(new_s, new_r, _select(module.conv_s, s_in, out_s), _select(module.conv_r, r_in, out_r))
+        inner = _select(module.inner, s_in, out_s)
+        w_sr = _slice_conv(module.w_sr, out_r, s_in) if module.w_sr is not None and len(out_r) else None
         w_r = None
         if module.w_r is not None and len(r_in):
             w_r = _slice_conv(module.w_r, torch.cat([out_s, out_r + module.s_out]), r_in)
-        return CAConv(torch.tensor(new_s, dtype=torch.long), torch.tensor(new_r, dtype=torch.long), inner, w_sr,
-                      w_r, _template(module), len(out_s), len(out_r), impl=module.impl)
+        bias_r = module.bias_r.detach()[out_r.to(module.bias_r.device)] if module.bias_r is not None else None
+        return CAConv(new_s, new_r, inner, w_sr, w_r, _template(module), len(out_s), len(out_r), impl=module.impl,
+                      bias_r=bias_r)
     new = _slice_conv(module, out_keep, in_keep)
     _remap_bias(module, new, out_keep)
     return new
 
 
 def _slice_conv(conv: nn.Module, out_keep: torch.Tensor, in_keep: torch.Tensor) -> nn.Module:
+    """A bias-free copy of a dense conv/linear's block; callers set the bias where the block has one."""
+    if getattr(conv, "groups", 1) > 1:  # depthwise: channel c reads channel c
+        new = _new_dense(conv, len(in_keep), len(in_keep), groups=len(in_keep))
+        new.weight.copy_(conv.weight[in_keep.to(conv.weight.device)])
+        return new
     new = _new_dense(conv, len(in_keep), len(out_keep))
     dev = conv.weight.device
     new.weight.copy_(conv.weight[out_keep.to(dev)][:, in_keep.to(dev)])
@@ -405,6 +463,10 @@ def _slice_conv(conv: nn.Module, out_keep: torch.Tensor, in_keep: torch.Tensor) 
 
 
 def _remap_bn(old: nn.Module, src: torch.Tensor, gamma0: float) -> nn.Module:
+    """Survivors keep γ, β and running stats; new channels start at γ0, β = 0, mean 0, var 1.
+
+    With momentum=None (a cumulative average over num_batches_tracked batches) the counter restarts when
+    channels are added, so the new channels' statistics are estimated from their own batches, not diluted."""
     new = type(old)(len(src), eps=old.eps, momentum=old.momentum, affine=old.affine,
                     track_running_stats=old.track_running_stats, device=_device(old), dtype=_dtype(old))
     src = src.to(_device(old))
@@ -417,7 +479,9 @@ def _remap_bn(old: nn.Module, src: torch.Tensor, gamma0: float) -> nn.Module:
         if old.track_running_stats:
             new.running_mean.copy_(torch.where(ok, old.running_mean[idx], torch.zeros_like(new.running_mean)))
             new.running_var.copy_(torch.where(ok, old.running_var[idx], torch.ones_like(new.running_var)))
-            new.num_batches_tracked.copy_(old.num_batches_tracked)
+            fresh = old.momentum is None and not bool(ok.all())
+            new.num_batches_tracked.copy_(torch.zeros_like(old.num_batches_tracked) if fresh
+                                          else old.num_batches_tracked)
     new.train(old.training)
     return new
 
@@ -433,34 +497,39 @@ def _dtype(m: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-
 def split_to_ca(model: nn.Module, input_shape, impl: str = "two", graph: ChannelGraph | None = None) -> nn.Module:
-    """BL-CA: every conv between free groups takes the CA form on a fixed half/half split, in place.
+    """BL-CA: every conv reading a free group takes the CA form on a fixed half/half split, in place.
 
-    Channel order and parameter count are unchanged: the dense weight is cut into its four blocks.
-    """
+    Channel order, parameter count and biases are unchanged: the dense weight is cut into its four blocks
+    (a conv writing a fixed group has no R outputs: W_SS and W_RS only)."""
     graph = graph or build_graph(model, input_shape)
     base_cost(model, graph)
     modules = dict(model.named_modules())
     s_of = {g.id: g.width - g.width // 2 for g in graph.free_groups()}
     for layer in graph.layers:
         old = modules[layer.name]
-        if layer.kind != "conv" or type(old) is not nn.Conv2d or layer.out_group not in s_of:
+        if layer.kind != "conv" or type(old) is not nn.Conv2d:
             continue
         is_r = torch.cat([torch.arange(graph.groups[g].width).repeat_interleave(f) >= s_of[g] if g in s_of
                           else torch.zeros(graph.groups[g].width * f, dtype=torch.bool) for g, f in layer.in_layout])
         s_pos, r_pos = torch.nonzero(~is_r).flatten(), torch.nonzero(is_r).flatten()
-        s_out = s_of[layer.out_group]
+        s_out = s_of.get(layer.out_group, old.out_channels)
         r_out = old.out_channels - s_out
-        if not len(r_pos) or not r_out:
-            continue
-        w = old.weight.detach()
-        inner, w_sr, w_r = conv_like(old, len(s_pos), s_out), conv_like(old, len(s_pos), r_out), \
-            conv_like(old, len(r_pos), old.out_channels)
-        dev = w.device
+        if not len(r_pos):
+            continue  # reads no R channel: nothing to attend to
+        w, dev = old.weight.detach(), old.weight.device
+        inner = conv_like(old, len(s_pos), s_out, bias=old.bias is not None)
+        w_sr = conv_like(old, len(s_pos), r_out) if r_out else None
+        w_r = conv_like(old, len(r_pos), old.out_channels)
         with torch.no_grad():
             inner.weight.copy_(w[:s_out][:, s_pos.to(dev)])
-            w_sr.weight.copy_(w[s_out:][:, s_pos.to(dev)])
+            if old.bias is not None:
+                inner.bias.copy_(old.bias[:s_out])
+            if w_sr is not None:
+                w_sr.weight.copy_(w[s_out:][:, s_pos.to(dev)])
             w_r.weight.copy_(w[:, r_pos.to(dev)])
-        model.set_submodule(layer.name, CAConv(s_pos, r_pos, inner, w_sr, w_r, old, s_out, r_out, impl=impl))
+        bias_r = old.bias.detach()[s_out:] if old.bias is not None and r_out else None
+        new = CAConv(s_pos, r_pos, inner, w_sr, w_r, old, s_out, r_out, impl=impl, bias_r=bias_r)
+        model.set_submodule(layer.name, new.train(old.training))
+    graph.sides = split_sides(model, graph)
     return model
