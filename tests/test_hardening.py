@@ -205,7 +205,8 @@ def test_cuda_requested_without_cuda(sandbox, capsys):
 # ------------------------------------------------------------------------- files that are not what they should be
 GARBAGE = bytes(range(256)) * 8  # not UTF-8 (0x80 at offset 128), not JSON, not SQLite, not a torch file
 NR_FS = ["--set", "method=NR-FS", "--set", "fs.architecture_file={f}"]
-# (id, file name, content, argv ({f}: that file, {cfg}: a good TINY config, {d}: the sandbox), needles)
+# (id, file name, content, argv ({f}: that file, {cfg}: a good TINY config, {space}: a good search space,
+#  {d}: the sandbox), needles)
 FILE_CASES = [
     ("train_binary", "cfg.yaml", GARBAGE, ["train", "{f}"],
      ["{f}: not UTF-8 text YAML (byte 0x80 at offset 128); allowed: a UTF-8 text YAML config file"]),
@@ -219,6 +220,8 @@ FILE_CASES = [
     ("sweep_empty", "space.yaml", b"", ["sweep", "{f}"], ["{f}: empty search space file"]),
     ("sweep_only_comments_dry_run", "space.yaml", b"# name: x\n", ["sweep", "{f}", "--dry-run"],
      ["{f}: empty search space file"]),
+    ("sweep_store_not_sqlite", "mlflow.db", GARBAGE, ["sweep", "{space}", "--runs", "{d}"],
+     ["{f}: not an SQLite database"]),
     ("train_store_not_sqlite", "mlflow.db", GARBAGE, ["train", "{cfg}", "--tracking-uri", "sqlite:///{f}"],
      ["{f}: not an SQLite database; allowed: an MLflow database"]),
     ("tables_store_not_sqlite", "mlflow.db", GARBAGE, ["tables", "--tracking-uri", "sqlite:///{f}", "--out",
@@ -248,7 +251,8 @@ def test_bad_file_is_one_line_exit_2(name, fname, content, argv, needles, sandbo
     else:
         bad.write_bytes(content)
     (sandbox / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    fill = dict(f=bad, cfg=sandbox / "tiny.yaml", d=sandbox)
+    (sandbox / "sweep.yaml").write_text(yaml.safe_dump({"name": "x", "base": TINY}))
+    fill = dict(f=bad, cfg=sandbox / "tiny.yaml", space=sandbox / "sweep.yaml", d=sandbox)
     before = _files(sandbox)
     rc = cli.main([a.format(**fill) for a in argv])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nr_study.errors import ConfigError, UserError
-from nr_study.files import read_json
+from nr_study.files import check_sqlite_store, read_json
 
 # Before Ray is imported anywhere: the classic CLIReporter table (trimmed to our metrics), no per-checkpoint
 # snapshot warnings, no MLflow "View run" lines from every trial.
@@ -570,10 +570,12 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
               tracking_uri: Optional[str] = None, resume: Optional[str | bool] = None,
               runs: Optional[str] = None, verbose: int = 1, out=sys.stdout) -> dict:
     """Launch (or resume) a sweep end to end; returns the summary dict (with 'sweep_dir', 'parent_run_id')."""
-    from nr_study.mlflow_server import MlflowServer, runs_dir
+    from nr_study.mlflow_server import DB_NAME, MlflowServer, runs_dir
     from nr_study.tracking import get_or_create_experiment
 
     folder = runs_dir(runs)
+    if not tracking_uri:  # the local server's store: a garbage mlflow.db is one line, before any sweep folder
+        check_sqlite_store(f"sqlite:///{folder / DB_NAME}")
     storage_root = folder / "sweeps"
     storage_root.mkdir(parents=True, exist_ok=True)
 
