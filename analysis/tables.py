@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from analysis.runs import RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count, runs_folder
 from nr_study.errors import ConfigError
 from nr_study.files import read_yaml

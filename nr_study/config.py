@@ -1,8 +1,9 @@
 """Training configuration: frozen dataclasses, YAML loading, validation, `--set` overrides.
 
-A config is data. `load_config(path, overrides)` reads YAML (nr_study.files.read_yaml), applies `a.b=value` overrides
-(each value parsed with yaml.safe_load) and validates. Every bad field gives one line naming the key, the value
-and what is allowed; several bad fields give several lines in one ConfigError.
+A config is data. `load_config(path, overrides)` reads YAML (nr_study.files.read_yaml: an empty or non-UTF-8
+file is refused), applies `a.b=value` overrides (each value parsed with yaml.safe_load) and validates. Every bad
+field gives one line naming the key, the value and what is allowed; several bad fields give several lines in one
+ConfigError.
 
 The sweep works on plain dicts: `config_to_dict(cfg)` -> dict, `set_dotted(d, "nr.tr", 0.3)` (unknown keys are
 refused with a suggestion), `config_from_dict(d)` -> Config. `flatten(d)` gives {"a.b": v} for MLflow params.

@@ -47,8 +47,8 @@ def cli_main(argv) -> int:
         raise UserError("--resume continues the sweep as it was launched; --set is not allowed with it")
     from nr_study.sweep.runner import run_sweep
 
-    summary = run_sweep(space, source_text=read_text(path, "search space file"), address=args.address, tracking_uri=args.tracking_uri,
-                        resume=args.resume, runs=args.runs, verbose=args.verbose)
+    summary = run_sweep(space, source_text=read_text(path, "search space file"), address=args.address,
+                        tracking_uri=args.tracking_uri, resume=args.resume, runs=args.runs, verbose=args.verbose)
     if summary.get("interrupted"):
         return 130
     errored = sum(1 for t in summary.get("trials", []) if t.get("error"))
