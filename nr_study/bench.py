@@ -13,6 +13,7 @@ Rows (name — what / goal):
   layer_ca_four/plain    NR-CA layer fwd+bwd (four convolutions, the official code's form) / plain conv     ≤ 1.3
   layer_cr/plain         NR-CR layer fwd+bwd / plain conv of equal width                                    ≤ 1.3
   layer_ca_two/ca_four   the two CA forms against each other (< 1: "two" is faster)                      (info)
+  ca_nest_3/1            NR-CA net fwd+bwd after 3 rejuvenations / after 1 (each nests the last CA layer)  (info)
   sweep_makespan/ideal   makespan of 8 tiny trials / (Σ trial time / concurrent slots)                      ≤ 1.05
   mlflow_share           time inside the tracker's calls / wall time of a real train() run                 ≤ 0.02
   run_nr/bl              a short real NR run (monitor + L1 + surgery) / the BL run of the same epochs        ≤ 1.20
@@ -83,6 +84,8 @@ class Sizes:
         if cuda:
             self.run = (32, 32, 8192, 128, 4, 2) if full else (32, 32, 4096, 128, 2, 1)
         self.sweep = full  # quick / tiny: the sweep row is null ("skipped in --quick")
+        # CA nesting: vgg_small width, input hw, batch, warmup, reps
+        self.nest = {"full": (16, 32, 32, 2, 9), "quick": (8, 32, 16, 1, 5), "tiny": (4, 16, 4, 1, 3)}[mode]
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -357,6 +360,40 @@ def bench_layer(sz: Sizes, device: torch.device) -> list[dict]:
             _error_row("layer_ca_two/ca_four", None, "ratio", exc)]
 
 
+def bench_nesting(sz: Sizes, device: torch.device) -> list[dict]:
+    """Exactness makes NR-CA nest: the k-th rejuvenation wraps the previous CA layer as its S->S block."""
+    from nr_study.models import create_model
+    from nr_study.nr import build_graph, rejuvenate
+
+    width, hw, batch, warmup, reps = sz.nest
+    name = "ca_nest_3/1"
+    try:
+        torch.manual_seed(0)
+        shape = (1, 3, hw, hw)
+        model = create_model("vgg_small", num_classes=10, in_channels=3, width=width).to(device)
+        nets, convs = {}, {}
+        for k in range(1, 4):
+            kill_channels(model, build_graph(model, shape), 0.3, seed=k)
+            model, _ = rejuvenate(model, shape, 1.0, scheme="ca", inplace=False)
+            if k in (1, 3):
+                nets[k] = copy.deepcopy(model).train()
+                convs[k] = sum(type(m) is nn.Conv2d for m in model.modules())
+        x = torch.randn(batch, 3, hw, hw, device=device)
+
+        def fwd_bwd(m):
+            def fn():
+                m(x).square().mean().backward()
+                m.zero_grad(set_to_none=True)
+            return fn
+
+        t = alternate({str(k): fwd_bwd(m) for k, m in nets.items()}, reps, warmup, device)
+        r, d = ratio_stats(t["3"], t["1"])
+        return [row(name, r, None, "ratio", f"{d}; vgg_small width {width} at {hw}x{hw}, batch {batch}, fwd+bwd; "
+                    f"conv modules {convs[1]} after 1 rejuvenation, {convs[3]} after 3; {device.type}")]
+    except Exception as exc:
+        return [_error_row(name, None, "ratio", exc)]
+
+
 # ------------------------------------------------------------------------------------------- sweep
 SWEEP_TRIALS = 8
 
@@ -576,8 +613,8 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- report
-SECTIONS = {"steps": bench_steps, "surgery": bench_surgery, "layer": bench_layer, "sweep": bench_sweep,
-            "runs": bench_runs}
+SECTIONS = {"steps": bench_steps, "surgery": bench_surgery, "layer": bench_layer, "nesting": bench_nesting,
+            "sweep": bench_sweep, "runs": bench_runs}
 
 
 def status(r: dict) -> str:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from nr_study.errors import UnsupportedGraphError
+from nr_study.errors import UnsupportedGraphError, one_line
 from nr_study.nr.schemes import SPLIT_CONVS, CAConv
 
 Segment = tuple[int, int]  # (group id, features per channel)
@@ -123,20 +123,23 @@ def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> ChannelGraph:
     """Trace ``model`` in train and eval mode on a zero batch of ``input_shape`` and derive its channel graph."""
     was_training = model.training
     try:
-        train_graph = _graph_in_mode(model, input_shape, training=True)
-        eval_graph = _graph_in_mode(model, input_shape, training=False)
+        model.train(True)
+        train_gm = trace(model)
+        model.train(False)
+        eval_gm = trace(model)
+        graph = _walk(model, train_gm, input_shape, "train")
+        if eval_gm.code != train_gm.code:  # forward branches on self.training
+            graph = _merge_modes(graph, _walk(model, eval_gm, input_shape, "eval"))
     finally:
         model.train(was_training)
-    graph = _merge_modes(train_graph, eval_graph)
     _check_every_weight_is_traced(model, graph)
     graph.sides = split_sides(model, graph)
     return graph
 
 
-def _graph_in_mode(model: nn.Module, input_shape, training: bool) -> ChannelGraph:
-    """One trace and walk with ``model.train(training)``; the model's buffers and the RNG are left untouched."""
-    model.train(training)
-    gm = trace(model)
+def _walk(model: nn.Module, gm: torch.fx.GraphModule, input_shape, mode: str) -> ChannelGraph:
+    """Shape-propagate ``gm`` (traced in ``mode``) on zeros and walk it; the model's buffers and RNG stay as they
+    were."""
     param = next(model.parameters(), None)
     if param is None:
         raise UnsupportedGraphError(f"model {type(model).__name__} has no parameters")
@@ -144,15 +147,13 @@ def _graph_in_mode(model: nn.Module, input_shape, training: bool) -> ChannelGrap
     shape = (max(2, int(input_shape[0])),) + tuple(input_shape[1:])
     saved = {k: b.clone() for k, b in model.named_buffers()}
     devices = [param.device] if param.device.type == "cuda" else []
+    gm.train(mode == "train")
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             ShapeProp(gm).propagate(torch.zeros(*shape, device=param.device, dtype=param.dtype))
-    except UnsupportedGraphError:
-        raise
     except Exception as exc:
-        mode = "train" if training else "eval"
         raise UnsupportedGraphError(f"model {type(model).__name__} cannot take an input of shape "
-                                    f"{tuple(input_shape)} in {mode} mode: {exc}") from exc
+                                    f"{tuple(input_shape)} in {mode} mode: {one_line(exc)}") from exc
     finally:
         with torch.no_grad():
             for k, b in model.named_buffers():
