@@ -568,8 +568,10 @@ def cluster_resources(address: Optional[str]) -> Optional[dict]:
 
 def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = None,
               tracking_uri: Optional[str] = None, resume: Optional[str | bool] = None,
-              runs: Optional[str] = None, verbose: int = 1, out=sys.stdout) -> dict:
-    """Launch (or resume) a sweep end to end; returns the summary dict (with 'sweep_dir', 'parent_run_id')."""
+              runs: Optional[str] = None, verbose: int = 1, out=None) -> dict:
+    """Launch (or resume) a sweep end to end; returns the summary dict (with 'sweep_dir', 'parent_run_id').
+    `out` (default: sys.stdout at call time, not at import: a replaced or closed stream must not stick)."""
+    out = out or sys.stdout
     from nr_study.mlflow_server import DB_NAME, MlflowServer, runs_dir
     from nr_study.tracking import get_or_create_experiment
 
