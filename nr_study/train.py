@@ -428,14 +428,18 @@ class _Run:
         core = _core()
         if core is None:
             raise ConfigError(f"method {cfg.method} needs the NR core (nr_study.nr), which is not available yet")
-        if kind == "nr":
-            nrc = _nr_config(cfg)
-        else:
-            nrc = _nr_config(cfg, lambda_mode="fixed", lambda_fixed=cfg.slim.l1, max_rejuvenations=0,
-                             window_epochs=None)
-        self.hook, self.hook_kind = core.NeuralRejuvenation(self.model, self.input_shape, nrc), kind
-        if not self.hook.graph.free_groups():
-            raise _no_free_groups_error(cfg.method, cfg.model.name, self.hook.graph)
+        graph = core.build_graph(self.model, self.input_shape)
+        if not graph.free_groups():
+            raise _no_free_groups_error(cfg.method, cfg.model.name, graph)
+        try:
+            if kind == "nr":
+                nrc = _nr_config(cfg)
+            else:
+                nrc = _nr_config(cfg, lambda_mode="fixed", lambda_fixed=cfg.slim.l1, max_rejuvenations=0,
+                                 window_epochs=None)
+            self.hook, self.hook_kind = core.NeuralRejuvenation(self.model, self.input_shape, nrc), kind
+        except ValueError as exc:  # the core refuses settings it cannot honour on this model (e.g. Tr out of reach)
+            raise ConfigError(f"method {cfg.method} on model {cfg.model.name!r}: {one_line(exc)}") from None
         if state:
             self.hook.load_state_dict(state)
 

@@ -189,6 +189,12 @@ def test_nr_on_model_with_nothing_prunable(sandbox, capsys):
                                                     "allowed here: method BL"])
 
 
+def test_nr_tr_out_of_reach(sandbox, capsys):
+    # even with every free channel dead but one per layer, vgg_small (width 8) keeps r(params) at 0.4%: refused
+    expect_bad_input(sandbox, capsys, _deep(TINY, method="NR", nr={"tr": 0.001}),
+                     needles=["method NR on model 'vgg_small': nr.tr: 0.001 cannot be reached", "allowed: tr > 0.00"])
+
+
 def test_slim_on_model_with_nothing_prunable(sandbox, capsys):
     cfg = _deep(TINY, method="SLIM", model={"name": "tv:squeezenet1_1", "kwargs": {}},
                 data={"synthetic": {"shape": [1, 32, 32]}})
