@@ -268,6 +268,12 @@ def _by_group(positions: torch.Tensor, owner: list[tuple[int, int]]):
     return [(g, torch.tensor(cs, dtype=torch.long)) for g, cs in out.items()]
 
 
+def _is_stochastic_depth(fn) -> bool:
+    """torchvision.ops.stochastic_depth: per-sample 0 or 1/(1-p) in training, identity in eval (homogeneous)."""
+    return getattr(fn, "__name__", "") == "stochastic_depth" and \
+        getattr(fn, "__module__", "").startswith("torchvision.ops")
+
+
 def _arg(node, pos: int, name: str, default):
     return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
 
@@ -411,7 +417,7 @@ class _Walker:
             self.refuse(node, f"module type {type(m).__name__} is not understood by the channel analysis")
 
     def visit_function(self, node, fn, shape) -> None:
-        if fn in _HOMOGENEOUS_FUNCS:
+        if fn in _HOMOGENEOUS_FUNCS or _is_stochastic_depth(fn):
             self.passthrough(node, shape)
         elif fn in _OTHER_ELEMENTWISE_FUNCS:
             self.passthrough(node, shape, f"passes through {getattr(fn, '__name__', fn)}, not positively "
