@@ -335,6 +335,34 @@ def slim_prune(model: nn.Module, input_shape: tuple, ratio: float) -> tuple[nn.M
     return model, report
 
 
+class SlimL1:
+    """Network Slimming's sparsity term (Liu et al. 2017): λ·Σ|γ| over every prunable BN (the channel graph's
+    free groups), a fixed λ (`slim.l1`) from the first step until the prune. Not NR's hook: no monitor, no λ
+    rule, no rejuvenation."""
+
+    def __init__(self, model: nn.Module, graph, lam: float):
+        mods = dict(model.named_modules())
+        self.gammas = [mods[g.bn].weight for g in graph.free_groups()]
+        self.lam = float(lam)
+
+    def after_backward(self) -> None:
+        from nr_study.nr import l1_subgradient_
+
+        l1_subgradient_(self.gammas, self.lam)
+
+    def end_of_step(self):
+        return None
+
+    def end_of_epoch(self):
+        return None
+
+    def metrics(self) -> dict:
+        return {"lambda": self.lam, "rejuvenations": 0}
+
+    def state_dict(self) -> dict:
+        return {}
+
+
 def _no_free_groups_error(method: str, name: str, graph) -> ConfigError:
     reasons = sorted({g.fixed_reason.split("'")[0].strip() for g in graph.groups.values()
                       if g.producer is not None and g.fixed_reason})
@@ -420,7 +448,7 @@ class _Run:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.hook, self.hook_kind = None, ""
         if resolved_nr(cfg)["nr"]:
-            kind, nrc = "nr", None
+            kind = "nr"
         elif cfg.method == "SLIM" and not self.slim_pruned:
             kind = "slim"
         else:
@@ -431,12 +459,11 @@ class _Run:
         graph = core.build_graph(self.model, self.input_shape)
         if not graph.free_groups():
             raise _no_free_groups_error(cfg.method, cfg.model.name, graph)
+        if kind == "slim":  # Network Slimming's own L1 on every prunable γ, fixed λ from the first step
+            self.hook, self.hook_kind = SlimL1(self.model, graph, cfg.slim.l1), kind
+            return
         try:
-            if kind == "nr":
-                nrc = _nr_config(cfg)
-            else:
-                nrc = _nr_config(cfg, lambda_mode="fixed", lambda_fixed=cfg.slim.l1, max_rejuvenations=0,
-                                 window_epochs=None)
+            nrc = _nr_config(cfg)
             self.hook, self.hook_kind = core.NeuralRejuvenation(self.model, self.input_shape, nrc), kind
         except ValueError as exc:  # the core refuses settings it cannot honour on this model (e.g. Tr out of reach)
             raise ConfigError(f"method {cfg.method} on model {cfg.model.name!r}: {one_line(exc)}") from None
@@ -560,11 +587,10 @@ class _Run:
         return {"test_err": 100.0 * wrong1 / max(1, n), "test_err5": 100.0 * wrong5 / max(1, n)}
 
     def nr_metrics(self) -> dict:
-        if self.hook is not None:
-            m = dict(self.hook.metrics())
-            if self.hook_kind == "slim":
-                m["rejuvenations"] = 0
-            return m
+        if self.hook_kind == "nr":
+            return dict(self.hook.metrics())
+        if self.hook is not None:  # SLIM before its prune
+            return dict(self.measure(), **self.hook.metrics())
         m = self.measure()
         m.update({"lambda": 0.0, "rejuvenations": self.n_events})
         return m

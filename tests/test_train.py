@@ -221,6 +221,56 @@ def test_nr_fs_rebuilds_found_widths(nr_run, tracking_uri, tmp_path):
     assert s2["final_params"] == nr_run["final_params"]
 
 
+def free_gamma_l1(model, shape=(1, 1, 28, 28)) -> float:
+    """Σ|γ| over the prunable BNs (the channel graph's free groups): what an L1 term on γ pulls down."""
+    from nr_study.nr import build_graph
+
+    mods = dict(model.named_modules())
+    return sum(float(mods[g.bn].weight.detach().abs().sum()) for g in build_graph(model, shape).free_groups())
+
+
+def test_slim_l1_is_active_from_the_first_step(tracking_uri, tmp_path):
+    """Network Slimming trains with λ·Σ|γ| from the first step: under the same seed its γ's L1 norm ends epoch 1
+    below BL's, the more so the larger slim.l1 (before the fix SLIM trained as BL: the norms were equal)."""
+    norms = {}
+    for name, method, l1 in (("BL", "BL", 0.0), ("slim_1e-4", "SLIM", 1e-4), ("slim_1e-3", "SLIM", 1e-3)):
+        got = []
+        s = train(cfg(method=method, slim={"l1": l1, "prune_epoch": 2}, train={"epochs": 2}),
+                  tracking_uri=tracking_uri, checkpoint_dir=tmp_path / name, progress=False,
+                  on_epoch_end=lambda row, ck: got.append(free_gamma_l1(model_from_payload(load_checkpoint(ck)["model"])))
+                  if row["epoch"] == 1 else None)
+        norms[name] = got[0]
+        if method == "SLIM":
+            assert s["history"][0]["lambda"] == l1 and s["history"][1]["lambda"] == 0.0  # pruned after epoch 2
+    assert norms["BL"] > norms["slim_1e-4"] > norms["slim_1e-3"], norms
+    assert norms["BL"] - norms["slim_1e-3"] > 5 * (norms["BL"] - norms["slim_1e-4"]) > 0, norms
+
+
+def test_slim_threshold_is_global():
+    """One |γ| threshold over every prunable BN (not a per-layer percentile): a layer of large γ keeps all its
+    channels, a layer of small γ keeps its strongest one; every kept |γ| is above every pruned one."""
+    from nr_study.models import create_model
+    from nr_study.train import slim_prune
+
+    torch.manual_seed(0)
+    model = create_model("vgg_small", num_classes=10, in_channels=1, width=8)
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    with torch.no_grad():
+        for i, (n, bn) in enumerate(bns.items()):
+            bn.weight.copy_(torch.rand(bn.num_features) + (1.0 if i % 2 == 0 else 0.0) * 10)  # even: ~10, odd: <1
+    before = {n: bn.weight.detach().abs().clone() for n, bn in bns.items()}
+    pruned, rep = slim_prune(model, (1, 1, 28, 28), 0.5)
+    allv = torch.cat(list(before.values()))
+    assert rep["threshold"] == float(allv.sort().values[55])  # the 56th smallest |γ| of all 112: one number
+    kept = {k: rep["widths_after"][k] / rep["widths_before"][k] for k in rep["widths_before"]}
+    assert kept["features.0.bn"] == 1.0 and kept["features.7.bn"] == 1 / 32, kept  # a per-layer cut keeps 0.5
+    assert rep["channels_after"] == 56 + 3  # the 56 small ones go, but each small layer keeps its strongest
+    after = dict(pruned.named_modules())
+    for name, g in before.items():  # kept: exactly the channels above the threshold (or the layer's strongest)
+        above = sorted(v for v in g.tolist() if v > rep["threshold"]) or [max(g.tolist())]
+        assert sorted(after[name].weight.detach().abs().tolist()) == pytest.approx(above), name
+
+
 def test_slim_prunes_to_percentile(tracking_uri, tmp_path):
     s = train(cfg(method="SLIM", slim={"l1": 1e-3, "prune_ratio": 0.5, "prune_epoch": 1},
                   train={"epochs": 2, "max_steps_per_epoch": 4}), tracking_uri=tracking_uri, progress=False)
@@ -228,6 +278,8 @@ def test_slim_prunes_to_percentile(tracking_uri, tmp_path):
     n = rep["channels_before"]
     assert rep["channels_after"] == n - math.floor(0.5 * n)
     assert rep["params_after"] < rep["params_before"]
+    kept = {k: rep["widths_after"][k] / rep["widths_before"][k] for k in rep["widths_before"]}
+    assert len(set(kept.values())) > 1, kept  # a global threshold: layers keep different fractions
     h = s["history"]
     assert h[0]["params"] == rep["params_after"] and h[1]["params"] == rep["params_after"]
     assert s["final_params"] == rep["params_after"] < 18248
