@@ -653,7 +653,8 @@ def pick_threads(device: torch.device) -> int:
 
 
 def run_bench(mode: str = "full", device: str = "cpu", only: Optional[list[str]] = None,
-              threads: Optional[int] = None, log=sys.stderr) -> list[dict]:
+              threads: Optional[int] = None, log=None) -> list[dict]:
+    log = log or sys.stderr  # read at call time: a stream replaced after import must not stick
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
