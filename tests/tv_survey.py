@@ -1,7 +1,7 @@
 """Every torchvision classification model through the NR core: exact or refused, and is Tr = 0.5 reachable.
 
 Used by tests/test_torchvision_models.py and, as a script, to write the table in docs/architecture.md:
-    .venv/bin/python -m tests.tv_survey            (all models; about 15 minutes on 2 cores)
+    .venv/bin/python -m tests.tv_survey [NAME ...]   (all models by default; about 15 minutes on 2 cores)
 """
 from __future__ import annotations
 
@@ -92,9 +92,9 @@ def exercise(name: str, size: int) -> dict:
     return {"max_rel_change": max(changes.values())}
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     rows = []
-    for name in names():
+    for name in argv or names():
         t0 = time.perf_counter()
         row = analyse(name)
         if row["outcome"] == "supported":
@@ -116,4 +116,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
