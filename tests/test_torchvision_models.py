@@ -13,8 +13,10 @@ import torch
 from nr_study.nr import NeuralRejuvenation, NRConfig
 from tests.tv_survey import analyse, build, exercise, names
 
-FAMILIES = ["densenet121", "efficientnet_b0", "googlenet", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small",
-            "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnext50_32x4d", "vgg11_bn"]
+# one per pattern: concat, SE + stochastic depth, train-only heads, depthwise, hard-swish SE, grouped + SE,
+# basic blocks (CA on fixed-output convs), conv biases
+FAMILIES = ["densenet121", "efficientnet_b0", "googlenet", "mobilenet_v2", "mobilenet_v3_small", "regnet_y_400mf",
+            "resnet18", "vgg11_bn"]
 
 
 @pytest.mark.parametrize("name", names())
