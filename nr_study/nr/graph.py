@@ -312,7 +312,8 @@ class _Walker:
                 self.groups[g].rescale_reason = reason
 
     def refuse(self, node, reason: str):
-        raise UnsupportedGraphError(f"node '{node.name}' ({node.op} {node.target}): {reason}")
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+        raise UnsupportedGraphError(f"node '{node.name}' ({node.op} {target}): {reason}")
 
     def tensor_inputs(self, node) -> list[torch.fx.Node]:
         return [a for a in node.all_input_nodes if a in self.layout]
@@ -450,7 +451,8 @@ class _Walker:
             elif src == shape:
                 self.passthrough(node, shape)
             else:
-                self.refuse(node, f".{method}() from {src} to {shape} mixes channels")
+                self.refuse(node, f".{method}() from {src} to {shape}: only an identity or a flatten of every dim "
+                                  "after the batch keeps the channels readable")
         elif method == "mean":
             self.reduce(node, shape)
         else:
