@@ -42,7 +42,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nr_study.errors import UserError
 
@@ -158,7 +157,8 @@ def _error_row(name: str, goal: Optional[float], unit: str, exc: BaseException) 
 
 # ------------------------------------------------------------------------------------- training steps
 class Step:
-    """One training step on a fixed batch: forward, loss, backward, [L1 subgradient], SGD step, [end_of_step]."""
+    """The trainer's own step (nr_study.train.train_step) on a fixed batch: forward, loss, backward, [L1
+    subgradient], SGD step, [end_of_step]."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, amp: bool,
                  nr: bool, lam: float = 1e-4):
@@ -174,14 +174,10 @@ class Step:
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     def __call__(self) -> None:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.model(self.x)
-            loss = F.cross_entropy(out.float(), self.y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.hook is not None:
-            self.hook.after_backward()
-        self.opt.step()
+        from nr_study.train import train_step
+
+        train_step(self.model, self.opt, self.x, self.y, amp=self.amp,
+                   after_backward=self.hook.after_backward if self.hook is not None else None)
         if self.hook is not None:
             self.hook.end_of_step()
 

@@ -22,19 +22,32 @@ import yaml
 from nr_study.errors import ConfigError
 from nr_study.files import read_yaml
 
-# Method table (docs/architecture.md). `nr`: the NR hook is on. scheme/rescale/realloc: the hook's defaults,
-# overridden by nr.scheme / nr.rescale / nr.realloc when those are set explicitly.
-METHODS: dict[str, dict[str, Any]] = {
-    "BL": dict(nr=False, scheme=None, rescale=None, realloc=None),
-    "BL-CA": dict(nr=False, scheme="ca", rescale=None, realloc=None),
-    "NR": dict(nr=True, scheme="nr", rescale=False, realloc=True),
-    "NR-BR": dict(nr=True, scheme="nr", rescale=True, realloc=True),
-    "NR-CR": dict(nr=True, scheme="cr", rescale=False, realloc=True),
-    "NR-CA": dict(nr=True, scheme="ca", rescale=False, realloc=True),
-    "NR-CA-BR": dict(nr=True, scheme="ca", rescale=True, realloc=True),
-    "NR-IP": dict(nr=True, scheme="nr", rescale=False, realloc=False),
-    "NR-FS": dict(nr=False, scheme=None, rescale=None, realloc=None),
-    "SLIM": dict(nr=False, scheme=None, rescale=None, realloc=None),
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method's registry entry: the class in nr_study.methods that runs it (a name, so this module stays
+    torch-free) and its NR defaults, which nr.scheme / nr.rescale / nr.realloc override when set explicitly."""
+
+    impl: str
+    scheme: Optional[str] = None
+    rescale: Optional[bool] = None
+    realloc: Optional[bool] = None
+
+
+# The method registry (docs/architecture.md, Methods): adding a method is a class in nr_study/methods.py and a
+# line here.
+METHODS: dict[str, MethodSpec] = {
+    "BL": MethodSpec("Baseline"),
+    "BL-CA": MethodSpec("BaselineCA", scheme="ca"),
+    "NR": MethodSpec("Rejuvenation", scheme="nr", rescale=False, realloc=True),
+    "NR-BR": MethodSpec("Rejuvenation", scheme="nr", rescale=True, realloc=True),
+    "NR-CR": MethodSpec("Rejuvenation", scheme="cr", rescale=False, realloc=True),
+    "NR-CA": MethodSpec("Rejuvenation", scheme="ca", rescale=False, realloc=True),
+    "NR-CA-BR": MethodSpec("Rejuvenation", scheme="ca", rescale=True, realloc=True),
+    "NR-IP": MethodSpec("Rejuvenation", scheme="nr", rescale=False, realloc=False),
+    "NR-FS": MethodSpec("FromScratch"),
+    "SLIM": MethodSpec("Slimming"),
 }
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 SCHEDULES = ("step", "cosine", "constant")
@@ -440,18 +453,12 @@ def load_config(path, overrides=()) -> Config:
 
 
 def resolved_nr(cfg: Config) -> dict:
-    """The method's NR settings with nr.scheme / nr.rescale / nr.realloc overrides applied."""
-    m = dict(METHODS[cfg.method])
+    """The method's NR settings with nr.scheme / nr.rescale / nr.realloc overrides applied; `nr`: the method
+    runs NR's hook."""
+    spec = METHODS[cfg.method]
+    m = {"nr": spec.impl == "Rejuvenation", "scheme": spec.scheme, "rescale": spec.rescale, "realloc": spec.realloc}
     for k in ("scheme", "rescale", "realloc"):
         v = getattr(cfg.nr, k)
         if v is not None:
             m[k] = v
     return m
-
-
-def replace(cfg: Config, **dotted) -> Config:
-    """Config copy with dotted-key changes: replace(cfg, **{"nr.tr": 0.3})."""
-    d = config_to_dict(cfg)
-    for k, v in dotted.items():
-        set_dotted(d, k, v)
-    return config_from_dict(d)

@@ -326,7 +326,7 @@ def load_model_from_run(run_id: str, tracking_uri: Optional[str] = None):
     load_state_dict). Returns the nn.Module in eval mode, on CPU."""
     import torch
 
-    from nr_study.train import model_from_payload
+    from nr_study.checkpoint import model_from_payload
 
     path = download_artifact(run_id, "model/model.pt", tracking_uri)
     payload = torch.load(path, map_location="cpu", weights_only=True)

@@ -308,7 +308,7 @@ def test_disk_too_full_for_a_checkpoint(sandbox, capsys, monkeypatch):
     import collections
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(TR.shutil, "disk_usage", lambda p: usage(10 << 20, 10 << 20, 1000))
+    monkeypatch.setattr("shutil.disk_usage", lambda p: usage(10 << 20, 10 << 20, 1000))
     expect_bad_input(sandbox, capsys, TINY, needles=["checkpoint folder", "MiB free, a checkpoint needs about"])
 
 

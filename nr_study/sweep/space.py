@@ -37,7 +37,6 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -807,7 +806,3 @@ def dry_run_text(space: SearchSpace, cluster: dict | None = None) -> str:
 
 def dump_document(doc: dict) -> str:
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
-
-
-def resolve_path(p) -> Path:
-    return Path(p).expanduser().resolve()
