@@ -149,7 +149,12 @@ class TrainCfg:
 
 @dataclass(frozen=True)
 class NRCfg:
-    tr: float = F(0.5, _rng(0.0, 1.0, True, True), doc="utilization threshold Tr")
+    """NR's settings: the `nr:` section of a config and, as nr_study.nr.NRConfig, what the NeuralRejuvenation
+    hook takes — one definition, torch-free. Built directly (NRConfig(tr=0.3)) it checks the same ranges
+    (ValueError naming the field); scheme / rescale / realloc left null take a method's defaults
+    (`with_method_defaults`; NR's: nr, no rescaling, reallocation)."""
+
+    tr: float = F(0.5, _rng(0.0, 1.0, True, True), doc="utilization threshold Tr: rejuvenate when r < tr")
     delta_r: float = F(0.01, _rng(0.0, lo_open=True))
     delta_lambda: float = F(5e-5, _rng(0.0))
     delta_t: int = F(1, _rng(1))
@@ -160,14 +165,25 @@ class NRCfg:
     window_epochs: Optional[int] = F(None, _rng(1), doc="NR active only during the first K epochs")
     max_rejuvenations: int = F(1, _rng(0))
     target_ratio: float = F(1.0, _rng(0.0, 1.0, lo_open=True))
-    constraint: str = F("params", _choice(CONSTRAINTS))
+    constraint: str = F("params", _choice(CONSTRAINTS), doc="the resource r(θ) and the budget are measured in")
     scheme: Optional[str] = F(None, _choice(SCHEMES), doc="null: the method's scheme")
     rescale: Optional[bool] = F(None, doc="null: the method's default")
     realloc: Optional[bool] = F(None, doc="null: the method's default")
-    gamma0: Optional[float] = F(None, _rng(0.0, lo_open=True), doc="null: the core's default")
+    gamma0: float = F(1.0, _rng(0.0, lo_open=True), doc="γ of a rejuvenated channel (a fresh BN's)")
     dead_threshold: float = F(0.01, _rng(0.0, 1.0, True, True))
     impl: str = F("two", _choice(("two", "four")), doc="CA convolutions: two or four per layer")
     round_to: int = F(1, _rng(1), doc="round rejuvenated widths down to multiples of this (8 for GPUs)")
+
+    def __post_init__(self):
+        errors = _check_section(self, "nr.")
+        if errors:
+            raise ValueError("\n".join(errors))
+
+    def with_method_defaults(self, scheme: str = "nr", rescale: bool = False, realloc: bool = True) -> "NRCfg":
+        """These settings with an unset scheme / rescale / realloc taken from a method (default: NR's)."""
+        return dataclasses.replace(self, scheme=scheme if self.scheme is None else self.scheme,
+                                   rescale=rescale if self.rescale is None else self.rescale,
+                                   realloc=realloc if self.realloc is None else self.realloc)
 
 
 @dataclass(frozen=True)
@@ -275,6 +291,37 @@ def _coerce(value, tp, key: str, errors: list):
     return None
 
 
+def _check_value(cls, name: str, val, key: str, errors: list, verdict: str = "is out of range") -> bool:
+    """The field's (predicate, allowed-text) check; appends one error line and returns False when it fails."""
+    check = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("check")
+    if check is None:
+        return True
+    pred, allowed = check
+    ok = pred(val) and not (isinstance(val, float) and not math.isfinite(val))
+    if ok:
+        return True
+    if isinstance(val, str):
+        opts = [o for o in allowed.removeprefix("one of ").split(", ")]
+        m = difflib.get_close_matches(val, opts, n=1, cutoff=0.5)
+        close = f"; did you mean {m[0]!r}?" if m else ""
+        errors.append(f"{key}: {val!r} is not allowed; allowed: {allowed}{close}")
+    else:
+        errors.append(f"{key}: {val!r} {verdict}; allowed: {allowed.format(k=name)}")
+    return False
+
+
+def _check_section(obj, prefix: str) -> list[str]:
+    """Type and range errors of a section built directly (not through config_from_dict), one line each."""
+    errors: list[str] = []
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        val, key, n = getattr(obj, f.name), prefix + f.name, len(errors)
+        _coerce(val, hints[f.name], key, errors)
+        if len(errors) == n:
+            _check_value(type(obj), f.name, val, key, errors, verdict="is not allowed")
+    return errors
+
+
 def _build(cls, d, prefix: str, errors: list):
     if d is None:
         d = {}
@@ -297,23 +344,8 @@ def _build(cls, d, prefix: str, errors: list):
         val = _coerce(v, tp, key, errors)
         if len(errors) > n_before:
             continue
-        check = fields[k].metadata.get("check")
-        if check is not None:
-            pred, allowed = check
-            ok = pred(val)
-            if isinstance(val, float) and not math.isfinite(val):
-                ok = False
-            if not ok:
-                close = ""
-                if isinstance(val, str):
-                    opts = [o for o in allowed.removeprefix("one of ").split(", ")]
-                    m = difflib.get_close_matches(val, opts, n=1, cutoff=0.5)
-                    close = f"; did you mean {m[0]!r}?" if m else ""
-                    errors.append(f"{key}: {val!r} is not allowed; allowed: {allowed}{close}")
-                else:
-                    errors.append(f"{key}: {val!r} is out of range; allowed: {allowed.format(k=k)}")
-                continue
-        kwargs[k] = val
+        if _check_value(cls, k, val, key, errors):
+            kwargs[k] = val
     try:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover
@@ -457,8 +489,5 @@ def resolved_nr(cfg: Config) -> dict:
     runs NR's hook."""
     spec = METHODS[cfg.method]
     m = {"nr": spec.impl == "Rejuvenation", "scheme": spec.scheme, "rescale": spec.rescale, "realloc": spec.realloc}
-    for k in ("scheme", "rescale", "realloc"):
-        v = getattr(cfg.nr, k)
-        if v is not None:
-            m[k] = v
+    m.update({k: getattr(cfg.nr, k) for k in ("scheme", "rescale", "realloc") if getattr(cfg.nr, k) is not None})
     return m

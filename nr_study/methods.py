@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from nr_study.config import METHODS, Config, resolved_nr
+from nr_study.config import METHODS, Config
 from nr_study.errors import ConfigError, one_line
 from nr_study.files import read_json, read_torch
 
@@ -198,20 +198,14 @@ class Rejuvenation(Method):
         super().__init__(cfg, input_shape, tracking_uri)
         self.hook, self._state = None, None
 
-    def nr_settings(self):
-        from nr_study.nr import NRConfig
-
-        res = resolved_nr(self.cfg)
-        vals = dict(vars(self.cfg.nr), scheme=res["scheme"], rescale=res["rescale"], realloc=res["realloc"])
-        names = set(NRConfig.__dataclass_fields__)
-        return NRConfig(**{k: v for k, v in vals.items() if k in names and v is not None})
-
     def on_fit_start(self, model):
         from nr_study.nr import NeuralRejuvenation
 
+        spec = METHODS[self.cfg.method]
         prunable_graph(model, self.input_shape, self.cfg.method, self.cfg.model.name)
-        try:
-            self.hook = NeuralRejuvenation(model, self.input_shape, self.nr_settings())
+        try:  # the validated `nr:` section, with the variant's scheme/rescale/realloc where it leaves them unset
+            settings = self.cfg.nr.with_method_defaults(spec.scheme, spec.rescale, spec.realloc)
+            self.hook = NeuralRejuvenation(model, self.input_shape, settings)
         except ValueError as exc:  # the core refuses settings it cannot honour here (e.g. a Tr out of reach)
             raise ConfigError(f"method {self.cfg.method} on model {self.cfg.model.name!r}: {one_line(exc)}") from None
         if self._state:
@@ -239,7 +233,7 @@ class Rejuvenation(Method):
         return {"lambda": self.hook.lam.lam if self.hook.flag_on else 0.0, "rejuvenations": self.hook.rejuvenations}
 
     def state_dict(self):
-        return {k: v for k, v in self.hook.state_dict().items() if k != "config"}
+        return self.hook.state_dict()
 
     def load_state_dict(self, state):
         super().load_state_dict(state)

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from nr_study.config import CONSTRAINTS  # one definition, torch-free, with the config
 from nr_study.nr.graph import ChannelGraph, Layer
 from nr_study.nr.schemes import CRConv
-
-CONSTRAINTS = ("params", "flops")
 
 
 def _check_constraint(constraint: str) -> None:

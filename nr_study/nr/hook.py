@@ -8,65 +8,25 @@ momentum over: the S weights restart their momentum, the R weights have none to 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
 
 import torch.nn as nn
 
+from nr_study.config import NRCfg
 from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks, min_reachable_ratio
 from nr_study.nr.graph import build_graph
 from nr_study.nr.sparsity import LambdaController, l1_subgradient_
-from nr_study.nr.surgery import SCHEMES, base_cost, rejuvenate
+from nr_study.nr.surgery import base_cost, rejuvenate
 
 
-@dataclass
-class NRConfig:
-    tr: float = 0.5  # rejuvenate when r < tr
-    delta_r: float = 0.01
-    delta_lambda: float = 5e-5
-    delta_t: int = 1
-    delta_t_unit: str = "epoch"  # "epoch" | "step"
-    lambda_mode: str = "adaptive"  # "adaptive" | "fixed"
-    lambda_fixed: float = 1.5e-4
-    lambda_max: float | None = None
-    window_epochs: int | None = None  # NR flag on only during the first K epochs
-    max_rejuvenations: int = 1
-    target_ratio: float = 1.0
-    constraint: str = "params"  # the resource r(θ) and the budget are measured in
-    scheme: str = "nr"
-    rescale: bool = False
-    realloc: bool = True
-    gamma0: float = 1.0
-    dead_threshold: float = 0.01
-    impl: str = "two"  # NR-CA: "two" or "four" convolutions per layer
-    round_to: int = 1  # round new widths down to multiples of this (8 suits GPU kernels)
-
-    def __post_init__(self):
-        checks = [
-            ("tr", 0 < self.tr < 1, "0 < tr < 1"),
-            ("delta_r", self.delta_r > 0, "delta_r > 0"),
-            ("delta_lambda", self.delta_lambda >= 0, "delta_lambda >= 0"),
-            ("delta_t", isinstance(self.delta_t, int) and self.delta_t >= 1, "an integer >= 1"),
-            ("delta_t_unit", self.delta_t_unit in ("epoch", "step"), "epoch, step"),
-            ("lambda_mode", self.lambda_mode in ("adaptive", "fixed"), "adaptive, fixed"),
-            ("max_rejuvenations", self.max_rejuvenations >= 0, "an integer >= 0"),
-            ("target_ratio", 0 < self.target_ratio <= 1, "0 < target_ratio <= 1"),
-            ("constraint", self.constraint in CONSTRAINTS, ", ".join(CONSTRAINTS)),
-            ("scheme", self.scheme in SCHEMES, ", ".join(SCHEMES)),
-            ("impl", self.impl in ("two", "four"), "two, four"),
-            ("gamma0", self.gamma0 > 0, "gamma0 > 0"),
-            ("round_to", isinstance(self.round_to, int) and self.round_to >= 1, "an integer >= 1"),
-            ("dead_threshold", 0 < self.dead_threshold < 1, "0 < dead_threshold < 1"),
-        ]
-        for key, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"nr.{key}: {getattr(self, key)!r} is not allowed; allowed: {allowed}")
+# NR's settings have one definition, torch-free: the `nr:` section of a config (nr_study.config.NRCfg).
+NRConfig = NRCfg
 
 
 class NeuralRejuvenation:
     def __init__(self, model: nn.Module, input_shape, config: NRConfig | None = None):
         self.model = model
         self.input_shape = tuple(input_shape)
-        self.cfg = config or NRConfig()
+        self.cfg = (config or NRConfig()).with_method_defaults()  # unset scheme/rescale/realloc: NR's
         self.graph = build_graph(model, self.input_shape)
         base_cost(model, self.graph)
         if self.cfg.max_rejuvenations > 0:
@@ -160,7 +120,7 @@ class NeuralRejuvenation:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "rejuvenations": self.rejuvenations,
-                "lambda": self.lam.state_dict(), "config": asdict(self.cfg)}
+                "lambda": self.lam.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore counters and λ; the model must already have the checkpoint's architecture."""
