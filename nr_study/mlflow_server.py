@@ -16,10 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 from nr_study.errors import UserError
 from nr_study.files import check_sqlite_store
@@ -55,12 +57,17 @@ def is_healthy(url: str, timeout: float = 2.0) -> bool:
 class MlflowServer:
     """A running `mlflow server` child process that owns the run folder's SQLite file."""
 
-    def __init__(self, proc: subprocess.Popen, url: str, folder: Path, lock_fd: int, log_path: Path):
+    def __init__(self, proc: subprocess.Popen, url: str, folder: Path, lock_fd: int, log_path: Path,
+                 cmd: Optional[list] = None, env: Optional[dict] = None):
         self.proc = proc
         self.url = url
         self.folder = folder
         self.log_path = log_path
         self._lock_fd = lock_fd
+        self._cmd = cmd
+        self._env = env
+        self._supervisor: Optional["_Supervisor"] = None
+        self.restarts = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @classmethod
@@ -105,14 +112,11 @@ class MlflowServer:
             env.pop("MLFLOW_TRACKING_URI", None)
             # No job runner: it forks a dozen huey consumers (CPU at start-up) that touch the SQLite file too.
             env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-            log = open(log_path, "ab")
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=str(folder), preexec_fn=_new_session_dying_with_parent)
-            log.close()
+            proc = _spawn(cmd, env, folder, log_path)
         except BaseException:
             _unlock(lock_fd)
             raise
-        server = cls(proc, url, folder, lock_fd, log_path)
+        server = cls(proc, url, folder, lock_fd, log_path, cmd=cmd, env=env)
         try:
             server._wait_healthy(timeout)
         except BaseException:
@@ -123,10 +127,10 @@ class MlflowServer:
             print(f"MLflow server {url} (backend {folder / DB_NAME}, log {log_path})", file=sys.stderr)
         return server
 
-    def _wait_healthy(self, timeout: float) -> None:
+    def _wait_healthy(self, timeout: float, stop: Optional[threading.Event] = None) -> None:
         deadline = time.monotonic() + timeout
         delay = 0.2
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             if self.proc.poll() is not None:
                 raise UserError(f"mlflow server exited with code {self.proc.returncode} before it was healthy; "
                                 f"see {self.log_path}: {_tail(self.log_path)}")
@@ -136,8 +140,45 @@ class MlflowServer:
             delay = min(delay * 1.5, 1.0)
         raise UserError(f"mlflow server at {self.url} not healthy after {timeout:.0f}s; see {self.log_path}")
 
+    # -- supervision ---------------------------------------------------------------------------------
+    def supervise(self, out=None, interval: float = 1.0) -> "MlflowServer":
+        """Watch the server from a thread and restart it when it dies (same SQLite file, artifact root and
+        address): whoever started it owns it, so a killed server must not fail the trials that log to it.
+        The thread also holds the restarted server's parent-death signal, so it lives until stop()."""
+        if self._supervisor is None and self._cmd is not None:
+            self._supervisor = _Supervisor(self, out, interval)
+            self._supervisor.start()
+        return self
+
+    def wait_up(self, timeout: float = 180.0) -> bool:
+        """Wait until the server answers /health (a supervised one may be restarting); False after timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if is_healthy(self.url, timeout=2.0):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def _restart(self, stop: threading.Event) -> None:
+        """Start the server again on the same port, backend and artifact root (the lock stays held)."""
+        _kill_group(self.proc.pid)  # uvicorn may outlive a killed `mlflow server` and hold the port
+        port = int(self.url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60
+        while not _port_free(port) and time.monotonic() < deadline and not stop.is_set():
+            time.sleep(0.5)
+        self.proc = _spawn(self._cmd, self._env, self.folder, self.log_path)
+        self._wait_healthy(180.0, stop)
+        self.restarts += 1
+        try:
+            (self.folder / INFO_NAME).write_text(json.dumps({"url": self.url, "pid": self.proc.pid}))
+        except OSError:
+            pass
+
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the server (its whole process group) and release the SQLite lock. Idempotent."""
+        if self._supervisor is not None:
+            self._supervisor.halt()
+            self._supervisor = None
         proc = self.proc
         if proc is not None and proc.poll() is None:
             try:
@@ -165,6 +206,75 @@ class MlflowServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class _Supervisor(threading.Thread):
+    def __init__(self, server: MlflowServer, out, interval: float):
+        super().__init__(name="mlflow-server-supervisor", daemon=True)
+        self.server = server
+        self.out = out
+        self.interval = interval
+        self._stop_ev = threading.Event()
+        self.lock = threading.Lock()
+
+    def _say(self, msg: str) -> None:
+        try:
+            print(msg, file=self.out or sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    def run(self) -> None:
+        failures = 0
+        while not self._stop_ev.wait(self.interval):
+            s = self.server
+            code = s.proc.poll()
+            if code is None:
+                continue
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            self._say(f"MLflow server {s.url} (pid {s.proc.pid}) died ({how}); restarting it on the same address, "
+                      f"backend {s.folder / DB_NAME} and artifact root; trials wait for it")
+            t0 = time.monotonic()
+            with self.lock:
+                try:
+                    s._restart(self._stop_ev)
+                except Exception as exc:  # keep watching: the next round tries again
+                    failures += 1
+                    self._say(f"MLflow server restart failed ({exc}); see {s.log_path}")
+                    if failures >= 5:
+                        self._say("MLflow server: 5 restarts failed; giving up (the sweep's trials will fail; "
+                                  "continue it later with --resume)")
+                        return
+                    continue
+            if not self._stop_ev.is_set():
+                failures = 0
+                self._say(f"MLflow server {s.url} is back (pid {s.proc.pid}) after {time.monotonic() - t0:.1f} s")
+
+    def halt(self) -> None:
+        self._stop_ev.set()
+        self.join(30)
+
+
+def _spawn(cmd: list, env: dict, folder: Path, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=str(folder), preexec_fn=_new_session_dying_with_parent)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
 
 
 def _new_session_dying_with_parent() -> None:

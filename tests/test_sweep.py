@@ -5,7 +5,9 @@ about a second of compute; the time goes into Ray worker start-up. Heavy tests a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import signal
 import subprocess
 import sys
@@ -193,6 +195,298 @@ def test_worker_kill_resumes_same_run_after_surgery(mlflow_server, local_ray, ru
     assert rej[2] >= 1, "the surgery happened before the kill at epoch 2, so the resume rebuilt the new architecture"
     assert summary["trials"][0]["epochs"] == 3
     assert not summary["trials"][0]["error"]
+
+
+# ------------------------------------------------------------------------------------------ disk full, Ray state
+def _sweep_cli(capfd, *argv) -> tuple[int, list[str], str]:
+    """`nr-study sweep ...` in-process (the real CLI entry); returns rc, the stderr lines, stdout+stderr."""
+    from nr_study import cli
+
+    capfd.readouterr()
+    rc = cli.main(["sweep", *map(str, argv)])
+    cap = capfd.readouterr()
+    return rc, [ln for ln in cap.err.splitlines() if ln.strip()], cap.out + cap.err
+
+
+def _parent(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    return exp, client.search_runs([exp.experiment_id], filter_string="tags.`nr.role` = 'sweep'")[0]
+
+
+def _all_runs(client, exp) -> set:
+    return {(r.info.run_id, r.info.status, r.info.end_time) for r in client.search_runs([exp.experiment_id])}
+
+
+def test_resume_of_an_unreadable_ray_state_is_refused(mlflow_server, local_ray, runs, tmp_path, capfd):
+    """Ray's experiment_state-*.json cut short (a full disk) in a search with a sampled value (which cannot be
+    rebuilt from the folder, unlike a grid): --resume refuses with one line naming the file (exit 2) and changes
+    nothing, instead of Ray's "Restarting experiment" (a new sweep reported as success). Also a cut-short
+    tuner.pkl, and a state Ray fails to restore for a reason the file checks cannot see."""
+    import json
+
+    from nr_study.sweep.state import ResumeRefused, RestoreGuard, check_resumable
+
+    doc = make_doc("cutstate", space={"optim.lr": {"loguniform": [0.01, 0.1]}}, search="random",
+                   base={"train.epochs": 1, "data.n_train": 64})
+    path = tmp_path / "cutstate.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    argv = [path, "--tracking-uri", mlflow_server.url, "--runs", runs, "--verbose", "0"]
+    rc, err, _ = _sweep_cli(capfd, *argv)
+    assert rc == 0, err
+    client = client_for(mlflow_server)
+    exp, parent = _parent(client, "test-cutstate")
+    sweep_dir = Path(parent.data.tags["nr.sweep_dir"])
+    client.set_terminated(parent.info.run_id, "KILLED")  # as an interrupted sweep leaves its parent
+    before = _all_runs(client, exp)
+    state = sorted(sweep_dir.glob("experiment_state-*.json"))[-1]
+    good = state.read_bytes()
+    state.write_bytes(good[: len(good) // 2])
+    listing = {str(p.relative_to(sweep_dir)): p.stat().st_size for p in sweep_dir.rglob("*")}
+
+    rc, err, _ = _sweep_cli(capfd, *argv, "--resume", sweep_dir)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert str(state) in err[0] and "cut short" in err[0] and "nothing was resumed or changed" in err[0], err
+    assert "nor can it be rebuilt from the run folder" in err[0], err
+    assert _all_runs(client, exp) == before, "no new trial run; the parent is still KILLED"
+    assert {str(p.relative_to(sweep_dir)): p.stat().st_size for p in sweep_dir.rglob("*")} == listing
+
+    state.write_bytes(good)
+    tuner = sweep_dir / "tuner.pkl"
+    tb = tuner.read_bytes()
+    tuner.write_bytes(tb[: len(tb) // 2])
+    with pytest.raises(ResumeRefused, match="tuner.pkl is not a complete pickle"):
+        check_resumable(sweep_dir, "nr-study sweep F")
+    tuner.write_bytes(tb)
+
+    # Valid JSON, but a trial entry Ray cannot unpickle: Ray logs "Failed to restore" and would start over.
+    d = json.loads(good)
+    trial_state = json.loads(d["trial_data"][0][0])
+    trial_state["storage"]["value"] = "00ff"
+    d["trial_data"][0][0] = json.dumps(trial_state)
+    state.write_text(json.dumps(d))
+    rc, err, _ = _sweep_cli(capfd, *argv, "--resume", sweep_dir)
+    ours = [ln for ln in err if ln.startswith("error: ")]
+    assert rc == 2 and len(ours) == 1 and "Ray could not restore its sweep state" in ours[0], err
+    assert _all_runs(client, exp) == before
+    assert RestoreGuard(0, "x").tune_callback().on_step_begin(iteration=0, trials=[]) is None  # nothing to lose
+
+
+@contextlib.contextmanager
+def _small_fs(path: Path, mb: int):
+    """A tmpfs of `mb` MiB at `path` (root and a working `mount` needed, else the test is skipped)."""
+    if os.geteuid() != 0:
+        pytest.skip("a small filesystem needs root (mount -t tmpfs)")
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(path)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _fill(path: Path) -> Path:
+    filler = path / "filler"
+    chunk = b"\1" * (1 << 16)
+    try:
+        with open(filler, "wb") as f:
+            while True:
+                f.write(chunk)
+                f.flush()
+    except OSError:
+        pass
+    return filler
+
+
+def test_disk_full_mid_sweep_then_resume(mlflow_server, local_ray, runs, tmp_path, capfd):
+    """The sweep folder's disk fills up mid-sweep: the first run ends with a clear "no space" line (exit 1, never
+    an internal error) and the command that continues it; after freeing space `--resume` finishes every
+    configuration of the YAML, each in its one MLflow run with each epoch once (exit 0) — when Ray's state was cut
+    short, by rebuilding the grid from the run folder — or refuses with one line (exit 2); never exit 0 with
+    configurations missing."""
+    import threading
+
+    small = _small_fs(tmp_path / "small", 32)
+    disk = small.__enter__()
+    try:
+        runs_ = disk / "runs"
+        lrs = [0.05, 0.06, 0.07, 0.08]
+        doc = make_doc("diskfull", space={"optim.lr": lrs}, max_concurrent=2, max_failures=1,
+                       base={"train.epochs": 3, "data.n_train": 512})
+        path = tmp_path / "diskfull.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        argv = [path, "--tracking-uri", mlflow_server.url, "--runs", runs_, "--verbose", "0"]
+        client = client_for(mlflow_server)
+        filled: dict = {}
+
+        def fill_after_first_epoch():
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and "file" not in filled:
+                exp = client.get_experiment_by_name("test-diskfull")
+                if exp is not None and any(client.get_metric_history(r.info.run_id, "test_err")
+                                           for r in client.search_runs([exp.experiment_id])
+                                           if "nr.trial" in r.data.tags):
+                    filled["file"] = _fill(disk)
+                    return
+                time.sleep(0.5)
+
+        t = threading.Thread(target=fill_after_first_epoch, daemon=True)
+        t.start()
+        rc, err, text = _sweep_cli(capfd, *argv)
+        t.join(5)
+        assert "file" in filled, "the disk was filled mid-sweep"
+        assert rc == 1, text[-4000:]
+        assert "internal error" not in text and "unexpected pos" not in text, text[-4000:]
+        # the trainer's checkpoint write ("... (No space left on device)") or its free-space check on a retry
+        assert "No space left on device" in text or "MiB free, a checkpoint needs about" in text, text[-4000:]
+        assert err[-1].startswith("error: ") and "--resume" in err[-1] and f"--runs {runs_}" in err[-1], err[-3:]
+
+        filled["file"].unlink()  # space freed
+        exp, parent = _parent(client, "test-diskfull")
+        before = _all_runs(client, exp)
+        rc, err, text = _sweep_cli(capfd, *argv, "--resume")
+        parent = client.get_run(parent.info.run_id)
+        if rc == 2:  # Ray's state was cut short: refused, nothing changed
+            ours = [ln for ln in err if ln.startswith("error: ")]
+            assert len(ours) == 1 and "nothing was resumed or changed" in ours[0], err
+            assert _all_runs(client, exp) == before and parent.info.status != "FINISHED"
+            return
+        assert rc == 0, text[-4000:]
+        if "rebuilding the sweep from its run folder" in text:
+            assert list(Path(parent.data.tags["nr.sweep_dir"]).glob(".ray-unreadable-*/experiment_state-*.json"))
+        assert parent.info.status == "FINISHED"
+        kids = [r for r in client.search_runs([exp.experiment_id],
+                                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")]
+        by_lr: dict = {}
+        for r in kids:
+            by_lr.setdefault(float(r.data.params["optim.lr"]), []).append(r)
+        assert sorted(by_lr) == lrs, "every configuration of the YAML ran"
+        for lr, rs in by_lr.items():
+            assert len(rs) == 1, f"lr={lr}: one MLflow run per configuration, got {[r.info.status for r in rs]}"
+            assert rs[0].info.status == "FINISHED"
+            assert epochs_logged(client, rs[0].info.run_id) == [1, 2, 3]  # each epoch once
+    finally:
+        small.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------------------------ tracking server faults
+def test_owned_server_sigkilled_mid_sweep_is_restarted(local_ray, runs, capfd):
+    """SIGKILL of the sweep's own `mlflow server` and its uvicorn child (the whole process group) from outside,
+    mid-epoch: the sweep restarts it on the same address/backend, the trials wait for it and continue (no Ray
+    retry is spent: max_failures 0), exit 0; every trial one run, each epoch once, nothing left RUNNING."""
+    import json
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from nr_study import cli
+
+    doc = make_doc("srvkill", space={"optim.lr": [0.05, 0.1]}, max_concurrent=2, max_failures=0,
+                   base={"train.epochs": 5, "data.n_train": 1024})
+    path = runs.parent / "srvkill.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    seen: dict = {}
+
+    def kill_after_first_epoch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                info = json.loads((runs / "mlflow_server.json").read_text())
+                c = MlflowClient(info["url"])
+                exp = c.get_experiment_by_name("test-srvkill")
+                kids = [r for r in c.search_runs([exp.experiment_id]) if "nr.trial" in r.data.tags] if exp else []
+                if any(c.get_metric_history(r.info.run_id, "test_err") for r in kids):
+                    os.killpg(info["pid"], signal.SIGKILL)  # `mlflow server` and its uvicorn worker
+                    seen.update(killed=time.monotonic(), pid=info["pid"], url=info["url"])
+                    break
+            except Exception:
+                pass
+            time.sleep(0.3)
+        while "killed" in seen and time.monotonic() < deadline:  # the time until an epoch is logged again
+            try:
+                c = MlflowClient(seen["url"])
+                n = sum(len(c.get_metric_history(r.info.run_id, "test_err"))
+                        for r in c.search_runs([c.get_experiment_by_name("test-srvkill").experiment_id]))
+                seen.setdefault("n_at_back", n)
+                if n > seen["n_at_back"]:
+                    seen["recovered"] = time.monotonic() - seen["killed"]
+                    return
+            except Exception:
+                pass
+            time.sleep(0.3)
+
+    t = threading.Thread(target=kill_after_first_epoch, daemon=True)
+    t.start()
+    capfd.readouterr()
+    rc = cli.main(["sweep", str(path), "--runs", str(runs), "--verbose", "0"])
+    text = "".join(capfd.readouterr())
+    t.join(10)
+    assert "killed" in seen, "the server was killed mid-sweep"
+    assert rc == 0, text[-4000:]
+    assert f"(pid {seen['pid']}) died (signal 9); restarting it" in text and "is back" in text, text[-4000:]
+    print(f"server SIGKILL -> next logged epoch: {seen.get('recovered', float('nan')):.1f} s")
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")  # the sweep stopped its server
+    exp = client.get_experiment_by_name("test-srvkill")
+    all_runs = client.search_runs([exp.experiment_id])
+    assert not [r for r in all_runs if r.info.status == "RUNNING"]
+    parent = [r for r in all_runs if r.data.tags.get("nr.role") == "sweep"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    kids = [r for r in all_runs if "nr.trial" in r.data.tags]
+    assert len(kids) == 2 and len({r.data.tags["nr.trial"] for r in kids}) == 2, "one run per trial"
+    for r in kids:
+        assert r.info.status == "FINISHED" and "nr.error" not in r.data.tags
+        assert epochs_logged(client, r.info.run_id) == [1, 2, 3, 4, 5]  # each epoch once
+
+
+def test_trial_waits_for_a_user_tracking_server(capsys):
+    """With --tracking-uri the sweep cannot restart the server: a trial waits for it (bounded, one line each
+    way) instead of failing; a server that stays down ends the wait after the budget."""
+    import http.server
+    import threading
+
+    from nr_study.mlflow_server import free_port
+    from nr_study.sweep.runner import _wait_for_tracking
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    assert not _wait_for_tracking(uri, "trial t1", Exception("unreachable"), budget=1.0, poll=0.2)
+    err = capsys.readouterr().err
+    assert "trial t1: tracking server" in err and "waiting up to 1 s" in err and "still not answering" in err
+    assert time.monotonic() - t0 < 10
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *a):
+            pass
+
+    httpd = None
+
+    def serve_later():
+        nonlocal httpd
+        time.sleep(1.5)
+        httpd = http.server.HTTPServer(("127.0.0.1", port), Health)
+        httpd.serve_forever()
+
+    threading.Thread(target=serve_later, daemon=True).start()
+    t0 = time.monotonic()
+    try:
+        assert _wait_for_tracking(uri, "trial t2", Exception("unreachable"), budget=30.0, poll=0.2)
+        assert 1.0 < time.monotonic() - t0 < 25
+        assert "trial t2: tracking server" in capsys.readouterr().err
+        # it answers: an error the server gave is not an outage (no wait), a refused connection is retried
+        assert not _wait_for_tracking(uri, "trial t3", Exception("tracking store X: log failed (400)"))
+        assert _wait_for_tracking(uri, "trial t3", Exception("tracking server X unreachable during log"))
+    finally:
+        if httpd is not None:
+            httpd.shutdown()
 
 
 def _wait_for(pred, timeout: float, what: str):

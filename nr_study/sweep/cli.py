@@ -52,7 +52,13 @@ def cli_main(argv) -> int:
     if summary.get("interrupted"):
         return 130
     errored = sum(1 for t in summary.get("trials", []) if t.get("error"))
-    if errored:
-        print(f"{errored} trial(s) errored; see the table above and the MLflow runs", file=sys.stderr)
+    expected, finished = summary.get("expected", 0), summary.get("finished", 0)
+    if errored or finished < expected:
+        for t in [t for t in summary.get("trials", []) if t.get("error")][:20]:
+            print(f"trial {t.get('trial_id') or '?'} ({t.get('name')}) errored: {t.get('cause')}", file=sys.stderr)
+        # Exit 0 only when every configuration of the search space finished (ASHA's early stops count).
+        why = f" ({errored} errored; see the table above and the MLflow runs)" if errored else ""
+        print(f"error: {max(expected - finished, errored)} of {expected} configuration(s) did not finish{why}; "
+              f"continue the sweep with: {summary.get('resume_command')}", file=sys.stderr)
         return 1
     return 0

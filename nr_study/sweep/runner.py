@@ -13,12 +13,23 @@ resumed (`--resume`, Tuner.restore) trial reopens THE SAME run and the trainer l
 restarted without a checkpoint finds its run again by the nr.trial tag. At the end (also on errors and
 Ctrl-C) every child still RUNNING is closed: FINISHED (finished or stopped early by ASHA, tag
 nr.early_stopped), FAILED (errored) or KILLED (interrupted).
+
+Faults (docs/reliability.md): `--resume` first reads every file Ray's restore needs (nr_study/sweep/state.py);
+when Ray's state is cut short (a full disk) a grid sweep is rebuilt from the run folder (each configuration that
+ran continues from trials/<id>/state.pt in its MLflow run, matched by its values), anything else is refused with
+one line (exit 2, nothing changed) — never Ray's silent "Restarting experiment". The sweep's exit code is 0 only
+when every configuration of the space finished. The sweep's own mlflow server is supervised and restarted on the
+same address when it dies; a trial that loses its tracking server waits for it (bounded) and continues from its
+checkpoint in the same process instead of spending one of Ray's retries.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import signal
 import sys
@@ -27,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from nr_study.errors import ConfigError, UserError
+from nr_study.errors import ConfigError, FaultError, UserError
 from nr_study.files import check_sqlite_store, read_json
 
 # Before Ray is imported anywhere: the classic CLIReporter table (trimmed to our metrics), no per-checkpoint
@@ -56,6 +67,16 @@ class TrialContext:
     experiment_id: str
     sweep_dir: str           # absolute
     data_root: Optional[str]  # absolute default for data.root (trials run in their own working dir)
+    aliases: Optional[dict] = None  # a rebuilt sweep: configuration key -> the trial id it first ran as
+
+    def identity(self, trial_id: str, config: dict) -> str:
+        """The id a trial's checkpoint folder and MLflow run go by: the Ray trial id, or in a sweep rebuilt from
+        its run folder (Ray's state unreadable) the id its configuration first ran as."""
+        if self.aliases:
+            from nr_study.sweep.state import config_key
+
+            return self.aliases.get(config_key(config), trial_id)
+        return trial_id
 
 
 def _client(uri: str):
@@ -66,11 +87,72 @@ def _client(uri: str):
 
 
 def _find_child(client, ctx: TrialContext, trial_id: str) -> Optional[str]:
-    runs = client.search_runs(
-        [ctx.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and tags.`nr.trial` = '{trial_id}'",
-        max_results=5)
+    from nr_study.tracking import tracking_error
+
+    try:
+        runs = client.search_runs(
+            [ctx.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{ctx.parent_run_id}' and tags.`nr.trial` = '{trial_id}'",
+            max_results=5)
+    except Exception as exc:  # the trainer's one-line TrackingError, not a raw MlflowException
+        raise tracking_error(ctx.tracking_uri, f"finding trial {trial_id}'s run", exc) from exc
     return runs[0].info.run_id if runs else None
+
+
+def _server_answers(uri: str, timeout: float = 3.0) -> bool:
+    """The tracking server answers HTTP at all (its /health, or any reply below 500 from a proxy in front)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            return resp.status < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def tracking_wait_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("NR_STUDY_TRACKING_WAIT_S", "300")))
+    except ValueError:
+        return 300.0
+
+
+def _wait_for_tracking(uri: str, who: str, exc: BaseException, budget: Optional[float] = None,
+                       poll: float = 2.0) -> bool:
+    """After a tracking failure: True when the server was (or is) down and answers again within `budget`
+    seconds ($NR_STUDY_TRACKING_WAIT_S, default 300) — retry then; False for an error the server itself gave
+    (it answers) or when it stays down (the caller fails as before). One line when it starts waiting, one when
+    the server is back or the wait ends."""
+    if not uri.startswith(("http://", "https://")):
+        return False
+    unreachable = "unreachable" in str(exc)
+    if _server_answers(uri):
+        return unreachable  # it was down and is back already; any other error is the server's own answer
+    budget = tracking_wait_s() if budget is None else budget
+    t0 = time.monotonic()
+    print(f"{who}: tracking server {uri} is not answering; waiting up to {budget:.0f} s for it "
+          f"(NR_STUDY_TRACKING_WAIT_S) instead of failing; the checkpoint is kept", file=sys.stderr, flush=True)
+    while time.monotonic() - t0 < budget:
+        time.sleep(poll)
+        if _server_answers(uri):
+            print(f"{who}: tracking server {uri} answers again after {time.monotonic() - t0:.0f} s; continuing",
+                  file=sys.stderr, flush=True)
+            return True
+    print(f"{who}: tracking server {uri} still not answering after {budget:.0f} s; giving up", file=sys.stderr,
+          flush=True)
+    return False
+
+
+def _clear_tracking_error(client, run_id: str) -> None:
+    """A run ended FAILED by a tracking outage the trial then waited out: drop that nr.error tag."""
+    try:
+        if client.get_run(run_id).data.tags.get("nr.error", "").startswith("TrackingError"):
+            client.delete_tag(run_id, "nr.error")
+    except Exception:
+        pass
 
 
 def _numeric(row: dict) -> dict:
@@ -88,16 +170,16 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
     """One Ray Tune trial: resolve the config, find/create its MLflow run, train with checkpoints."""
     from ray import tune
 
-    from nr_study.config import config_from_dict, config_to_dict, flatten, set_dotted
-    from nr_study.train import CKPT_NAME, load_checkpoint, train
-    from nr_study.tracking import RunTracker
+    from nr_study.config import config_from_dict, set_dotted
+    from nr_study.errors import TrackingError
+    from nr_study.train import CKPT_NAME, load_checkpoint
 
     import logging
 
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint
     space = ctx.space
     tctx = tune.get_context()
-    trial_id = tctx.get_trial_id()
+    trial_id = ctx.identity(tctx.get_trial_id(), config)
     values = space.trial_values(config)
     full = space.trial_config(config)  # every field: for names and tags
     run_name = space.run_name(full, values)
@@ -123,24 +205,58 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
     # The working checkpoint folder is stable across retries and resumes of this trial (absolute path).
     work = Path(ctx.sweep_dir) / "trials" / trial_id
     work.mkdir(parents=True, exist_ok=True)
+    _write_trial_config(work, config)
+    if trial_id != tctx.get_trial_id():
+        tags["nr.ray_trial"] = tctx.get_trial_id()
     local = load_checkpoint(work)
     ray_ckpt = tune.get_checkpoint()
     ray_epoch = 0
     if ray_ckpt is not None:
-        with ray_ckpt.as_directory() as d:
-            src = Path(d) / CKPT_NAME
-            if src.is_file():
-                import torch
+        try:
+            with ray_ckpt.as_directory() as d:
+                src = Path(d) / CKPT_NAME
+                if src.is_file():
+                    import torch
 
-                st = torch.load(src, map_location="cpu", weights_only=True)
-                ray_epoch = int(st.get("epoch", 0))
-                if local is None or int(local.get("epoch", 0)) < ray_epoch:
-                    shutil.copy2(src, work / CKPT_NAME)
-                    local = st
+                    st = torch.load(src, map_location="cpu", weights_only=True)
+                    ray_epoch = int(st.get("epoch", 0))
+                    if local is None or int(local.get("epoch", 0)) < ray_epoch:
+                        shutil.copy2(src, work / CKPT_NAME)
+                        local = st
+        except Exception as exc:  # Ray's copy cut short (a full disk) or gone: the trainer's own file is atomic
+            ray_epoch = int((local or {}).get("epoch", 0))
+            print(f"trial {trial_id}: Ray's checkpoint copy is unreadable ({type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); continuing from "
+                  f"{work / CKPT_NAME if local else 'the start'}", file=sys.stderr, flush=True)
+    # The tracking server down (killed, restarting, a network blip): wait for it here, bounded, and continue
+    # from the checkpoint in this same process, instead of failing the trial and burning one of Ray's retries.
+    reported = {"epoch": ray_epoch}  # the last epoch Ray has from this trial
+    attempt = 0
+    while True:
+        try:
+            return _trial_attempt(config, ctx, cfg, trial_id, run_name, tags, work, local, reported, attempt)
+        except TrackingError as exc:
+            attempt += 1
+            if attempt > 20 or not _wait_for_tracking(ctx.tracking_uri, f"trial {trial_id}", exc):
+                raise
+            local = load_checkpoint(work)
+
+
+def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name: str, tags: dict, work: Path,
+                   local: Optional[dict], reported: dict, attempt: int) -> None:
+    from ray import tune
+
+    from nr_study.config import config_to_dict, flatten
+    from nr_study.train import train
+    from nr_study.tracking import RunTracker
+
+    space = ctx.space
+    ray_epoch = reported["epoch"]
     resume = local is not None
-
     client = _client(ctx.tracking_uri)
     run_id = (local or {}).get("run_id") or _find_child(client, ctx, trial_id)
+    if run_id is not None and attempt:
+        _clear_tracking_error(client, run_id)
     if run_id is None:  # first start: create the child run now, so a retry before any checkpoint finds it
         tracker = RunTracker(ctx.tracking_uri, space.experiment, run_name=run_name,
                              tags={**tags, "nr.method": cfg.method, "nr.arch": cfg.model.name,
@@ -159,6 +275,7 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
         for i, row in enumerate(rows):
             last = i == len(rows) - 1
             tune.report(_numeric(row), checkpoint=tune.Checkpoint.from_directory(str(work)) if last else None)
+            reported["epoch"] = int(row["epoch"])
 
     if local is not None and int(local.get("epoch", 0)) >= cfg.train.epochs and _status(client, run_id) == FINISHED:
         return  # finished (the driver died before Ray recorded it): nothing to re-run or re-log
@@ -172,6 +289,7 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
             final.update(row=row, checkpoint_dir=checkpoint_dir)
             return
         tune.report(_numeric(row), checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        reported["epoch"] = int(row["epoch"])
 
     # Ray ends a trial it stops (ASHA, or a Ctrl-C of the sweep) with SystemExit from inside report(); the
     # driver, which knows which of the two it was, closes the run at the end of the sweep.
@@ -182,6 +300,21 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
                  if isinstance(summary.get(k), (int, float))}
         tune.report(_numeric({**final["row"], **extra}),
                     checkpoint=tune.Checkpoint.from_directory(final["checkpoint_dir"]))
+
+
+def _write_trial_config(work: Path, config: dict) -> None:
+    """trials/<id>/config.json: which configuration this trial is (what a rebuild from the run folder reads)."""
+    from nr_study.sweep.state import TRIAL_CONFIG
+
+    path = work / TRIAL_CONFIG
+    if path.is_file():
+        return
+    try:
+        tmp = path.with_name(f".{TRIAL_CONFIG}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(config, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    except OSError:  # a full disk: the checkpoint write right after says so; params.json is the fallback
+        pass
 
 
 def _status(client, run_id: str) -> Optional[str]:
@@ -362,14 +495,20 @@ def _stopped_by_ray(run) -> bool:
 
 
 def finalize(client, space: SearchSpace, experiment_id: str, parent_run_id: str, trials: Optional[list],
-             error: Optional[BaseException]) -> dict:
+             error: Optional[BaseException], causes: Optional[dict] = None,
+             aliases: Optional[dict] = None) -> dict:
     """Close every child the sweep left open and the parent; returns counts by final status.
 
     `trials` are Ray's trials as last saved in the experiment state (taken before Ray's own cleanup, which
     marks interrupted trials TERMINATED): TERMINATED before the last epoch = stopped early by the scheduler
     (FINISHED, tag nr.early_stopped), ERROR = FAILED, anything else = interrupted (KILLED; --resume continues it).
     """
-    by_trial = {t.trial_id: t for t in trials or []}
+    if aliases:  # a rebuilt sweep: Ray's new trials continue the runs of the trials their configurations ran as
+        from nr_study.sweep.state import config_key
+
+        by_trial = {aliases.get(config_key(t.config or {}), t.trial_id): t for t in trials or []}
+    else:
+        by_trial = {t.trial_id: t for t in trials or []}
     epochs = int(space.base["train"]["epochs"])
     counts: dict[str, int] = {}
     children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
@@ -378,10 +517,12 @@ def finalize(client, space: SearchSpace, experiment_id: str, parent_run_id: str,
         rid, status = run.info.run_id, run.info.status
         t = by_trial.get(run.data.tags.get("nr.trial"))
         tstatus = t.status if t is not None else None
+        if causes is not None and tstatus == "ERROR" and run.data.tags.get("nr.error"):
+            causes[run.data.tags["nr.trial"]] = run.data.tags["nr.error"]  # the trainer's one line
         new = None
         if tstatus == "TERMINATED":
             iters = int((t.last_result or {}).get("training_iteration", 0) or 0)
-            if iters < epochs:
+            if iters < epochs and "final_test_err" not in run.data.metrics:  # not one that trained to the end
                 client.set_tag(rid, "nr.early_stopped", "true")
                 if status != FINISHED:
                     new = FINISHED
@@ -406,12 +547,20 @@ def finalize(client, space: SearchSpace, experiment_id: str, parent_run_id: str,
         counts[status] = counts.get(status, 0) + 1
     unfinished = trials is None or any(t.status not in ("TERMINATED", "ERROR") for t in trials)
     errored = any(t.status == "ERROR" for t in (trials or []))
+    missing = max(0, space.num_trials - _finished(trials))  # never ran, errored, or still open
     if isinstance(error, KeyboardInterrupt) or unfinished:
         parent_status = KILLED
-    elif error is not None or errored:
+    elif error is not None or errored or missing:
         parent_status = FAILED
     else:
         parent_status = FINISHED
+    if parent_status != FINISHED and missing:
+        client.set_tag(parent_run_id, "nr.unfinished", f"{missing} of {space.num_trials} configurations")
+    elif parent_status == FINISHED:
+        try:
+            client.delete_tag(parent_run_id, "nr.unfinished")
+        except Exception:
+            pass
     client.set_terminated(parent_run_id, parent_status)
     counts["parent"] = parent_status
     return counts
@@ -439,6 +588,21 @@ def pareto_front(points: list[dict], objectives: list[tuple[str, str]]) -> list[
     return sorted(front, key=key)
 
 
+_CAUSE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<type>[A-Z]\w*(?:Error|Exception|Exit|Interrupt))(?:\(\w+\))?: (?P<msg>.+)$")
+
+
+def error_cause(err) -> str:
+    """The one line that says why a trial errored: the innermost 'Type: message' line of Ray's error text (a
+    RayTaskError holds the worker's whole traceback), without the module path."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = _CAUSE.match(ln)
+        if m and not m["type"].startswith("RayTaskError"):
+            msg = f"{m['type']}: {m['msg']}"
+            return msg if len(msg) <= 300 else msg[:297] + "..."
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
 def summarize(space: SearchSpace, results) -> dict:
     """Rows per trial, configurations averaged over seeds, best configuration, Pareto set."""
     rows = []
@@ -447,9 +611,12 @@ def summarize(space: SearchSpace, results) -> dict:
         values = space.trial_values(cfg)
         full = space.trial_config(cfg)
         m = r.metrics or {}
-        row = {"trial_id": m.get("trial_id"), "name": space.run_name(full, values),
+        tid = m.get("trial_id") or (Path(str(r.path)).name.split("-", 1)[0] if getattr(r, "path", None) else None)
+        row = {"trial_id": tid, "name": space.run_name(full, values),
                "cell": space.cell_name(full, values), "error": bool(r.error),
                "epochs": m.get("training_iteration")}
+        if r.error:
+            row["cause"] = error_cause(r.error)
         row.update({k: values[k] for k in values})
         for metric in dict.fromkeys([*METRIC_COLUMNS, *(m_ for m_, _ in space.objectives)]):
             if metric in m:
@@ -488,11 +655,17 @@ def format_summary(space: SearchSpace, summary: dict) -> str:
         for c in sorted(summary["configurations"], key=lambda c: c["cell"]):
             lines.append(f"{c['cell'][:40]:<40} {c['n']:>2} " + " ".join(
                 f"{c[m]:>12.4g}" if isinstance(c.get(m), float) else f"{'-':>12}" for m in objs))
+    partial = summary.get("partial")
+    if partial:
+        lines.append(f"PARTIAL results: {summary.get('finished', 0)} of {summary.get('expected', '?')} "
+                     f"configuration(s) finished; the rows above include unfinished trials' last epochs")
     if summary.get("best"):
         b = summary["best"]
-        lines.append(f"best by {objs[0]}: {b['cell']} ({objs[0]} {b[objs[0]]:.4g}, n={b['n']})")
+        so_far = " so far (partial, not final)" if partial else ""
+        lines.append(f"best by {objs[0]}{so_far}: {b['cell']} ({objs[0]} {b[objs[0]]:.4g}, n={b['n']})")
     if "pareto" in summary:
-        lines.append(f"Pareto set ({', '.join(f'{m}: {md}' for m, md in space.objectives)}):")
+        lines.append(f"Pareto set{' so far (partial, not final)' if partial else ''} "
+                     f"({', '.join(f'{m}: {md}' for m, md in space.objectives)}):")
         for p in summary["pareto"]:
             lines.append("  " + p["cell"] + "  " + ", ".join(f"{m}={fmt_value(p[m])}" for m in objs))
     return "\n".join(lines)
@@ -566,10 +739,27 @@ def cluster_resources(address: Optional[str]) -> Optional[dict]:
     return {"CPU": available_cpus(), "GPU": gpus}
 
 
+def sweep_command(path: str, folder: Path, resume_dir: Optional[Path] = None, tracking_uri: Optional[str] = None,
+                  address: Optional[str] = None) -> str:
+    """The `nr-study sweep` command line that continues (resume_dir) or restarts this sweep from where the user
+    is: --runs whenever the run folder is not ./runs (a resume elsewhere would open an empty store)."""
+    parts = ["nr-study", "sweep", str(path)]
+    if resume_dir is not None:
+        parts += ["--resume", str(resume_dir)]
+    if Path(folder).resolve() != Path("runs").resolve():
+        parts += ["--runs", str(folder)]
+    if tracking_uri:
+        parts += ["--tracking-uri", tracking_uri]
+    if address:
+        parts += ["--address", address]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = None,
               tracking_uri: Optional[str] = None, resume: Optional[str | bool] = None,
               runs: Optional[str] = None, verbose: int = 1, out=None) -> dict:
-    """Launch (or resume) a sweep end to end; returns the summary dict (with 'sweep_dir', 'parent_run_id').
+    """Launch (or resume) a sweep end to end; returns the summary dict (with 'sweep_dir', 'parent_run_id',
+    'expected' and 'finished' configurations, 'interrupted', 'resume_command').
     `out` (default: sys.stdout at call time, not at import: a replaced or closed stream must not stick)."""
     out = out or sys.stdout
     from nr_study.mlflow_server import DB_NAME, MlflowServer, runs_dir
@@ -582,6 +772,8 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
     storage_root.mkdir(parents=True, exist_ok=True)
 
     state: dict = {}
+    ray_state = None
+    rebuild = None
     if resume:
         sweep_dir = Path(resume).resolve() if isinstance(resume, str) else find_latest_sweep(storage_root, space.name)
         if sweep_dir is None or not (sweep_dir / SWEEP_FILE).is_file():
@@ -593,8 +785,26 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             raise UserError(f"{sweep_dir / SWEEP_FILE}: not an nr-study sweep state (no 'document' mapping); "
                             f"allowed: the {SWEEP_FILE} a sweep wrote")
         from nr_study.sweep.space import parse_search_space
+        from nr_study.sweep.state import ResumeRefused, can_rebuild, check_resumable
 
         space = parse_search_space(state["document"], state.get("path", space.path))
+        # Before anything else: a Ray state Ray could not restore would make it start the sweep over.
+        try:
+            ray_state = check_resumable(sweep_dir, fresh_hint=sweep_command(space.path, folder,
+                                                                            tracking_uri=tracking_uri,
+                                                                            address=address))
+        except ResumeRefused as exc:
+            if exc.problem is None:
+                raise
+            if not can_rebuild(space):
+                raise ResumeRefused(f"{exc}; nor can it be rebuilt from the run folder: a {space.search} search "
+                                    f"with sampled values cannot regenerate its configurations (only a grid's)"
+                                    ) from None
+            # Rebuild: a new Ray experiment of the same grid in the same folder; each configuration that ran
+            # continues from its checkpoint in its MLflow run (matched by its values), the rest start.
+            rebuild = exc.problem
+        for w in (ray_state.warnings if ray_state is not None else []):
+            print(f"warning: {w}", file=sys.stderr, flush=True)
         print(f"resuming sweep {space.name} from {sweep_dir}", file=out, flush=True)
     else:
         sweep_dir = storage_root / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -602,6 +812,7 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             time.sleep(1.0)
             sweep_dir = storage_root / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         sweep_dir.mkdir(parents=True)
+    resume_cmd = sweep_command(space.path, folder, sweep_dir, tracking_uri=tracking_uri, address=address)
 
     server = None
     started_ray = state_started_ray = False
@@ -609,6 +820,8 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
     trials = None
     summary: dict = {}
     summary_interrupted = False
+    refused = False
+    parent_before = None
     client = parent_run_id = experiment_id = None
     prev_term = signal.getsignal(signal.SIGTERM)
     if prev_term in (signal.SIG_DFL, None) and _is_main_thread():
@@ -618,12 +831,19 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             _check_tracking_uri(tracking_uri)
             uri = tracking_uri
         else:
-            server = MlflowServer.start(folder, quiet=False)
+            server = MlflowServer.start(folder, quiet=False).supervise(out=sys.stderr)  # restarted if it dies
             uri = server.url
         os.environ["MLFLOW_TRACKING_URI"] = uri
         client = _client(uri)
         experiment_id = get_or_create_experiment(client, uri, space.experiment)
+        if rebuild is not None:  # which trial each configuration ran as (refused here: still nothing changed)
+            from nr_study.sweep.state import plan_rebuild
+
+            kids = client.search_runs([experiment_id], max_results=10000,
+                                      filter_string=f"tags.mlflow.parentRunId = '{state.get('parent_run_id')}'")
+            aliases = plan_rebuild(sweep_dir, space, rebuild, kids, known=state.get("aliases"))
         if state.get("parent_run_id"):
+            parent_before = client.get_run(state["parent_run_id"]).info
             parent_run_id = state["parent_run_id"]
             client.update_run(parent_run_id, status=RUNNING)
         else:
@@ -632,30 +852,70 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
                      "experiment_id": experiment_id, "name": space.name, "path": space.path,
                      "document": space.document, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                      "tracking_uri_at_launch": uri}
-            (sweep_dir / SWEEP_FILE).write_text(json.dumps(state, indent=1, default=str))
+            _write_sweep_state(sweep_dir, state)
+        if rebuild is not None:
+            from nr_study.sweep.state import set_aside
+
+            problem = rebuild
+            aside = set_aside(sweep_dir)
+            state["aliases"] = aliases
+            state.setdefault("rebuilt", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "why": problem,
+                                                    "aside": aside.name if aside else None})
+            _write_sweep_state(sweep_dir, state)
+            print(f"Ray's sweep state {problem}: rebuilding the sweep from its run folder: {len(aliases)} "
+                  f"configuration(s) that ran continue from their checkpoints in their MLflow runs, "
+                  f"{max(0, space.num_trials - len(aliases))} start"
+                  + (f"; Ray's old files are kept in {aside}" if aside else ""), file=out, flush=True)
         print(f"sweep {space.name}: {space.num_trials} trial(s); MLflow {uri} experiment {space.experiment!r} "
               f"parent run {parent_run_id}; folder {sweep_dir}", file=out, flush=True)
 
         started_ray = state_started_ray = init_ray(address)
         data_root = os.environ.get("NR_STUDY_DATA") or str(Path.cwd() / "data")
         ctx = TrialContext(space=space, tracking_uri=uri, parent_run_id=parent_run_id,
-                           experiment_id=experiment_id, sweep_dir=str(sweep_dir), data_root=data_root)
+                           experiment_id=experiment_id, sweep_dir=str(sweep_dir), data_root=data_root,
+                           aliases=state.get("aliases") or None)
         from ray import tune
 
-        if resume and tune.Tuner.can_restore(str(sweep_dir)):
+        guard = None
+        if ray_state is not None and ray_state.state_file is not None:
+            from nr_study.sweep.state import RestoreGuard
+
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=build_trainable(space, ctx),
                                        resume_unfinished=True, resume_errored=True)
-        else:
+            guard = RestoreGuard(len(ray_state.trial_ids), str(ray_state.state_file))
+            _add_callback(tuner, guard.tune_callback())
+        else:  # a new sweep, or a resume of one that never got as far as Ray's first state (nothing started)
             tuner = build_tuner(space, ctx, storage_root, sweep_dir.name, verbose=verbose)
-        results = tuner.fit()
+        _tolerate_unreadable_error_files()
+        try:
+            results = tuner.fit()
+        except Exception as exc:
+            if guard is not None and guard.fired:
+                refused = True
+                from nr_study.sweep.state import ResumeRefused
+
+                raise ResumeRefused(f"--resume {sweep_dir}: Ray could not restore its sweep state "
+                                    f"{ray_state.state_file} (its log lines above say why) and would have started "
+                                    f"the sweep over; stopped before any trial ran, nothing changed") from None
+            fault = _driver_fault(exc, resume_cmd)
+            if fault is None:
+                raise
+            raise fault from exc
         # Trial states as saved at the end of the run, before Ray's cleanup (which marks interrupted trials
         # TERMINATED): the truth about what finished, stopped early, failed, or was interrupted.
         trials = _trials_from_state(sweep_dir) or list(results._experiment_analysis.trials)
         summary_interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+        if _UNREADABLE_ERROR_FILES:
+            print(f"warning: Ray's error record of {len(_UNREADABLE_ERROR_FILES)} errored trial(s) cannot be read "
+                  f"(cut short: a full disk does this), e.g. {_UNREADABLE_ERROR_FILES[0]}; their causes below come "
+                  f"from the MLflow runs", file=sys.stderr, flush=True)
         summary = summarize(space, results)
+        summary.update(expected=space.num_trials, finished=_finished(trials))
+        summary["partial"] = summary_interrupted or summary["finished"] < summary["expected"]
         text = format_summary(space, summary)
         if text:
             print(text, file=out, flush=True)
+        _ensure_tracking(uri, server)
         _log_summary(client, parent_run_id, space, summary)
     except BaseException as exc:  # noqa: BLE001 - close runs on any error, then re-raise
         error = exc
@@ -669,13 +929,26 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
 
                 ray.shutdown()
                 started_ray = False
-            if client is not None and parent_run_id is not None:
+            if refused and client is not None and parent_before is not None:
+                # The refused resume changes nothing: the parent run goes back to how it was.
+                if parent_before.status == RUNNING or not parent_before.end_time:
+                    client.update_run(parent_run_id, status=parent_before.status)
+                else:
+                    client.set_terminated(parent_run_id, parent_before.status, end_time=parent_before.end_time)
+            elif client is not None and parent_run_id is not None:
                 if trials is None:
                     trials = _trials_from_state(sweep_dir)
-                counts = finalize(client, space, experiment_id, parent_run_id, trials, error)
+                _ensure_tracking(uri, server)
+                causes: dict = {}
+                counts = finalize(client, space, experiment_id, parent_run_id, trials, error, causes,
+                                  aliases=state.get("aliases"))
+                for row in summary.get("trials", []):
+                    if row.get("error") and row.get("trial_id") in causes:
+                        row["cause"] = causes[row["trial_id"]]
                 if not _owned_ray_was_shut_down(started=state_started_ray) and _has_early_stops(space, trials):
                     time.sleep(3.0)  # a caller-owned Ray: give stopped trials a moment to unwind, then re-close
-                    counts = finalize(client, space, experiment_id, parent_run_id, trials, error)
+                    counts = finalize(client, space, experiment_id, parent_run_id, trials, error,
+                                      aliases=state.get("aliases"))
                 summary["run_status"] = counts
                 print("MLflow runs: " + ", ".join(f"{k} {v}" for k, v in counts.items()), file=out, flush=True)
         except Exception as exc:  # never mask the original error
@@ -690,11 +963,113 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             if _is_main_thread() and signal.getsignal(signal.SIGTERM) is _sigterm_to_interrupt:
                 signal.signal(signal.SIGTERM, prev_term)
     summary.update(sweep_dir=str(sweep_dir), parent_run_id=parent_run_id, experiment_id=experiment_id,
-                   interrupted=summary_interrupted)
+                   interrupted=summary_interrupted, resume_command=resume_cmd)
     if summary_interrupted:
-        print(f"sweep interrupted; continue it with: nr-study sweep {space.path} --resume {sweep_dir}", file=out,
-              flush=True)
+        print(f"sweep interrupted; continue it with: {resume_cmd}", file=out, flush=True)
     return summary
+
+
+def _ensure_tracking(uri: str, server) -> None:
+    """Before the driver's own MLflow calls: the sweep's server may be restarting, a user's may be down."""
+    if server is not None:
+        server.wait_up(180.0)
+    elif uri.startswith(("http://", "https://")) and not _server_answers(uri):
+        _wait_for_tracking(uri, "sweep", Exception("unreachable"), budget=min(120.0, tracking_wait_s()))
+
+
+def _write_sweep_state(sweep_dir: Path, state: dict) -> None:
+    """nr_sweep.json, atomically (a full disk leaves the previous one whole)."""
+    path = sweep_dir / SWEEP_FILE
+    tmp = path.with_name(f".{SWEEP_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _finished(trials: Optional[list]) -> int:
+    """Trials Ray ended TERMINATED: run to their last epoch or stopped early by the scheduler (ASHA), which is
+    how a scheduler finishes a configuration. ERROR and anything still pending/running/paused did not finish."""
+    return sum(1 for t in trials or [] if t.status == "TERMINATED")
+
+
+def _add_callback(tuner, callback) -> None:
+    """Append a Tune callback to a restored Tuner (Tuner.restore takes its RunConfig from tuner.pkl)."""
+    try:
+        rc = tuner._local_tuner._run_config
+        rc.callbacks = list(rc.callbacks or []) + [callback]
+    except AttributeError:  # another Ray layout: the file checks before the restore still stand
+        pass
+
+
+_UNREADABLE_ERROR_FILES: list = []
+
+
+def _tolerate_unreadable_error_files() -> None:
+    """Ray reads each errored trial's error.pkl when it builds the results; one cut short by a full disk raised
+    UnpicklingError/EOFError out of Tuner.fit() (an 'internal error'). Read it as 'the trial errored'."""
+    from ray.tune.result_grid import ResultGrid
+
+    _UNREADABLE_ERROR_FILES.clear()
+    current = ResultGrid.__dict__.get("_populate_exception")
+    fn = getattr(current, "__func__", current)
+    if fn is None or getattr(fn, "_nr_tolerant", False):
+        return
+
+    def populate(trial):
+        try:
+            return fn(trial)
+        except Exception as exc:
+            from ray.tune.error import TuneError
+
+            try:  # the copy in the sweep folder (what Ray reads) was cut short; the driver's own copy is whole
+                where = str(Path(trial.storage.trial_fs_path, trial.run_metadata.pickled_error_filename))
+            except Exception:
+                where = "error.pkl"
+            _UNREADABLE_ERROR_FILES.append(f"{where} ({type(exc).__name__}: {str(exc)[:80]})")
+            text = None
+            try:
+                local = Path(trial.local_path, trial.run_metadata.error_filename or "error.txt")
+                text = local.read_text(errors="replace") if local.is_file() else None
+            except Exception:
+                pass
+            return TuneError(text) if text else TuneError(f"Ray's error record {where} cannot be read "
+                                                          f"({type(exc).__name__})")
+
+    populate._nr_tolerant = True
+    ResultGrid._populate_exception = staticmethod(populate)
+
+
+def _os_error(exc: BaseException) -> Optional[OSError]:
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        stack += [e.__cause__, e.__context__]
+    return None
+
+
+_MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
+def _driver_fault(exc: BaseException, resume_cmd: str) -> Optional[FaultError]:
+    """A fault of the machine under the sweep driver (full disk, lost folder, cut-short Ray file) as one line
+    (exit 1) with the command that continues the sweep; None for anything else (a bug: the CLI says so)."""
+    import pickle
+
+    os_err = _os_error(exc)
+    if os_err is not None and os_err.errno in _MACHINE_ERRNOS:
+        where = f" ({os_err.filename})" if getattr(os_err, "filename", None) else ""
+        return FaultError(f"sweep stopped: {os_err.strerror or os_err}{where}, errno "
+                          f"{errno.errorcode.get(os_err.errno, os_err.errno)}; the trials' checkpoints are kept: "
+                          f"fix it (free space), then continue it with: {resume_cmd}")
+    if isinstance(exc, (pickle.UnpicklingError, EOFError)):
+        return FaultError(f"sweep stopped: a file Ray wrote cannot be read ({type(exc).__name__}: "
+                          f"{str(exc)[:120]}; a full disk cuts files short); continue it with: {resume_cmd}")
+    return None
 
 
 def _owned_ray_was_shut_down(started: bool) -> bool:
@@ -719,6 +1094,9 @@ def _trials_from_state(sweep_dir: Path) -> Optional[list]:
 
 def _log_summary(client, parent_run_id: str, space: SearchSpace, summary: dict) -> None:
     try:
+        if summary.get("partial"):  # an interrupted or incomplete sweep: no best_* metric that reads as final
+            client.log_dict(parent_run_id, summary, "summary_partial.json")
+            return
         client.log_dict(parent_run_id, summary, "summary.json")
         best = summary.get("best")
         if best:
