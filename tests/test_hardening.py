@@ -649,3 +649,28 @@ def test_core_refuses_the_graph_one_line(sandbox, capsys):
         assert "\n" not in line
     finally:
         registry._REGISTRY.pop("_hard_branchy", None)
+
+
+# ------------------------------------------------------------------------------------------ sweep: tracking faults
+def test_sweep_with_an_unreachable_tracking_server_is_one_line(sandbox, capsys, monkeypatch):
+    """The sweep driver's own MLflow calls (experiment, parent run) fail as the one-line TrackingError, exit 1."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    (sandbox / "space.yaml").write_text(yaml.safe_dump({"name": "x", "base": TINY}))
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    rc = cli.main(["sweep", str(sandbox / "space.yaml"), "--tracking-uri", uri, "--runs", str(sandbox / "r")])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: tracking server {uri} unreachable during opening the experiment"), err
+
+
+def test_trial_finding_its_run_raises_tracking_error_not_mlflow_exception(monkeypatch):
+    """A trial that never got its MLflow run (server down when it looks its run up) fails with TrackingError."""
+    from nr_study.errors import TrackingError
+    from nr_study.sweep.runner import TrialContext, _client, _find_child
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    ctx = TrialContext(space=None, tracking_uri=uri, parent_run_id="p", experiment_id="1", sweep_dir=".",
+                       data_root=None)
+    with pytest.raises(TrackingError, match=f"tracking server {uri} unreachable during finding trial t1's run"):
+        _find_child(_client(uri), ctx, "t1")

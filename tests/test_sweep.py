@@ -176,7 +176,7 @@ def test_asha_stops_trials_early(mlflow_server, local_ray, runs):
         assert epochs_logged(client, r.info.run_id) == list(range(1, n + 1))
 
 
-def test_worker_kill_resumes_same_run_after_surgery(mlflow_server, local_ray, runs, tmp_path):
+def test_worker_kill_resumes_same_run_after_surgery(mlflow_server, local_ray, runs, tmp_path, caplog):
     marker = tmp_path / "killed_once"
     doc = make_doc("workerkill", space={"method": ["NR-CR"]}, max_failures=2,
                    base={"train.epochs": 3, "train.fault_kill_at_epoch": 2,
@@ -195,6 +195,11 @@ def test_worker_kill_resumes_same_run_after_surgery(mlflow_server, local_ray, ru
     assert rej[2] >= 1, "the surgery happened before the kill at epoch 2, so the resume rebuilt the new architecture"
     assert summary["trials"][0]["epochs"] == 3
     assert not summary["trials"][0]["error"]
+    # the recovered kill is one line, not Ray's ~25-line ActorDiedError traceback with its OOM-killer hint
+    failed = [r for r in caplog.records if "Trial task failed" in r.getMessage() or "worker process died" in
+              r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is None, [r.getMessage()[:200] for r in failed]
+    assert "its worker process died (ActorDiedError" in failed[0].getMessage()
 
 
 # ------------------------------------------------------------------------------------------ disk full, Ray state
@@ -598,9 +603,12 @@ def test_ctrl_c_leaves_no_run_running(mlflow_server, runs, tmp_path):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
-    assert "--resume" in out
+    assert f"continue it with: nr-study sweep {path} --resume " in out and f"--runs {runs}" in out, out[-3000:]
+    # partial trials: no "best" as if final, on the screen or in the parent run
+    assert "best by test_err:" not in out and "PARTIAL results" in out, out[-3000:]
     runs_ = client.search_runs([exp.experiment_id])
     assert runs_ and not [r for r in runs_ if r.info.status == "RUNNING"]
     parent = [r for r in runs_ if r.data.tags.get("nr.role") == "sweep"][0]
     assert parent.info.status == "KILLED"
+    assert not [k for k in parent.data.metrics if k.startswith("best_")]
     assert [r.info.status for r in runs_ if "nr.trial" in r.data.tags] == ["KILLED"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -835,19 +836,21 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             uri = server.url
         os.environ["MLFLOW_TRACKING_URI"] = uri
         client = _client(uri)
-        experiment_id = get_or_create_experiment(client, uri, space.experiment)
+        experiment_id = _tcall(uri, "opening the experiment", get_or_create_experiment, client, uri, space.experiment)
         if rebuild is not None:  # which trial each configuration ran as (refused here: still nothing changed)
             from nr_study.sweep.state import plan_rebuild
 
-            kids = client.search_runs([experiment_id], max_results=10000,
-                                      filter_string=f"tags.mlflow.parentRunId = '{state.get('parent_run_id')}'")
+            kids = _tcall(uri, "reading the sweep's runs", client.search_runs, [experiment_id], max_results=10000,
+                          filter_string=f"tags.mlflow.parentRunId = '{state.get('parent_run_id')}'")
             aliases = plan_rebuild(sweep_dir, space, rebuild, kids, known=state.get("aliases"))
         if state.get("parent_run_id"):
-            parent_before = client.get_run(state["parent_run_id"]).info
+            parent_before = _tcall(uri, "reading the sweep's parent run", client.get_run,
+                                   state["parent_run_id"]).info
             parent_run_id = state["parent_run_id"]
-            client.update_run(parent_run_id, status=RUNNING)
+            _tcall(uri, "reopening the sweep's parent run", client.update_run, parent_run_id, status=RUNNING)
         else:
-            parent_run_id = start_parent(client, uri, space, experiment_id, sweep_dir, source_text)
+            parent_run_id = _tcall(uri, "creating the sweep's parent run", start_parent, client, uri, space,
+                                   experiment_id, sweep_dir, source_text)
             state = {"parent_run_id": parent_run_id, "experiment": space.experiment,
                      "experiment_id": experiment_id, "name": space.name, "path": space.path,
                      "document": space.document, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -887,6 +890,9 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
         else:  # a new sweep, or a resume of one that never got as far as Ray's first state (nothing started)
             tuner = build_tuner(space, ctx, storage_root, sweep_dir.name, verbose=verbose)
         _tolerate_unreadable_error_files()
+        one_line_errors = _OneLineTrialErrors(space.max_failures)
+        controller_log = logging.getLogger("ray.tune.execution.tune_controller")
+        controller_log.addFilter(one_line_errors)
         try:
             results = tuner.fit()
         except Exception as exc:
@@ -901,6 +907,8 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             if fault is None:
                 raise
             raise fault from exc
+        finally:
+            controller_log.removeFilter(one_line_errors)
         # Trial states as saved at the end of the run, before Ray's cleanup (which marks interrupted trials
         # TERMINATED): the truth about what finished, stopped early, failed, or was interrupted.
         trials = _trials_from_state(sweep_dir) or list(results._experiment_analysis.trials)
@@ -967,6 +975,56 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
     if summary_interrupted:
         print(f"sweep interrupted; continue it with: {resume_cmd}", file=out, flush=True)
     return summary
+
+
+class _OneLineTrialErrors(logging.Filter):
+    """Ray logs every trial failure with its whole traceback ("Trial task failed for trial X"): ~25 lines and an
+    OOM-killer hint for a worker that was killed and is about to be retried from its checkpoint. A dead worker
+    (RayActorError) and one of our own one-line errors (a UserError in the trial: disk full, tracking server,
+    bad input) become one line; any other exception (a bug) keeps Ray's traceback. The full text is always in
+    the trial's error.txt."""
+
+    PREFIX = "Trial task failed for trial "
+
+    def __init__(self, max_failures: int):
+        super().__init__()
+        self.max_failures = max_failures
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        if not (record.exc_info and msg.startswith(self.PREFIX)):
+            return True
+        exc = record.exc_info[1]
+        name = msg[len(self.PREFIX):]
+        try:
+            from ray.exceptions import RayActorError, RayTaskError
+        except ImportError:
+            return True
+        retry = (f"Ray restarts it from its last checkpoint while its failures stay within max_failures "
+                 f"({self.max_failures})" if self.max_failures else "max_failures is 0: no retry")
+        if isinstance(exc, RayActorError):
+            text = (f"trial {name}: its worker process died ({type(exc).__name__}: killed, out of memory, or its "
+                    f"node was lost); {retry}")
+        elif isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", exc), UserError):
+            cause = getattr(exc, "cause", exc)
+            first = (str(cause).splitlines() or [""])[0][:400]
+            text = f"trial {name} failed: {type(cause).__name__}: {first}; {retry}"
+        else:
+            return True
+        record.msg, record.args, record.exc_info, record.exc_text = text, None, None, None
+        return True
+
+
+def _tcall(uri: str, what: str, fn, *args, **kwargs):
+    """A driver MLflow call: a failure is the trainer's one-line TrackingError (exit 1), not a raw exception."""
+    from nr_study.tracking import tracking_error
+
+    try:
+        return fn(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise tracking_error(uri, what, exc) from exc
 
 
 def _ensure_tracking(uri: str, server) -> None:
