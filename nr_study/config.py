@@ -54,6 +54,7 @@ SCHEDULES = ("step", "cosine", "constant")
 SCHEMES = ("nr", "cr", "ca")
 CONSTRAINTS = ("params", "flops")
 DEVICES = ("auto", "cpu", "cuda")
+AFTER_REJUVENATION = ("continue", "restart_schedule", "reset_epochs")
 
 
 def _rng(lo=None, hi=None, lo_open=False, hi_open=False):
@@ -128,7 +129,8 @@ class OptimCfg:
     schedule: str = F("step", _choice(SCHEDULES))
     milestones: tuple = F((), doc="step schedule: epochs after which lr is multiplied by gamma")
     gamma: float = F(0.1, _rng(0.0, 1.0, lo_open=True))
-    restart_after_rejuvenation: bool = F(False, doc="restart the lr schedule at a rejuvenation / SLIM prune")
+    restart_after_rejuvenation: Optional[bool] = F(None, doc="old name of train.after_rejuvenation: true = "
+                                                      "restart_schedule, false = continue")
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,10 @@ class TrainCfg:
     channels_last: bool = F(False, doc="CUDA only")
     bf16: bool = F(False, doc="CUDA only: bf16 autocast")
     cuda_deterministic: bool = F(False, doc="CUDA: deterministic cuDNN, no cudnn.benchmark (CPU is always)")
+    after_rejuvenation: str = F("continue", _choice(AFTER_REJUVENATION),
+                                doc="the lr schedule after a rejuvenation: continue it; restart_schedule: start it "
+                                    "again over the epochs left; reset_epochs (the paper): reset the epoch counter, "
+                                    "train.epochs more epochs from the rejuvenation's epoch on a fresh schedule")
     fault_kill_at_epoch: Optional[int] = F(None, _rng(1), doc="testing: SIGKILL self at this epoch")
     fault_kill_once_marker: Optional[str] = F(None, doc="testing: kill only when this file is absent (created)")
     fault_kill_point: str = F("after_epoch", _choice(("after_checkpoint", "after_epoch")))
@@ -370,10 +376,26 @@ def _cross_checks(cfg: Config, errors: list) -> None:
         )
 
 
+def _old_names(cfg: Config, d: dict, errors: list) -> Config:
+    """optim.restart_after_rejuvenation (true/false) is read as train.after_rejuvenation restart_schedule/continue."""
+    old = cfg.optim.restart_after_rejuvenation
+    if old is None:
+        return cfg
+    new = "restart_schedule" if old else "continue"
+    if "after_rejuvenation" in (d.get("train") or {}) and cfg.train.after_rejuvenation != new:
+        errors.append(f"optim.restart_after_rejuvenation: {str(old).lower()} contradicts train.after_rejuvenation "
+                      f"{cfg.train.after_rejuvenation!r}; drop the old key (true = restart_schedule, false = "
+                      f"continue)")
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, after_rejuvenation=new))
+
+
 def config_from_dict(d: dict | None) -> Config:
     """Validate a (possibly partial) nested dict and build a Config; raises ConfigError listing every bad key."""
     errors: list[str] = []
     cfg = _build(Config, d or {}, "", errors)
+    if not errors:
+        cfg = _old_names(cfg, d or {}, errors)
     if not errors:
         _cross_checks(cfg, errors)
     if errors:

@@ -26,11 +26,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from nr_study.config import METHODS, Config
+from nr_study.config import AFTER_REJUVENATION, METHODS, Config
 from nr_study.errors import ConfigError, one_line
 from nr_study.files import read_json, read_torch
 
-SCHEDULE_AFTER = ("continue", "restart_schedule")  # what the lr schedule does after an event
+SCHEDULE_AFTER = AFTER_REJUVENATION  # what the lr schedule does after an event (train.after_rejuvenation)
 
 
 @dataclass
@@ -224,10 +224,9 @@ class Rejuvenation(Method):
     def _event(self, report: Optional[dict]) -> Optional[Event]:
         if not report:
             return None
-        restart = "restart_schedule" if self.cfg.optim.restart_after_rejuvenation else "continue"
         n = self.hook.rejuvenations
-        return Event("rejuvenation", self.hook.model, report, f"rejuvenations/{n:03d}.json", restart,
-                     f"rejuvenation {n}")
+        return Event("rejuvenation", self.hook.model, report, f"rejuvenations/{n:03d}.json",
+                     self.cfg.train.after_rejuvenation, f"rejuvenation {n}")
 
     def metrics(self):
         return {"lambda": self.hook.lam.lam if self.hook.flag_on else 0.0, "rejuvenations": self.hook.rejuvenations}

@@ -134,7 +134,7 @@ class _EpochStats:
 def fit(run: "_Run", tracker, on_epoch_end: Optional[Callable] = None, progress: bool = True) -> None:
     """Epochs, steps, the method's events, evaluation, checkpoint, log."""
     tc, method = run.cfg.train, run.method
-    while run.epoch < tc.epochs:
+    while run.epoch < run.end_epoch:  # train.epochs, more after a reset_epochs rejuvenation
         run.model.train()
         t0 = time.perf_counter()
         with run.epoch_bar(progress) as bar:
@@ -143,20 +143,22 @@ def fit(run: "_Run", tracker, on_epoch_end: Optional[Callable] = None, progress:
                 run.set_lr()
                 loss, out = train_step(run.model, run.opt, x, y, after_backward=method.after_backward, amp=run.amp)
                 run.step += 1
+                run.train_flops += 3 * run.image_flops * len(y)  # forward + backward (≈ 2 × forward)
                 stats.add(loss, out, y)  # a NaN/inf loss stops the run here
                 run.adopt(method.end_of_step(), progress)
         stats.check()
         run.adopt(method.end_of_epoch(), progress)
         run.epoch += 1
         row = {"epoch": run.epoch, **stats.row(time.perf_counter() - t0), "lr": run.lr(max(0, run.step - 1)),
-               **run.evaluate(), **run.measure(), **{k: float(v) for k, v in method.metrics().items()}}
+               **run.evaluate(), **run.measure(), **{k: float(v) for k, v in method.metrics().items()},
+               "total_epochs": run.end_epoch, "train_flops": run.train_flops}
         run.history.append(row)
         run.checkpoint()
         _fault_kill(tc, run.epoch, "after_checkpoint")
         tracker.log_epoch(run.epoch, row)
         run.log_pending()
         if progress:
-            print(_fmt(row, tc.epochs), flush=True)
+            print(_fmt(row, run.end_epoch), flush=True)
         if on_epoch_end is not None:
             on_epoch_end(dict(row), str(run.ckpt_dir) if run.ckpt_dir else None)
         _fault_kill(tc, run.epoch, "after_epoch")
@@ -178,6 +180,8 @@ class _Run:
         self.opt: torch.optim.Optimizer = None
         self.tracker = None
         self.epoch, self.step, self.sched_offset = 0, 0, 0
+        self.end_epoch = cfg.train.epochs  # the epoch this run ends after
+        self.train_flops, self.image_flops = 0, 0  # multiply-adds trained so far; of one image's forward now
         self.history: list[dict] = []
         self.pending: list[tuple[str, dict]] = []  # artifacts to log after the next checkpoint
         self._graph, self._graph_of = None, None
@@ -201,9 +205,11 @@ class _Run:
         self.check_input(model)
         self.model = self._placed(self.method.on_fit_start(self._placed(model)))
         self.rebuild_optimizer()
+        self.image_flops = int(self.measure()["flops"])
         if ck is not None:
             self.opt.load_state_dict(ck["optimizer"])
             self.epoch, self.step, self.sched_offset = int(ck["epoch"]), int(ck["global_step"]), int(ck["sched_offset"])
+            self.end_epoch, self.train_flops = int(ck["end_epoch"]), int(ck["train_flops"])
             self.history = [dict(r) for r in ck["history"]]
             set_rng_state(ck["rng"])  # last: building consumed random numbers
 
@@ -236,10 +242,10 @@ class _Run:
         if self.channels_last:
             batches = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in batches)
         return epoch_bar(batches, steps=self.spe, batch_size=self.cfg.train.batch_size,
-                         desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}", enabled=progress)
+                         desc=f"epoch {self.epoch + 1}/{self.end_epoch}", enabled=progress)
 
     def lr(self, step: int) -> float:
-        return lr_at(self.cfg.optim, self.cfg.train.epochs, self.spe, step, self.sched_offset)
+        return lr_at(self.cfg.optim, self.end_epoch, self.spe, step, self.sched_offset)
 
     def set_lr(self) -> None:
         lr = self.lr(self.step)
@@ -248,15 +254,20 @@ class _Run:
 
     def adopt(self, event: Optional[Event], progress: bool) -> None:
         """A method's event: train its new model with a new optimizer (momentum dropped: the parameter tensors
-        are new), restart the schedule when it says so, log its report after the next checkpoint."""
+        are new), log its report after the next checkpoint, and go on with the lr schedule as it says:
+        continue; restart_schedule (from here over the epochs left); reset_epochs (the paper's protocol: the
+        epoch counter restarts, train.epochs more epochs after this one's, on a fresh schedule)."""
         if event is None:
             return
         self.model = self._placed(event.model)
         self.model.train()
         self._graph_of = None
         self.rebuild_optimizer()
-        if event.schedule == "restart_schedule":
+        self.image_flops = int(self.measure()["flops"])
+        if event.schedule in ("restart_schedule", "reset_epochs"):
             self.sched_offset = self.step
+        if event.schedule == "reset_epochs":
+            self.end_epoch = self.epoch + 1 + self.cfg.train.epochs
         self.pending.append((event.artifact, dict(event.report, epoch=self.epoch + 1, step=self.step)))
         if progress:
             from tqdm import tqdm
@@ -307,6 +318,7 @@ class _Run:
             "model": model_payload(self.model, self.meta), "optimizer": self.opt.state_dict(),
             "method_state": self.method.state_dict(), "rejuvenations": int(self.method.metrics()["rejuvenations"]),
             "epoch": self.epoch, "global_step": self.step, "sched_offset": self.sched_offset,
+            "end_epoch": self.end_epoch, "train_flops": self.train_flops,
             "rng": rng_state(), "run_id": self.tracker.run_id, "history": self.history,
         }, self.ckpt_dir / CKPT_NAME)
 
@@ -474,7 +486,8 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
         if progress:
             print(f"done: final test_err {summary['final_test_err']:.2f}% (best {summary['best_test_err']:.2f}%), "
                   f"params {summary['final_params']:,}, FLOPs {summary.get('final_flops', float('nan')):,.0f}, "
-                  f"rejuvenations {summary['rejuvenations']}, run {summary['run_id']}", flush=True)
+                  f"rejuvenations {summary['rejuvenations']}, {summary['epochs']} epochs, training FLOPs "
+                  f"{summary['train_flops']:.3g}, run {summary['run_id']}", flush=True)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a sweep stopping the trial (ASHA): not a failure
         status = KILLED
         with _interruptions_deferred():
@@ -509,7 +522,7 @@ def _finish(run: _Run, tracker) -> dict:
         torch.save(model_payload(run.model, run.meta), p)
         tracker.log_artifact(p, "model")
     return dict(summary, run_id=tracker.run_id, rejuvenations=int(run.method.metrics()["rejuvenations"]),
-                epochs=run.epoch, final_test_err5=last.get("test_err5", float("nan")), method=run.cfg.method,
+                epochs=run.epoch, train_flops=run.train_flops, final_test_err5=last.get("test_err5", float("nan")), method=run.cfg.method,
                 checkpoint_dir=str(run.ckpt_dir) if run.ckpt_dir else None, history=list(run.history))
 
 

@@ -115,3 +115,20 @@ def test_example_configs_load():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_after_rejuvenation_and_its_old_name():
+    """optim.restart_after_rejuvenation still works: true is train.after_rejuvenation restart_schedule."""
+    assert config_from_dict({}).train.after_rejuvenation == "continue"
+    assert config_from_dict({"optim": {"restart_after_rejuvenation": True}}).train.after_rejuvenation == \
+        "restart_schedule"
+    assert config_from_dict({"optim": {"restart_after_rejuvenation": False}}).train.after_rejuvenation == "continue"
+    cfg = config_from_dict({"train": {"after_rejuvenation": "reset_epochs"}})
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError) as ei:
+        config_from_dict({"optim": {"restart_after_rejuvenation": True}, "train": {"after_rejuvenation": "reset_epochs"}})
+    assert str(ei.value) == ("optim.restart_after_rejuvenation: true contradicts train.after_rejuvenation "
+                             "'reset_epochs'; drop the old key (true = restart_schedule, false = continue)")
+    with pytest.raises(ConfigError, match=r"train.after_rejuvenation: 'reset' is not allowed; allowed: one of "
+                                          r"continue, restart_schedule, reset_epochs; did you mean 'reset_epochs'\?"):
+        config_from_dict({"train": {"after_rejuvenation": "reset"}})

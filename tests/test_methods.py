@@ -33,7 +33,7 @@ NR_VARIANTS = [m for m, spec in METHODS.items() if spec.impl == "Rejuvenation"]
 EVENT = {**{m: "rejuvenations/001.json" for m in NR_VARIANTS}, "SLIM": "slim_prune.json"}
 # what every method logs, per epoch and once at the end
 EPOCH_METRICS = {"train_loss", "train_err", "test_err", "test_err5", "util_params", "util_flops", "lambda", "params",
-                 "flops", "rejuvenations", "epoch_time", "images_per_s", "lr"}
+                 "flops", "rejuvenations", "epoch_time", "images_per_s", "lr", "total_epochs", "train_flops"}
 SUMMARY_METRICS = {"final_test_err", "best_test_err", "final_params", "final_flops"}
 TIMING = ("epoch_time", "images_per_s")
 
@@ -126,6 +126,12 @@ def test_method(method, found_widths, l1_spy, tracking_uri, tmp_path):
         assert calls == [] and method_state == {}
         assert h[0]["params"] == h[1]["params"] == ref["final_params"]
         assert [r["lambda"] for r in h] == [0.0, 0.0] and ref["rejuvenations"] == 0
+    # training FLOPs: 3 × the forward multiply-adds of the architecture trained, per image (1024 an epoch)
+    first_clean = rep["epoch"] + 1 if method in EVENT else 1  # epochs whose architecture did not change
+    steps_flops = [b["train_flops"] - a["train_flops"] for a, b in zip([{"train_flops": 0}] + h, h)]
+    for e in range(first_clean, 3):
+        assert steps_flops[e - 1] == 3 * h[e - 1]["flops"] * 1024, (e, steps_flops)
+    assert [r["total_epochs"] for r in h] == [2, 2] and ref["train_flops"] == h[-1]["train_flops"]
     model = model_from_payload(load_checkpoint(tmp_path / "ref")["model"])
     has_ca = any(type(m).__name__ == "CAConv" for m in model.modules())
     assert has_ca == (method == "BL-CA" or (METHODS[method].scheme == "ca" and method in EVENT))

@@ -33,7 +33,7 @@ BASE = {
 NR = dict(BASE, method="NR", optim={"lr": 0.1}, train=dict(BASE["train"], epochs=4),
           nr={"tr": 0.95, "delta_lambda": 0.05, "delta_t": 1, "delta_t_unit": "step"})
 EPOCH_KEYS = ["train_loss", "train_err", "test_err", "test_err5", "util_params", "util_flops", "lambda", "params",
-              "flops", "rejuvenations", "epoch_time", "images_per_s", "lr"]
+              "flops", "rejuvenations", "epoch_time", "images_per_s", "lr", "total_epochs", "train_flops"]
 
 
 def cfg(base=BASE, **sections):
@@ -180,6 +180,39 @@ def test_resume_after_rejuvenation_is_exact_and_logs_each_epoch_once(nr_run, tra
         assert [r[k] for r in s["history"]] == [r[k] for r in ref], k
     for k in EPOCH_KEYS:
         assert steps(c, rid, k) == [1, 2, 3, 4], k
+
+
+# 32 steps an epoch: NR rejuvenates once near step 27 (epoch 1, or 2 on a CPU whose numerics shift it a little)
+NR32 = dict(NR, data=dict(BASE["data"], n_train=1024, n_test=64), optim={"lr": 0.1, "schedule": "cosine"},
+            train=dict(BASE["train"], epochs=2))
+
+
+@pytest.mark.parametrize("after", ["continue", "restart_schedule", "reset_epochs"])
+def test_after_rejuvenation_protocols(after, tracking_uri, tmp_path):
+    """train.after_rejuvenation: continue the lr schedule, restart it over the epochs left, or (the paper) reset
+    the epoch counter: train.epochs more epochs after the rejuvenation's, on a fresh schedule. Every run logs its
+    total epochs and training FLOPs; a reset run resumes exactly from a checkpoint after the rejuvenation."""
+    c = cfg(NR32, train={"after_rejuvenation": after})
+    s = train(c, tracking_uri=tracking_uri, checkpoint_dir=tmp_path / "a", progress=False)
+    rep = json.loads(Path(T.download_artifact(s["run_id"], "rejuvenations/001.json", tracking_uri,
+                                              str(tmp_path))).read_text())
+    k, at, h = rep["epoch"], rep["step"], s["history"]
+    total = k + 2 if after == "reset_epochs" else 2
+    assert [r["epoch"] for r in h] == list(range(1, total + 1)) and s["epochs"] == total
+    assert all(r["total_epochs"] == (2 if r["epoch"] < k else total) for r in h)
+    assert all(b["train_flops"] > a["train_flops"] for a, b in zip(h, h[1:])) and s["train_flops"] == h[-1]["train_flops"]
+    o = config_from_dict(c).optim
+    offset = 0 if after == "continue" else at
+    assert [r["lr"] for r in h] == pytest.approx([lr_at(o, total, 32, 32 * e - 1, offset) for e in range(1, total + 1)])
+    if after == "reset_epochs":  # a fresh cosine from the rejuvenation to the end, which comes train.epochs later
+        assert 32 * (k - 1) < at <= 32 * k and h[-1]["lr"] < 1e-3 * o.lr
+        with pytest.raises(KeyboardInterrupt):
+            train(c, tracking_uri=tracking_uri, checkpoint_dir=tmp_path / "b", progress=False,
+                  on_epoch_end=lambda row, ck: (_ for _ in ()).throw(KeyboardInterrupt) if row["epoch"] == k + 1 else None)
+        r = train(c, tracking_uri=tracking_uri, checkpoint_dir=tmp_path / "b", resume=True, progress=False)
+        drop = ("epoch_time", "images_per_s")
+        assert [{x: v for x, v in row.items() if x not in drop} for row in r["history"]] == \
+            [{x: v for x, v in row.items() if x not in drop} for row in h]
 
 
 def test_nr_fs_rebuilds_found_widths(nr_run, tracking_uri, tmp_path):
