@@ -317,9 +317,9 @@ def test_disk_full_mid_sweep_then_resume(mlflow_server, local_ray, runs, tmp_pat
     disk = small.__enter__()
     try:
         runs_ = disk / "runs"
-        lrs = [0.05, 0.06, 0.07, 0.08]
+        lrs = [0.05, 0.06, 0.07]  # two run at once, the third has not started when the disk fills
         doc = make_doc("diskfull", space={"optim.lr": lrs}, max_concurrent=2, max_failures=1,
-                       base={"train.epochs": 3, "data.n_train": 512})
+                       base={"train.epochs": 3, "data.n_train": 384})
         path = tmp_path / "diskfull.yaml"
         path.write_text(yaml.safe_dump(doc))
         argv = [path, "--tracking-uri", mlflow_server.url, "--runs", runs_, "--verbose", "0"]
