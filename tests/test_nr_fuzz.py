@@ -10,6 +10,7 @@ training step.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -21,7 +22,8 @@ from nr_study.nr import build_graph, live_masks, prune, rejuvenate, utilization
 from tests.nets import kill_channels
 from tests.randnets import random_net
 
-SEEDS = range(200)
+# NR_FUZZ_SEEDS=START:STOP draws other nets (e.g. 200:1000 for a longer hunt than CI's)
+SEEDS = range(*map(int, os.environ.get("NR_FUZZ_SEEDS", "0:200").split(":")))
 VARIANTS = [("nr", "two", False), ("nr", "two", True), ("cr", "two", False), ("cr", "two", True),
             ("ca", "two", False), ("ca", "four", True)]
 
@@ -116,14 +118,14 @@ def test_random_net_is_exact_or_refused(seed):
 
 
 def test_the_generator_draws_what_it_claims():
-    """Guard against a vacuous fuzz: the seeds above cover refusals, CA splits and every padding mode."""
+    """Guard against a vacuous fuzz: CI's seeds cover refusals and every padding mode."""
     refused = 0
     seen_modes = set()
-    for seed in SEEDS:
+    for seed in range(200):  # CI's draws, whatever NR_FUZZ_SEEDS says
         model, shape, refusal = random_net(seed)
         refused += refusal is not None
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
                 seen_modes.add(m.padding_mode)
-    assert 5 <= refused <= len(SEEDS) // 2
+    assert 5 <= refused <= 100
     assert seen_modes == {"zeros", "reflect", "replicate", "circular"}
