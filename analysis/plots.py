@@ -34,11 +34,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis.runs import NR_METHODS, RunRecord, RunStore, mean_std, norm, rejuvenation_count  # noqa: E402
+from nr_study.config import METHODS  # noqa: E402
 from analysis.tables import Paper, parse_common, load_paper  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8, "figure.dpi": 100})
 MAX_LINES = 12
-METHOD_ORDER = ["BL", "BL-CA", "SLIM", "NR-FS", *NR_METHODS]
+METHOD_ORDER = [*(m for m in METHODS if m not in NR_METHODS), *NR_METHODS]  # every registered method, baselines first
 TRADEOFF_METHODS = set(METHOD_ORDER)
 UNITS = (("G", 1e9), ("M", 1e6), ("K", 1e3), ("", 1.0))
 

@@ -1,11 +1,10 @@
 """Shared MLflow query helpers for the analysis: which store, which runs, which values.
 
-Reads MLflow only (never the trainer). Names follow docs/architecture.md ("Tracking names"):
-tags `nr.table`, `nr.cell`, `nr.method`, `nr.arch`, `nr.dataset`, `nr.constraint`, `nr.seed`, `nr.sweep`;
-per-epoch metrics (step = epoch) `test_err`, `test_err5`, `util_params`, `util_flops`, `lambda`, `params`,
-`flops`, `rejuvenations`; summaries `final_test_err`, `best_test_err`, `final_params`, `final_flops`.
-Run params are the flattened trainer config with dotted keys (`nr.tr`, `nr.delta_lambda`, `model.arch`,
-`method`, ...); every lookup here tolerates a missing key (returns None) so callers can skip and say so.
+Reads MLflow only (never the trainer). Names come from nr_study.names (docs/architecture.md, "Tracking
+names"): tags `nr.table`, `nr.cell`, `nr.method`, `nr.arch`, `nr.dataset`, `nr.constraint`, `nr.seed`,
+`nr.sweep`; the per-epoch metrics (step = epoch) and the summaries. Run params are the flattened trainer config
+with dotted keys (`method`, `model.name`, `nr.tr`, ...); ATTR_KEYS reads only keys the trainer writes. Every
+lookup tolerates a missing key (returns None) so callers can skip and say so.
 """
 from __future__ import annotations
 
@@ -16,43 +15,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from nr_study import names as N
+from nr_study.config import METHODS
 from nr_study.errors import ConfigError
 from nr_study.files import check_sqlite_store
 
-FINISHED = "FINISHED"
+FINISHED = N.FINISHED
 
-# Where a value may live, in order of preference. Tags first (the contract), then the flattened config.
+# Where a value may live, in order of preference: the tag (the contract), then the flattened config's param.
 ATTR_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
-    "method": (("tag", "nr.method"), ("param", "method"), ("param", "nr.method")),
-    "arch": (("tag", "nr.arch"), ("param", "model.arch"), ("param", "model.name"), ("param", "arch")),
-    "dataset": (("tag", "nr.dataset"), ("param", "data.dataset"), ("param", "data.name"), ("param", "dataset")),
-    "constraint": (("tag", "nr.constraint"), ("param", "nr.constraint"), ("param", "constraint")),
-    "seed": (("tag", "nr.seed"), ("param", "seed"), ("param", "train.seed")),
-    "scheme": (("tag", "nr.scheme"), ("param", "nr.scheme")),
-    "table": (("tag", "nr.table"),),
-    "cell": (("tag", "nr.cell"),),
-    "sweep": (("tag", "nr.sweep"),),
-    "trial": (("tag", "nr.trial"),),
-    "tr": (("param", "nr.tr"), ("param", "nr.Tr")),
-    "delta_lambda": (("param", "nr.delta_lambda"), ("param", "nr.dlambda")),
-    "delta_r": (("param", "nr.delta_r"), ("param", "nr.dr")),
+    "method": (("tag", N.TAG_METHOD), ("param", "method")),
+    "arch": (("tag", N.TAG_ARCH), ("param", "model.name")),
+    "dataset": (("tag", N.TAG_DATASET), ("param", "data.name")),
+    "constraint": (("tag", N.TAG_CONSTRAINT), ("param", "nr.constraint")),
+    "seed": (("tag", N.TAG_SEED), ("param", "seed")),
+    "scheme": (("tag", N.TAG_SCHEME), ("param", "nr.scheme")),
+    "table": (("tag", N.TAG_TABLE),),
+    "cell": (("tag", N.TAG_CELL),),
+    "sweep": (("tag", N.TAG_SWEEP),),
+    "trial": (("tag", N.TAG_TRIAL),),
+    "tr": (("param", "nr.tr"),),
+    "delta_lambda": (("param", "nr.delta_lambda"),),
+    "delta_r": (("param", "nr.delta_r"),),
     "max_rejuvenations": (("param", "nr.max_rejuvenations"),),
     "target_ratio": (("param", "nr.target_ratio"),),
+    "after_rejuvenation": (("param", "train.after_rejuvenation"),),
 }
 
-NR_METHODS = ("NR", "NR-BR", "NR-CR", "NR-CA", "NR-CA-BR", "NR-IP")
+NR_METHODS = tuple(m for m, spec in METHODS.items() if spec.impl == "Rejuvenation")  # the registry's NR variants
 
 
 def runs_folder() -> Path:
-    return Path(os.environ.get("NR_STUDY_RUNS") or "runs").resolve()
+    return N.runs_dir()
 
 
 def default_tracking_uri() -> str:
     """env MLFLOW_TRACKING_URI, else sqlite:///<abs runs folder>/mlflow.db (runs folder = env NR_STUDY_RUNS or ./runs)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{runs_folder() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or N.default_tracking_uri()
 
 
 def check_tracking_uri(uri: str) -> str:

@@ -25,8 +25,9 @@ from typing import Optional
 
 from nr_study.errors import UserError
 from nr_study.files import check_sqlite_store
+from nr_study.names import DB_NAME
+from nr_study.names import runs_dir as _runs_dir
 
-DB_NAME = "mlflow.db"
 ARTIFACTS_NAME = "mlartifacts"
 LOCK_NAME = "mlflow.db.lock"
 INFO_NAME = "mlflow_server.json"
@@ -34,8 +35,8 @@ LOG_NAME = "mlflow_server.log"
 
 
 def runs_dir(path: str | os.PathLike | None = None) -> Path:
-    """The run folder: `path`, else $NR_STUDY_RUNS, else ./runs — always absolute, created if missing."""
-    p = Path(path or os.environ.get("NR_STUDY_RUNS") or "runs").expanduser().resolve()
+    """The run folder (nr_study.names.runs_dir: `path`, else $NR_STUDY_RUNS, else ./runs), created if missing."""
+    p = _runs_dir(path)
     p.mkdir(parents=True, exist_ok=True)
     return p
 

@@ -36,16 +36,15 @@ for _k, _v in HTTP_DEFAULTS.items():
 
 from nr_study import __version__  # noqa: E402
 from nr_study.errors import ConfigError, TrackingError, one_line  # noqa: E402
+from nr_study.names import (EPOCH_KEY, FAILED, FINISHED, KILLED, RUNNING, TAG_ARCH, TAG_CODE_VERSION,  # noqa: E402
+                            TAG_CONSTRAINT, TAG_DATASET, TAG_ERROR, TAG_METHOD, TAG_SCHEME, TAG_SEED, runs_dir)
 
-FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
-EPOCH_KEY = "test_err"  # the metric whose history says which epochs a run already has
-
-
-def runs_dir() -> Path:
-    return Path(os.environ.get("NR_STUDY_RUNS") or Path.cwd() / "runs").absolute()
+__all__ = ["FINISHED", "FAILED", "KILLED", "RUNNING", "EPOCH_KEY", "runs_dir", "RunTracker", "open_run", "run_tags"]
 
 
 def default_tracking_uri(create: bool = True) -> str:
+    from nr_study.names import default_tracking_uri as uri_in
+
     d = runs_dir()
     if create:
         try:
@@ -53,7 +52,7 @@ def default_tracking_uri(create: bool = True) -> str:
         except OSError as exc:
             raise ConfigError(f"runs folder {d}: cannot create it ({exc.strerror or exc}); set $NR_STUDY_RUNS "
                               f"to a writable folder or pass --tracking-uri") from None
-    return f"sqlite:///{d / 'mlflow.db'}"
+    return uri_in(d)
 
 
 def resolve_tracking_uri(uri: Optional[str] = None, cfg_uri: Optional[str] = None, create: bool = True) -> str:
@@ -197,7 +196,7 @@ class RunTracker:
         from mlflow.exceptions import MlflowException
 
         tags = dict(self.tags)
-        tags.setdefault("nr.code_version", code_version())
+        tags.setdefault(TAG_CODE_VERSION, code_version())
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         if self.run_id:
@@ -301,11 +300,46 @@ class RunTracker:
             return False
         try:
             if error:
-                self.set_tags({"nr.error": error[:500]})
+                self.set_tags({TAG_ERROR: error[:500]})
             self.end(status)
             return True
         except Exception:
             return False
+
+
+def run_tags(cfg, extra: Optional[dict] = None) -> dict:
+    """The tags every training run gets (names: nr_study.names), then the config's tracking.tags, then `extra`."""
+    from nr_study.config import resolved_nr
+
+    res = resolved_nr(cfg)
+    t = {TAG_METHOD: cfg.method, TAG_ARCH: cfg.model.name, TAG_DATASET: cfg.data.name, TAG_SEED: cfg.seed,
+         TAG_SCHEME: res["scheme"] or "-", TAG_CONSTRAINT: cfg.nr.constraint if res["nr"] else "-"}
+    t.update(cfg.tracking.tags or {})
+    t.update(extra or {})
+    return t
+
+
+def open_run(uri: str, cfg, *, run_id: Optional[str] = None, tags: Optional[dict] = None,
+             parent_run_id: Optional[str] = None) -> RunTracker:
+    """A training run's MLflow run, started: a new one (tags, the flattened config as params, config.yaml), or
+    `run_id` reopened (its params and config are already there). `train()` and a sweep trial (which opens its
+    run before training, so a retry finds it) both open theirs here."""
+    import yaml
+
+    from nr_study.config import config_to_dict, flatten
+
+    tracker = RunTracker(uri, cfg.tracking.experiment, run_id, run_name=cfg.tracking.run_name,
+                         tags=run_tags(cfg, tags), parent_run_id=parent_run_id)
+    tracker.start()
+    if not tracker.reopened:
+        try:
+            tracker.log_params(flatten(config_to_dict(cfg)))
+            tracker.log_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config.yaml")
+        except BaseException as exc:
+            tracker.end_quietly(KILLED if isinstance(exc, KeyboardInterrupt) else FAILED,
+                                f"{type(exc).__name__}: {one_line(exc, 500)}")
+            raise
+    return tracker
 
 
 def download_artifact(run_id: str, artifact_path: str, tracking_uri: Optional[str] = None,

@@ -34,12 +34,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from nr_study.checkpoint import (CKPT_FORMAT, CKPT_NAME, atomic_save, check_checkpoint_fits, check_free_space,
                                  check_writable_dir, load_checkpoint, model_from_payload, model_payload, rng_state,
                                  seed_everything, set_rng_state)
-from nr_study.config import Config, config_from_dict, config_to_dict, flatten, load_config, resolved_nr
+from nr_study.config import Config, config_from_dict, config_to_dict, load_config
 from nr_study.errors import ConfigError, UnsupportedGraphError, one_line
 from nr_study.files import check_sqlite_store
 from nr_study.methods import Event, make_method
@@ -386,15 +385,6 @@ def _interruptions_deferred():
     return cm()
 
 
-def _tags(cfg: Config, extra: Optional[dict]) -> dict:
-    res = resolved_nr(cfg)
-    t = {"nr.method": cfg.method, "nr.arch": cfg.model.name, "nr.dataset": cfg.data.name, "nr.seed": cfg.seed,
-         "nr.scheme": res["scheme"] or "-", "nr.constraint": cfg.nr.constraint if res["nr"] else "-"}
-    t.update(cfg.tracking.tags or {})
-    t.update(extra or {})
-    return t
-
-
 def _fmt(row: dict, epochs: int) -> str:
     s = (f"epoch {row['epoch']:>3}/{epochs} loss {row['train_loss']:.4f} train_err {row['train_err']:5.2f}% "
          f"test_err {row['test_err']:5.2f}%")
@@ -417,7 +407,8 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
     """
     from nr_study.data import build_data
     from nr_study.errors import TrackingError
-    from nr_study.tracking import FAILED, FINISHED, KILLED, RunTracker, local_store_dir, resolve_tracking_uri
+    from nr_study.tracking import (FAILED, FINISHED, KILLED, RunTracker, local_store_dir, open_run,
+                                   resolve_tracking_uri)
 
     if not isinstance(cfg, Config):
         cfg = config_from_dict(cfg)
@@ -466,15 +457,10 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
         except OSError as exc:
             raise ConfigError(f"tracking store folder {store}: cannot create it ({exc.strerror or exc})") from None
     rng = rng_state()  # MLflow must not shift the training's random streams
-    tracker = RunTracker(uri, cfg.tracking.experiment, run_id or (ck or {}).get("run_id") or None,
-                         run_name=cfg.tracking.run_name, tags=_tags(cfg, tags), parent_run_id=parent_run_id)
-    run.tracker = tracker
-    tracker.start()
+    tracker = run.tracker = open_run(uri, cfg, run_id=run_id or (ck or {}).get("run_id") or None, tags=tags,
+                                     parent_run_id=parent_run_id)
     status = FAILED
     try:
-        if not tracker.reopened:
-            tracker.log_params(flatten(config_to_dict(cfg)))
-            tracker.log_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config.yaml")
         if ck is not None:
             tracker.sync_history(run.history)
             if progress:

@@ -107,7 +107,7 @@ def store_uri(tmp_path_factory):
     for m, errs, prm in (("BL", (8.0, 9.0), 1.0e5), ("SLIM", (8.8,), 5.0e4), ("NR-CR", (8.2, 8.4), 5.0e4)):
         for s, err in enumerate(errs):
             _log(c, e, tags=T("fmnist_table4", None, m, "vgg_small", "fashion_mnist", "params", seed=s),
-                 params={"method": m, "model.arch": "vgg_small", "nr.tr": 0.25},
+                 params={"method": m, "model.name": "vgg_small", "nr.tr": 0.25},
                  hist={"test_err": [20.0, err]}, summary={"final_params": prm, "final_flops": prm * 100})
     # CPU analogue of Table 5: 0, 1, 2 rejuvenations (count from the metric), with NR histories for the plots
     for k, err in ((0, 10.0), (1, 9.0), (2, 8.5)):

@@ -89,6 +89,25 @@ def test_grid_expansion_names_cells_and_seeds():
     assert tags["nr.table"] == "table4" and tags["nr.cell"] == "NR-CR/tr0.25" and tags["nr.sweep"] == "t"
 
 
+def test_resolve_trial_once():
+    """One call gives the trial's validated Config (the file's base as written + the swept values, this sweep's
+    experiment, its run name, the trial's CPUs as threads, the data root), its run name and its tags."""
+    from nr_study.config import Config
+
+    space = parse_search_space(doc(repeat=2, resources_per_trial={"cpu": 2}, tags={"table": "table4", "cell": "{method}/tr{nr.tr}"}),
+                               "x.yaml")
+    ray_config = {"method": "NR-CR", "nr.tr": 0.25, REPEAT_KEY: 1}
+    cfg, name, tags = space.resolve_trial(ray_config, data_root="/data")
+    assert isinstance(cfg, Config) and cfg.method == "NR-CR" and cfg.nr.tr == 0.25 and cfg.seed == 1
+    assert name == "NR-CR-vgg_small-tr0.25-s1" == cfg.tracking.run_name and cfg.tracking.experiment == space.experiment
+    assert cfg.train.threads == 2 and cfg.data.root == "/data" and cfg.model.kwargs == {"width": 4}
+    assert tags == {"nr.table": "table4", "nr.cell": "NR-CR/tr0.25", "nr.sweep": "t"}
+    pinned = parse_search_space(doc(base=dict(DOC["base"], train={"epochs": 2, "threads": 3},
+                                              data={"name": "synthetic", "root": "/mine"})), "x.yaml")
+    cfg, _, _ = pinned.resolve_trial({"method": "BL", "nr.tr": 0.5}, data_root="/data")
+    assert cfg.train.threads == 3 and cfg.data.root == "/mine"  # what the file sets wins
+
+
 def test_aliases_and_all_distributions():
     d = doc(search="random", num_samples=3, space={
         "model.arch": {"choice": ["vgg_small"]}, "train.seed": {"randint": [0, 10]},

@@ -54,7 +54,7 @@ from nr_study.sweep.space import REPEAT_KEY, TRIAL_INDEX_KEY, SearchSpace, dump_
 
 SWEEP_FILE = "nr_sweep.json"
 METRIC_COLUMNS = ("test_err", "util_params", "lambda", "rejuvenations", "params")
-FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+from nr_study.names import FAILED, FINISHED, KILLED, RUNNING, TAG_CELL, TAG_TRIAL  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -171,7 +171,6 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
     """One Ray Tune trial: resolve the config, find/create its MLflow run, train with checkpoints."""
     from ray import tune
 
-    from nr_study.config import config_from_dict, set_dotted
     from nr_study.errors import TrackingError
     from nr_study.train import CKPT_NAME, load_checkpoint
 
@@ -181,19 +180,8 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
     space = ctx.space
     tctx = tune.get_context()
     trial_id = ctx.identity(tctx.get_trial_id(), config)
-    values = space.trial_values(config)
-    full = space.trial_config(config)  # every field: for names and tags
-    run_name = space.run_name(full, values)
-    sparse = space.trial_config(config, sparse=True)  # what the file sets: the trainer fills the defaults
-    set_dotted(sparse, "tracking.run_name", run_name)
-    set_dotted(sparse, "tracking.experiment", space.experiment)
-    if full["train"].get("threads") is None:
-        set_dotted(sparse, "train.threads", max(1, int(space.cpu)))
-    if full["data"].get("root") is None and ctx.data_root:
-        set_dotted(sparse, "data.root", ctx.data_root)
-    cfg = config_from_dict(sparse)
-    tags = space.trial_tags(full, values)
-    tags["nr.trial"] = trial_id
+    cfg, run_name, tags = space.resolve_trial(config, ctx.data_root)  # validated once, named, tagged
+    tags[TAG_TRIAL] = trial_id
     try:
         import ray
 
@@ -247,11 +235,9 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
                    local: Optional[dict], reported: dict, attempt: int) -> None:
     from ray import tune
 
-    from nr_study.config import config_to_dict, flatten
     from nr_study.train import train
-    from nr_study.tracking import RunTracker
+    from nr_study.tracking import open_run
 
-    space = ctx.space
     ray_epoch = reported["epoch"]
     resume = local is not None
     client = _client(ctx.tracking_uri)
@@ -259,15 +245,7 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
     if run_id is not None and attempt:
         _clear_tracking_error(client, run_id)
     if run_id is None:  # first start: create the child run now, so a retry before any checkpoint finds it
-        tracker = RunTracker(ctx.tracking_uri, space.experiment, run_name=run_name,
-                             tags={**tags, "nr.method": cfg.method, "nr.arch": cfg.model.name,
-                                   "nr.seed": cfg.seed},
-                             parent_run_id=ctx.parent_run_id)
-        run_id = tracker.start()
-        tracker.log_params(flatten(config_to_dict(cfg)))
-        import yaml
-
-        tracker.log_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), "config.yaml")
+        run_id = open_run(ctx.tracking_uri, cfg, tags=tags, parent_run_id=ctx.parent_run_id).run_id
 
     # Epochs the local checkpoint holds beyond Ray's last persisted one (the worker died between the
     # trainer's checkpoint and its report): report them now so Ray's iteration count matches the run.
@@ -278,13 +256,14 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
             tune.report(_numeric(row), checkpoint=tune.Checkpoint.from_directory(str(work)) if last else None)
             reported["epoch"] = int(row["epoch"])
 
-    if local is not None and int(local.get("epoch", 0)) >= cfg.train.epochs and _status(client, run_id) == FINISHED:
+    if (local is not None and int(local.get("epoch", 0)) >= int(local.get("end_epoch", cfg.train.epochs))
+            and _status(client, run_id) == FINISHED):
         return  # finished (the driver died before Ray recorded it): nothing to re-run or re-log
 
     final: dict = {}
 
     def on_epoch_end(row: dict, checkpoint_dir: Optional[str]) -> None:
-        if int(row["epoch"]) >= cfg.train.epochs:
+        if int(row["epoch"]) >= int(row.get("total_epochs", cfg.train.epochs)):  # more after a reset_epochs
             # The last epoch is reported after train() returns: a scheduler may stop a trial at its last
             # report (ASHA at max_t), and the trainer must first log the summary and the final model.
             final.update(row=row, checkpoint_dir=checkpoint_dir)
@@ -335,9 +314,7 @@ class TrialNamer:
 
     def __call__(self, trial) -> str:
         try:
-            values = self.space.trial_values(trial.config)
-            full = self.space.trial_config(trial.config)
-            name = self.space.run_name(full, values)
+            _, name, _ = self.space.resolve_trial(trial.config)
         except Exception:
             name = "trial"
         if self.dirname:
@@ -610,11 +587,10 @@ def summarize(space: SearchSpace, results) -> dict:
     for r in results:
         cfg = r.config or {}
         values = space.trial_values(cfg)
-        full = space.trial_config(cfg)
+        _, name, tags = space.resolve_trial(cfg)
         m = r.metrics or {}
         tid = m.get("trial_id") or (Path(str(r.path)).name.split("-", 1)[0] if getattr(r, "path", None) else None)
-        row = {"trial_id": tid, "name": space.run_name(full, values),
-               "cell": space.cell_name(full, values), "error": bool(r.error),
+        row = {"trial_id": tid, "name": name, "cell": tags[TAG_CELL], "error": bool(r.error),
                "epochs": m.get("training_iteration")}
         if r.error:
             row["cause"] = error_cause(r.error)

@@ -182,6 +182,29 @@ class SearchSpace:
             set_dotted(d, k, v)
         return d
 
+    def resolve_trial(self, config: dict, data_root: str | None = None):
+        """A trial, resolved once: (Config, run name, tags) from Ray's `config`. The file's `base` as written plus
+        the swept values is validated once (config_from_dict); the name and tags are read off that Config; the
+        trial trains under this sweep's experiment, with train.threads = the trial's CPUs and data.root =
+        `data_root` unless the file sets them. The namer, the trial function and the summary all use this."""
+        import dataclasses
+
+        from nr_study.config import config_from_dict, config_to_dict, set_dotted
+
+        values = self.trial_values(config)
+        d = copy.deepcopy(self.base_raw)
+        for k, v in values.items():
+            set_dotted(d, k, v)
+        set_dotted(d, "tracking.experiment", self.experiment)
+        cfg = config_from_dict(d)
+        full = config_to_dict(cfg)
+        name = self.run_name(full, values)
+        R = dataclasses.replace
+        cfg = R(cfg, tracking=R(cfg.tracking, run_name=name),
+                train=R(cfg.train, threads=cfg.train.threads or max(1, int(self.cpu))),
+                data=R(cfg.data, root=cfg.data.root or data_root))
+        return cfg, name, self.trial_tags(full, values)
+
     def cell_name(self, full: dict, values: dict) -> str:
         if self.cell:
             return format_template(self.cell, full, where=f"{self.path}: tags.cell")

@@ -1,0 +1,42 @@
+"""Tracking names, in one place: MLflow tags, metric names, run statuses, the runs folder and the default store.
+
+No torch and no MLflow here: the trainer, the sweep, the MLflow server helper and the analysis all import it
+(docs/architecture.md, "Tracking names").
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+# Run statuses (MLflow's names).
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+
+# The runs folder: <runs>/mlflow.db is the default store; the sweep's MLflow server keeps it there too.
+RUNS_ENV = "NR_STUDY_RUNS"
+DB_NAME = "mlflow.db"
+
+# Tags every training run gets (tracking.run_tags), then the sweep's and the user's.
+TAG_METHOD, TAG_ARCH, TAG_DATASET, TAG_SEED = "nr.method", "nr.arch", "nr.dataset", "nr.seed"
+TAG_SCHEME, TAG_CONSTRAINT = "nr.scheme", "nr.constraint"  # "-" where they do not apply
+TAG_TABLE, TAG_CELL = "nr.table", "nr.cell"  # where a run lands in analysis/tables.py
+TAG_SWEEP, TAG_TRIAL = "nr.sweep", "nr.trial"  # the sweep's name, the trial's id
+TAG_CODE_VERSION, TAG_ERROR = "nr.code_version", "nr.error"
+
+# Per-epoch metrics (step = epoch, 1-based): the same names for every method (tests/test_methods.py).
+EPOCH_METRICS = ("train_loss", "train_err", "lr", "epoch_time", "images_per_s", "test_err", "test_err5",
+                 "util_params", "util_flops", "params", "flops", "lambda", "rejuvenations", "total_epochs",
+                 "train_flops")
+# Logged once at the end (no step).
+SUMMARY_METRICS = ("final_test_err", "best_test_err", "final_params", "final_flops")
+EPOCH_KEY = "test_err"  # the metric whose history says which epochs a run already has
+
+
+def runs_dir(path: Optional[str | os.PathLike] = None) -> Path:
+    """The runs folder: `path`, else $NR_STUDY_RUNS, else ./runs; absolute, `~` expanded. Creates nothing."""
+    return Path(path or os.environ.get(RUNS_ENV) or "runs").expanduser().resolve()
+
+
+def default_tracking_uri(path: Optional[str | os.PathLike] = None) -> str:
+    """sqlite:///<runs folder>/mlflow.db (without looking at $MLFLOW_TRACKING_URI)."""
+    return f"sqlite:///{runs_dir(path) / DB_NAME}"
