@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from nr_study import names as N
 from nr_study import tracking as T
 from nr_study import train as TR
 from nr_study.config import METHODS
@@ -31,10 +32,8 @@ BASE = {
 STEPS = 64
 NR_VARIANTS = [m for m, spec in METHODS.items() if spec.impl == "Rejuvenation"]
 EVENT = {**{m: "rejuvenations/001.json" for m in NR_VARIANTS}, "SLIM": "slim_prune.json"}
-# what every method logs, per epoch and once at the end
-EPOCH_METRICS = {"train_loss", "train_err", "test_err", "test_err5", "util_params", "util_flops", "lambda", "params",
-                 "flops", "rejuvenations", "epoch_time", "images_per_s", "lr", "total_epochs", "train_flops"}
-SUMMARY_METRICS = {"final_test_err", "best_test_err", "final_params", "final_flops"}
+# what every method logs, per epoch and once at the end (the one list: nr_study.names)
+EPOCH_METRICS, SUMMARY_METRICS = set(N.EPOCH_METRICS), set(N.SUMMARY_METRICS)
 TIMING = ("epoch_time", "images_per_s")
 
 
