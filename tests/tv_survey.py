@@ -5,7 +5,6 @@ Used by tests/test_torchvision_models.py and, as a script, to write the table in
 """
 from __future__ import annotations
 
-import copy
 import sys
 import time
 
