@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nr_study.nr import NeuralRejuvenation, NRConfig
-from tests.tv_survey import analyse, build, exercise, names
+from tests.tv_survey import analyse, build_light, exercise, names
 
 # one per pattern: concat, SE + stochastic depth, train-only heads, depthwise, hard-swish SE, grouped + SE,
 # basic blocks (CA on fixed-output convs), conv biases
@@ -27,7 +27,7 @@ def test_graph_verdict_and_tr_reachability(name):
         assert "node '" in reason or "no free channel group" in reason or "cannot take an input" in reason, reason
         return
     shape = (2, 3, verdict["size"], verdict["size"])
-    model = build(name, "meta") if name[:6] != "regnet" else build(name)
+    model = build_light(name)
     if verdict["r_min"] >= 0.5:
         with pytest.raises(ValueError, match=r"nr\.tr: 0\.5 cannot be reached"):
             NeuralRejuvenation(model, shape, NRConfig(tr=0.5))

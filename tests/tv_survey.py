@@ -33,12 +33,17 @@ def build(name: str, device="cpu") -> nn.Module:
         return tvm.get_model(name, weights=None, **kw)
 
 
-def analyse(name: str) -> dict:
-    """The graph verdict on the meta device (no memory, no arithmetic): refused and why, or free / r_min."""
+def build_light(name: str) -> nn.Module:
+    """On the meta device (no memory, no arithmetic) where the builder allows it."""
     try:
-        model = build(name, "meta")
+        return build(name, "meta")
     except (NotImplementedError, RuntimeError):  # a builder that computes widths from tensor data (RegNet)
-        model = build(name)
+        return build(name)
+
+
+def analyse(name: str) -> dict:
+    """The graph verdict on a light model: refused and why, or free groups / r_min."""
+    model = build_light(name)
     last = None
     for size in SIZES:
         shape = (2, 3, size, size)
