@@ -17,6 +17,11 @@ per-epoch `params` / `flops`), shown in the paper's units (M, G).
 The CPU-scale analogues (`nr.table` = `fmnist_table4`, `fmnist_table5`) are tables of their own: rows are
 (arch, dataset) found in the runs, columns are methods (fmnist_table4) or numbers of rejuvenations
 (fmnist_table5), cells are `mean ± std (n)`, and the paper's analogous row is printed underneath for reference.
+Their paired rows compare each column with the table's baseline column (`baseline`, `compare` in
+paper_results.yaml): per seed, method − baseline, mean with a 95 % t interval and n seeds, at equal epochs
+(same train.epochs) and/or equal training compute (logged train_flops within ±10 %); a run with no partner at
+that basis is named in the notes. Every table's notes say what each method trained for (its total epochs), so
+the budget a comparison stands on is on the page.
 
 Outputs under --out (default <runs folder>/report): tables/<name>.md, .tex, .csv, .html, tables/manifest.json,
 plus the index page (report.md, index.html) over everything in --out.
@@ -33,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.runs import RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count, runs_folder
+from analysis.runs import (RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count, runs_folder,
+                           to_float)
+from nr_study.config import METHODS
 from nr_study.errors import ConfigError
 from nr_study.files import read_yaml
 
@@ -175,6 +182,91 @@ def make_cell(paper: PaperValue, runs: list[RunRecord], value: str, mode: str) -
     return Cell(paper, mean, std, n, ids)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Paired comparisons against the baseline
+# ---------------------------------------------------------------------------------------------------
+COMPARE_BASES = ("equal_epochs", "equal_compute")
+COMPUTE_TOLERANCE = 0.10  # equal_compute: the baseline's training multiply-adds within ±10 % of the run's
+BASIS_TEXT = {
+    "equal_epochs": "equal epochs (a baseline run with the same seed and the same train.epochs)",
+    "equal_compute": "equal training compute (a baseline run with the same seed whose logged train_flops are "
+                     f"within ±{COMPUTE_TOLERANCE:.0%} of the run's: a baseline trained as long as the run was)",
+}
+
+
+@dataclass
+class Paired:
+    """Mean per-seed difference (method − baseline) with its 95 % t interval over n seeds, and the mean ratio
+    of the two arms' training compute (train_flops) over the same pairs."""
+
+    mean: float | None = None
+    lo: float | None = None
+    hi: float | None = None
+    n: int = 0
+    compute_ratio: float | None = None
+
+    def text(self) -> str:
+        if self.n == 0 or self.mean is None:
+            return DASH
+        body = f"{self.mean:+.2f}".replace("-", "−")
+        if self.lo is not None:
+            body += f" [{self.lo:+.2f}, {self.hi:+.2f}]".replace("-", "−")
+        body += f" ({self.n})"
+        if self.compute_ratio is not None:
+            body += f" · compute {self.compute_ratio:.2f}×"
+        return body
+
+
+def t_interval(diffs: list[float], level: float = 0.95) -> Paired:
+    """Mean and Student-t interval of paired differences (no interval for one pair)."""
+    mean, std, n = mean_std(diffs)
+    if n < 2:
+        return Paired(mean, None, None, n)
+    from scipy.stats import t  # imported here: only the paired rows need it
+
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * std / n ** 0.5
+    return Paired(mean, mean - half, mean + half, n)
+
+
+def _train_flops(run: RunRecord) -> float | None:
+    return run.final("train_flops")
+
+
+def _is_pair(run: RunRecord, base: RunRecord, basis: str) -> bool:
+    if basis == "equal_epochs":
+        return run.params.get("train.epochs") is not None and run.params.get("train.epochs") == base.params.get("train.epochs")
+    a, b = _train_flops(run), _train_flops(base)
+    return a is not None and b is not None and b > 0 and abs(a / b - 1.0) <= COMPUTE_TOLERANCE
+
+
+def paired_difference(runs: list[RunRecord], baselines: list[RunRecord], basis: str, value: str,
+                      mode: str) -> tuple[Paired, list[str]]:
+    """Pair every run with the baseline runs of its seed that meet `basis`; a seed's runs on either side
+    are averaged, so n counts seeds. Runs with no partner are listed in the notes, never paired by guess."""
+    by_seed: dict[str, tuple[list[float], list[float], list[float]]] = {}
+    notes = []
+    for r in runs:
+        v, seed = run_value(r, value, mode), r.get("seed")
+        if v is None or seed is None:
+            continue
+        partners = [b for b in baselines if b.get("seed") == seed and _is_pair(r, b, basis)]
+        vals = [bv for b in partners if (bv := run_value(b, value, mode)) is not None]
+        if not vals:
+            notes.append(f"run {r.run_id[:8]} (seed {seed}): no baseline run at {basis.replace('_', ' ')}; not paired")
+            continue
+        mine, theirs, ratios = by_seed.setdefault(seed, ([], [], []))
+        mine.append(v)
+        theirs.append(sum(vals) / len(vals))
+        flops = [f for b in partners if (f := _train_flops(b))]
+        if _train_flops(r) and flops:
+            ratios.append(_train_flops(r) / (sum(flops) / len(flops)))
+    diffs = [sum(m) / len(m) - sum(t) / len(t) for m, t, _ in by_seed.values()]
+    out = t_interval(diffs)
+    ratios = [x for _, _, rs in by_seed.values() for x in rs]
+    out.compute_ratio = sum(ratios) / len(ratios) if ratios else None
+    return out, notes
+
+
 def _fmt_num(x: float, decimals: int) -> str:
     s = f"{x:.{decimals}f}"
     return s.replace("-", "−") if s.startswith("-") else s
@@ -256,6 +348,7 @@ class BuiltTable:
     with_paper: bool = True
     reference_rows: dict[str, dict[tuple[str, str], PaperValue]] = field(default_factory=dict)
     derived: dict[tuple[str, str], tuple[str, str, str]] = field(default_factory=dict)  # (row, col label) -> parts
+    paired_rows: dict[str, dict[tuple[str, str], Paired]] = field(default_factory=dict)  # label -> (group, value)
     notes: list[str] = field(default_factory=list)
     metric: str = "final"
     n_runs: int = 0
@@ -277,8 +370,11 @@ class BuiltTable:
         if self.with_paper:
             return (f"Each cell: paper | reproduced mean ± std (n) | Δ = reproduced − paper; errors in % at the {what}; "
                     f"— = no run / not in the paper. {self.n_runs} FINISHED run(s) used.")
+        paired = (" Paired rows: Δ = method − baseline in points, per seed (a seed's runs averaged), mean "
+                  "[95 % t interval] (n seeds); compute = the method's training multiply-adds / its baseline's."
+                  if self.paired_rows else "")
         return (f"Each cell: reproduced mean ± std (n); errors in % at the {what}; — = no run. "
-                f"Reference rows: the paper's numbers for the analogous setting. {self.n_runs} FINISHED run(s) used.")
+                f"Reference rows: the paper's numbers for the analogous setting.{paired} {self.n_runs} FINISHED run(s) used.")
 
     # --- renderers ----------------------------------------------------------------------------
     def _grid(self, sep: str) -> tuple[list[str], list[list[str]]]:
@@ -296,6 +392,9 @@ class BuiltTable:
                 pv = vals.get((col.group, col.value))
                 line.append(pv.text if pv is not None and pv.text else DASH)
             body.append(line)
+        for label, vals in self.paired_rows.items():
+            body.append([label] + [vals[(c.group, c.value)].text() if (c.group, c.value) in vals else DASH
+                                   for c in self.columns])
         if self.halves > 1 and body:
             per = -(-len(body) // self.halves)
             blocks = [body[i * per:(i + 1) * per] for i in range(self.halves)]
@@ -386,12 +485,20 @@ class BuiltTable:
                 out.append({"table": self.name, "cell": "", "row": ref_label, "column": group, "value": value,
                             "paper": "" if pv.value is None else pv.value, "mean": "", "std": "", "n": "", "delta": "",
                             "text": pv.text or DASH, "kind": "paper_reference", "run_ids": ""})
+        for label, vals in self.paired_rows.items():
+            for (group, value), pr in vals.items():
+                out.append({"table": self.name, "cell": "", "row": label, "column": group, "value": value, "paper": "",
+                            "mean": "" if pr.mean is None else pr.mean, "std": "", "n": pr.n, "delta": "",
+                            "text": pr.text(), "kind": "paired", "run_ids": "",
+                            "ci_low": "" if pr.lo is None else pr.lo, "ci_high": "" if pr.hi is None else pr.hi,
+                            "compute_ratio": "" if pr.compute_ratio is None else pr.compute_ratio})
         return out
 
     def to_csv(self) -> str:
         buf = io.StringIO()
-        fields = ["table", "cell", "row", "column", "value", "paper", "mean", "std", "n", "delta", "text", "kind", "run_ids"]
-        w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        fields = ["table", "cell", "row", "column", "value", "paper", "mean", "std", "n", "delta", "text", "kind", "run_ids",
+                  "ci_low", "ci_high", "compute_ratio"]
+        w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", restval="")
         w.writeheader()
         w.writerows(self.records())
         return buf.getvalue()
@@ -477,6 +584,27 @@ def _status_note(store: RunStore, name: str) -> list[str]:
     return ["ignored runs not FINISHED: " + ", ".join(f"{k} {v}" for k, v in sorted(by.items()))]
 
 
+def budget_note(runs: list[RunRecord]) -> list[str]:
+    """What each method trained for, from the runs themselves: the training budget a table compares at."""
+    by: dict[str, tuple[set[int], set[str]]] = {}
+    for r in runs:
+        epochs = r.final("total_epochs") or to_float(r.params.get("train.epochs"))
+        if epochs is None:
+            continue
+        eps, protocols = by.setdefault(r.get("method") or "?", (set(), set()))
+        eps.add(int(epochs))
+        if r.get("method") not in (None, "BL", "BL-CA") and r.get("after_rejuvenation"):
+            protocols.add(r.get("after_rejuvenation"))
+    if not by:
+        return []
+    order = list(METHODS)
+    parts = []
+    for m, (eps, protocols) in sorted(by.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])):
+        span = str(min(eps)) if len(eps) == 1 else f"{min(eps)}–{max(eps)}"
+        parts.append(f"{m} {span}" + (f" (after_rejuvenation={', '.join(sorted(protocols))})" if protocols else ""))
+    return ["training epochs by method: " + "; ".join(parts)]
+
+
 def build_paper_table(paper: Paper, key: str, store: RunStore, mode: str = "final") -> BuiltTable:
     table = paper.tables[key]
     runs = store.finished({"table": key})
@@ -495,7 +623,7 @@ def build_paper_table(paper: Paper, key: str, store: RunStore, mode: str = "fina
         for v in table.values:
             cells[(e.row, e.col, v)] = make_cell(e.values[v], by_cell[e.cell], v, mode)
     built = BuiltTable(key, table.title, table.caption, table.row_label, rows, columns, cells, ids,
-                       notes=_status_note(store, key) + notes + _missing_notes(by_cell, table.values, mode), metric=mode,
+                       notes=_status_note(store, key) + budget_note(runs) + notes + _missing_notes(by_cell, table.values, mode), metric=mode,
                        n_runs=sum(len(v) for v in by_cell.values()), halves=table.halves)
     if "relative_gain" in table.extra:
         built.columns.append(Column("", "relative_gain"))
@@ -521,7 +649,7 @@ def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final"
     spec = paper.cpu_tables[key]
     values = list(spec.get("values") or ["top1"])
     runs = store.finished({"table": key})
-    notes = _status_note(store, key)
+    notes = _status_note(store, key) + budget_note(runs)
     col_by = spec.get("col_by", "method")
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     row_names, col_names = [], []
@@ -588,10 +716,34 @@ def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final"
         ref_rows = {k: {(f"{label} {c}", v): pv for (c, v), pv in d.items()} for k, d in ref_rows.items()}
     caption = (f"CPU-scale analogue of the paper's {spec.get('analogue_of', '')}: rows = "
                f"{' / '.join(spec.get('row_by', ['arch', 'dataset']))} from the runs, columns = {col_by}.")
+    paired_rows: dict[str, dict[tuple[str, str], Paired]] = {}
+    baseline = spec.get("baseline")
+    if baseline is not None:
+        baseline, bases = str(baseline), list(spec.get("compare") or ["equal_epochs"])
+        bad = [b for b in bases if b not in COMPARE_BASES]
+        if bad:
+            raise ConfigError(f"{PAPER_YAML.name}: cpu_tables.{key}.compare: {bad[0]!r} is not allowed; allowed: "
+                              f"{', '.join(COMPARE_BASES)}")
+        group_of = (lambda c: f"{label} {c}") if col_by == "rejuvenations" else (lambda c: c)
+        for basis in bases:
+            for row in row_names:
+                vals = {}
+                for col in col_names:
+                    if col == baseline:
+                        continue
+                    for v in values:
+                        if v in ("top1", "top5") and groups.get((row, col)):
+                            vals[(group_of(col), v)], why = paired_difference(
+                                groups[(row, col)], groups.get((row, baseline), []), basis, v, mode)
+                            notes += [w for w in why if w not in notes]
+                paired_rows[f"Δ vs {group_of(baseline)}, {basis.replace('_', ' ')}: {row}"] = vals
+        caption += (f" Paired rows compare each column with {group_of(baseline)} at "
+                    + "; and at ".join(BASIS_TEXT[b] for b in bases) + ".")
     by_cell = {f"{r}/{c}": rs for (r, c), rs in groups.items()}
     return BuiltTable(key, spec.get("title", key), caption, "Architecture / dataset", row_names, columns, cells, ids,
-                      with_paper=False, reference_rows=ref_rows, notes=notes + _missing_notes(by_cell, values, mode),
-                      metric=mode, n_runs=sum(len(v) for v in groups.values()))
+                      with_paper=False, reference_rows=ref_rows, paired_rows=paired_rows,
+                      notes=notes + _missing_notes(by_cell, values, mode), metric=mode,
+                      n_runs=sum(len(v) for v in groups.values()))
 
 
 def build_tables(store: RunStore, mode: str = "final", paper: Paper | None = None) -> list[BuiltTable]:

@@ -392,3 +392,58 @@ def test_analysis_never_imports_the_trainer(store_uri):
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code, store_uri[0]], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------- paired rows
+def test_paired_rows_equal_epochs_and_equal_compute(tmp_path):
+    """Each column minus its baseline, per seed, with a t interval; partners only at the table's basis."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    e = c.create_experiment("paired")
+
+    def run(table, method, seed, err, epochs, flops, cell=None, protocol="restart_schedule"):
+        _log(c, e, tags=T(table, cell, method, "vgg_small", "fashion_mnist", "params", seed=seed),
+             params={"method": method, "train.epochs": epochs, "train.after_rejuvenation": protocol},
+             hist={"test_err": [30.0, err], "train_flops": [flops / 2, flops], "total_epochs": [epochs, epochs]})
+
+    for s, err in enumerate((10.0, 11.0, 12.0)):
+        run("fmnist_table4", "BL", s, err, 10, 1e12)
+    run("fmnist_table4", "BL", 2, 14.0, 10, 1e12)  # a second seed-2 baseline: the seed's mean (13) is its partner
+    for s, err in enumerate((11.0, 13.0, 15.0)):  # differences 1, 2, 2
+        run("fmnist_table4", "NR-CR", s, err, 10, 0.6e12)
+    run("fmnist_table4", "SLIM", 0, 12.0, 12, 1.2e12)  # trained 12 epochs: no equal-epochs partner
+    run("fmnist_table4", "SLIM", 1, 10.0, 10, 1e12)  # difference -1, one seed: no interval
+    for s in (0, 1):
+        run("fmnist_table5", "NR-CR", s, 10.0, 12, 1.0e12, cell="fashion_mnist/nr0")
+        run("fmnist_table5", "NR-CR", s, 9.0 + s, 12, 1.05e12, cell="fashion_mnist/nr1")  # within 10 % compute
+    run("fmnist_table5", "NR-CR", 0, 12.0, 12, 1.3e12, cell="fashion_mnist/nr2")  # 30 % more compute
+    tables = {t.name: t for t in build_tables(RunStore(uri), "final")}
+    row = "vgg_small / fashion_mnist"
+
+    t4 = tables["fmnist_table4"]
+    assert list(t4.paired_rows) == [f"Δ vs BL, equal epochs: {row}"]
+    paired = t4.paired_rows[f"Δ vs BL, equal epochs: {row}"]
+    nr = paired[("NR-CR", "top1")]
+    half = 4.302653 * math.sqrt(1 / 3) / math.sqrt(3)  # t(0.975, 2) · sd / √n, sd of (1, 2, 2) = √(1/3)
+    assert (nr.n, nr.mean, nr.lo, nr.hi) == (3, pytest.approx(5 / 3), pytest.approx(5 / 3 - half, abs=1e-5),
+                                             pytest.approx(5 / 3 + half, abs=1e-5))
+    assert nr.compute_ratio == pytest.approx(0.6)
+    assert nr.text() == "+1.67 [+0.23, +3.10] (3) · compute 0.60×"
+    slim = paired[("SLIM", "top1")]
+    assert (slim.n, slim.mean, slim.lo) == (1, -1.0, None) and slim.text() == "−1.00 (1) · compute 1.00×"
+    assert ("NR-CR", "params") not in paired and ("BL", "top1") not in paired
+    assert any("seed 0): no baseline run at equal epochs" in n for n in t4.notes)
+    assert "training epochs by method: BL 10; NR-CR 10 (after_rejuvenation=restart_schedule); SLIM 10–12" \
+        " (after_rejuvenation=restart_schedule)" in t4.notes
+    md = t4.to_markdown()
+    assert f"| Δ vs BL, equal epochs: {row} | — | — | −1.00 (1) · compute 1.00× | — | +1.67 [+0.23, +3.10] (3)" in md
+    assert "equal epochs (a baseline run with the same seed and the same train.epochs)" in t4.caption
+    recs = [r for r in csv.DictReader(t4.to_csv().splitlines()) if r["kind"] == "paired" and r["column"] == "NR-CR"]
+    assert len(recs) == 1 and float(recs[0]["ci_low"]) == pytest.approx(5 / 3 - half, abs=1e-5)
+
+    t5 = tables["fmnist_table5"]
+    epochs, compute = (t5.paired_rows[f"Δ vs # of NR 0, {b}: {row}"] for b in ("equal epochs", "equal compute"))
+    assert (epochs[("# of NR 1", "top1")].mean, compute[("# of NR 1", "top1")].mean) == (-0.5, -0.5)
+    assert epochs[("# of NR 2", "top1")].mean == 2.0 and compute[("# of NR 2", "top1")].n == 0
+    assert compute[("# of NR 2", "top1")].text() == "—"
+    assert any("no baseline run at equal compute" in n for n in t5.notes)
