@@ -22,6 +22,20 @@ TAG_SCHEME, TAG_CONSTRAINT = "nr.scheme", "nr.constraint"  # "-" where they do n
 TAG_TABLE, TAG_CELL = "nr.table", "nr.cell"  # where a run lands in analysis/tables.py
 TAG_SWEEP, TAG_TRIAL = "nr.sweep", "nr.trial"  # the sweep's name, the trial's id
 TAG_CODE_VERSION, TAG_ERROR = "nr.code_version", "nr.error"
+# The code a run ran: MLflow's own git tag (the UI shows it on the run page) and the versions of the stack.
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+VERSION_TAGS = {"torch": "nr.version.torch", "ray": "nr.version.ray", "mlflow": "nr.version.mlflow",
+                "nr_study": "nr.version.nr_study"}
+# MLflow 3 opens an experiment on its GenAI overview unless this tag says it holds model training runs.
+TAG_EXPERIMENT_KIND, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# Dataset inputs (mlflow.log_input): the context tag of the training and the test subset.
+DATA_CONTEXT_TRAIN, DATA_CONTEXT_TEST = "training", "evaluation"
+# MLflow's system metrics monitor (psutil; pynvml when installed): metrics "system/...", one sample per interval.
+SYSTEM_METRICS_PREFIX, SYSTEM_METRICS_INTERVAL_S = "system/", 10.0
+# The final model as an MLflow LoggedModel: its name, type and the payload file (nr_study.checkpoint format).
+MODEL_NAME, MODEL_TYPE, MODEL_FILE = "model", "nr_study", "model.pt"
+# Optuna sweeps keep their study in the sweep folder (one writer: the driver); `make dashboard` opens it.
+OPTUNA_DB = "optuna.db"
 
 # Per-epoch metrics (step = epoch, 1-based): the same names for every method (tests/test_methods.py).
 EPOCH_METRICS = ("train_loss", "train_err", "lr", "epoch_time", "images_per_s", "test_err", "test_err5",

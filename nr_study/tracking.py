@@ -36,8 +36,9 @@ for _k, _v in HTTP_DEFAULTS.items():
 
 from nr_study import __version__  # noqa: E402
 from nr_study.errors import ConfigError, TrackingError, one_line  # noqa: E402
-from nr_study.names import (EPOCH_KEY, FAILED, FINISHED, KILLED, RUNNING, TAG_ARCH, TAG_CODE_VERSION,  # noqa: E402
-                            TAG_CONSTRAINT, TAG_DATASET, TAG_ERROR, TAG_METHOD, TAG_SCHEME, TAG_SEED, runs_dir)
+from nr_study.names import (EPOCH_KEY, EXPERIMENT_KIND, FAILED, FINISHED, KILLED, RUNNING, TAG_ARCH,  # noqa: E402
+                            TAG_CODE_VERSION, TAG_CONSTRAINT, TAG_DATASET, TAG_ERROR, TAG_EXPERIMENT_KIND,
+                            TAG_GIT_COMMIT, TAG_METHOD, TAG_SCHEME, TAG_SEED, VERSION_TAGS, runs_dir)
 
 __all__ = ["FINISHED", "FAILED", "KILLED", "RUNNING", "EPOCH_KEY", "runs_dir", "RunTracker", "open_run", "run_tags"]
 
@@ -94,28 +95,46 @@ def tracking_error(uri: str, what: str, exc: BaseException) -> TrackingError:
     return TrackingError(f"tracking store {uri}: {what} failed ({_short(exc)})")
 
 
-_CODE_VERSION: Optional[str] = None
+_GIT: dict = {}
+
+
+def _git(*args: str) -> Optional[str]:
+    """`git <args>` in the package's folder: its output, or None (no git, not a checkout, or no answer in 5 s)."""
+    try:
+        r = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                           timeout=5, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def git_commit() -> Optional[str]:
+    """The full commit of the code when the package sits in a git checkout, else None (asked once)."""
+    if "commit" not in _GIT:
+        _GIT["commit"] = _git("rev-parse", "HEAD") or None
+        _GIT["dirty"] = bool(_GIT["commit"] and _git("status", "--porcelain", "--untracked-files=no", "."))
+    return _GIT["commit"]
 
 
 def code_version() -> str:
     """<package version>+g<commit>[.dirty] when the code is a git checkout, else the package version."""
-    global _CODE_VERSION
-    if _CODE_VERSION is None:
-        here = Path(__file__).resolve().parent
-        v = __version__
+    sha = git_commit()
+    return __version__ + (f"+g{sha[:7]}" + (".dirty" if _GIT["dirty"] else "") if sha else "")
+
+
+def version_tags() -> dict:
+    """What code a run ran: nr.code_version, the git commit (absent outside a checkout), the stack's versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {TAG_CODE_VERSION: code_version()}
+    if git_commit():
+        tags[TAG_GIT_COMMIT] = git_commit()
+    for pkg, tag in VERSION_TAGS.items():
         try:
-            sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                                 timeout=10)
-            if sha.returncode == 0 and sha.stdout.strip():
-                v += f"+g{sha.stdout.strip()}"
-                st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=here,
-                                    capture_output=True, text=True, timeout=10)
-                if st.returncode == 0 and st.stdout.strip():
-                    v += ".dirty"
-        except (OSError, subprocess.SubprocessError):
+            tags[tag] = __version__ if pkg == "nr_study" else version(pkg)
+        except PackageNotFoundError:
             pass
-        _CODE_VERSION = v
-    return _CODE_VERSION
+    return tags
 
 
 def _artifact_location(uri: str, experiment: str) -> Optional[str]:
@@ -143,20 +162,25 @@ def _client(uri: str):
 
 
 def get_or_create_experiment(client, uri: str, name: str) -> str:
+    """The experiment's id, created (or restored) when needed. Every experiment gets mlflow.experimentKind =
+    custom_model_development, also one made before this tag existed: MLflow 3 then opens it on the runs table,
+    not on its GenAI overview."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
-    except MlflowException:  # created concurrently
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri, name),
+                                            tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+        except MlflowException:  # created concurrently
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if TAG_EXPERIMENT_KIND not in exp.tags:  # a kind the user chose is kept
+        client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def _finite(v) -> bool:
@@ -195,8 +219,7 @@ class RunTracker:
     def start(self) -> str:
         from mlflow.exceptions import MlflowException
 
-        tags = dict(self.tags)
-        tags.setdefault(TAG_CODE_VERSION, code_version())
+        tags = {**version_tags(), **self.tags}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         if self.run_id:

@@ -450,10 +450,9 @@ def _param_items(space: SearchSpace) -> dict:
 
 def start_parent(client, uri: str, space: SearchSpace, experiment_id: str, sweep_dir: Path,
                  source_text: str) -> str:
-    from nr_study.tracking import RunTracker, code_version
+    from nr_study.tracking import RunTracker, version_tags
 
-    tags = {"nr.sweep": space.name, "nr.sweep_dir": str(sweep_dir), "nr.code_version": code_version(),
-            "nr.role": "sweep"}
+    tags = {"nr.sweep": space.name, "nr.sweep_dir": str(sweep_dir), **version_tags(), "nr.role": "sweep"}
     for k, v in space.tags.items():
         if k != "cell":
             tags[k if k.startswith("nr.") else f"nr.{k}"] = str(v)
