@@ -36,8 +36,8 @@ for _k, _v in HTTP_DEFAULTS.items():
 
 from nr_study import __version__  # noqa: E402
 from nr_study.errors import ConfigError, TrackingError, one_line  # noqa: E402
-from nr_study.names import (EPOCH_KEY, EXPERIMENT_KIND, FAILED, FINISHED, KILLED, RUNNING, TAG_ARCH,  # noqa: E402
-                            TAG_CODE_VERSION, TAG_CONSTRAINT, TAG_DATASET, TAG_ERROR, TAG_EXPERIMENT_KIND,
+from nr_study.names import (DATA_CONTEXT_TEST, DATA_CONTEXT_TRAIN, EPOCH_KEY, EXPERIMENT_KIND,  # noqa: E402
+                            FAILED, FINISHED, KILLED, RUNNING, TAG_ARCH, TAG_CODE_VERSION, TAG_CONSTRAINT, TAG_DATASET, TAG_ERROR, TAG_EXPERIMENT_KIND,
                             TAG_GIT_COMMIT, TAG_METHOD, TAG_SCHEME, TAG_SEED, VERSION_TAGS, runs_dir)
 
 __all__ = ["FINISHED", "FAILED", "KILLED", "RUNNING", "EPOCH_KEY", "runs_dir", "RunTracker", "open_run", "run_tags"]
@@ -311,6 +311,13 @@ class RunTracker:
     def list_artifacts(self, path: Optional[str] = None) -> list[str]:
         return [f.path for f in self._call("list_artifacts", self.client.list_artifacts, self.run_id, path)]
 
+    # -- inputs -------------------------------------------------------------------------------------
+    def log_data(self, dcfg, data) -> None:
+        """The training and the test subset as dataset inputs (the runs table's Dataset column): names, sizes,
+        a digest of the images and labels themselves, the source; only metadata goes into the store. MLflow
+        keeps one input per dataset and digest, so a reopened run logging them again adds nothing."""
+        self._call("log_input", self.client.log_inputs, self.run_id, datasets=dataset_inputs(dcfg, data))
+
     # -- end ----------------------------------------------------------------------------------------
     def end(self, status: str = FINISHED) -> None:
         if self.run_id:
@@ -328,6 +335,50 @@ class RunTracker:
             return True
         except Exception:
             return False
+
+
+def _digest(*parts) -> str:
+    """sha256 over whole arrays (MLflow's own numpy digest reads only the first 10,000 values)."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for p in parts:
+        a = np.ascontiguousarray(p)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.data)
+    return h.hexdigest()[:16]
+
+
+def dataset_inputs(dcfg, data) -> list:
+    """DatasetInputs for a run's training and test subsets: an mlflow.data numpy dataset (schema, shapes) for
+    tensor data, a metadata dataset (digest of the file list) for folder data; the source says how
+    nr_study.data rebuilds the subset (dataset, root, subset seed, sizes)."""
+    import mlflow.data
+    import numpy as np
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    out = []
+    for ctx, split in ((DATA_CONTEXT_TRAIN, "train"), (DATA_CONTEXT_TEST, "test")):
+        n = int(getattr(data, f"n_{split}"))
+        source = CodeDatasetSource({"nr_study.data": dcfg.name, "split": split, "root": dcfg.root or "default",
+                                    "subset_seed": str(dcfg.subset_seed), "n": str(n)})
+        if hasattr(data, f"x_{split}"):
+            x, y = (getattr(data, f"{a}_{split}").detach().cpu().numpy() for a in ("x", "y"))
+            ds = mlflow.data.from_numpy(x, source=source, targets=y, name=dcfg.name, digest=_digest(x, y))
+        else:  # LoaderData: an ImageFolder (maybe a Subset of it)
+            sub = getattr(data, f"{split}_ds")
+            idx = list(getattr(sub, "indices", range(len(sub))))
+            samples = getattr(sub, "dataset", sub).samples
+            files = json.dumps([samples[i] for i in idx]).encode()
+            ds = MetaDataset(source, name=dcfg.name, digest=_digest(np.frombuffer(files, dtype=np.uint8)))
+        out.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, ctx),
+                                                              InputTag("nr.n_images", str(n))]))
+    return out
 
 
 def run_tags(cfg, extra: Optional[dict] = None) -> dict:

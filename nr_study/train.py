@@ -461,6 +461,7 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
                                      parent_run_id=parent_run_id)
     status = FAILED
     try:
+        tracker.log_data(cfg.data, data)
         if ck is not None:
             tracker.sync_history(run.history)
             if progress:

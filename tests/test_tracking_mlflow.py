@@ -46,3 +46,44 @@ def test_runs_carry_git_commit_and_versions(tracking_uri, monkeypatch, tmp_path)
     tags = MlflowClient(tracking_uri).get_run(rid).data.tags
     assert N.TAG_GIT_COMMIT not in tags and tags[N.TAG_CODE_VERSION] == T.__version__
     assert tags[N.VERSION_TAGS["torch"]] == version("torch")
+
+
+def _inputs(c, rid) -> dict:
+    """context -> (name, digest, profile, source) of the run's dataset inputs."""
+    import json
+
+    out = {}
+    for di in c.get_run(rid).inputs.dataset_inputs:
+        ctx = {t.key: t.value for t in di.tags}["mlflow.data.context"]
+        assert ctx not in out  # one input per subset
+        d = di.dataset
+        out[ctx] = (d.name, d.digest, json.loads(d.profile), json.loads(d.source), len(d.schema or ""))
+    return out
+
+
+def test_dataset_inputs_name_size_digest_source(tracking_uri, tiny_cfg, tmp_path):
+    from nr_study.train import train
+
+    tiny_cfg["train"]["epochs"] = 1
+    tiny_cfg["data"].update(n_train=96, n_test=64)
+    a = train(tiny_cfg, tracking_uri=tracking_uri, checkpoint_dir=tmp_path / "a", progress=False)["run_id"]
+    b = train(tiny_cfg, tracking_uri=tracking_uri, progress=False)["run_id"]
+    tiny_cfg["data"]["subset_seed"] = 1
+    s = train(tiny_cfg, tracking_uri=tracking_uri, progress=False)["run_id"]
+    c = MlflowClient(tracking_uri)
+    ia, ib, is_ = _inputs(c, a), _inputs(c, b), _inputs(c, s)
+    assert set(ia) == {N.DATA_CONTEXT_TRAIN, N.DATA_CONTEXT_TEST}
+    name, digest, profile, source, schema_len = ia[N.DATA_CONTEXT_TRAIN]
+    assert name == "synthetic" and profile["features_shape"] == [96, 1, 28, 28] and profile["targets_shape"] == [96]
+    assert ia[N.DATA_CONTEXT_TEST][2]["features_shape"][0] == 64
+    assert source["tags"]["nr_study.data"] == "synthetic" and source["tags"]["subset_seed"] == "0"
+    assert schema_len < 2000  # metadata only: the images are not in the store
+    assert ia == ib  # the same subset, the same digest
+    assert is_[N.DATA_CONTEXT_TRAIN][1] != digest and is_[N.DATA_CONTEXT_TEST][1] != ia[N.DATA_CONTEXT_TEST][1]
+    assert ia[N.DATA_CONTEXT_TRAIN][1] != ia[N.DATA_CONTEXT_TEST][1]
+
+    tiny_cfg["data"]["subset_seed"] = 0
+    tiny_cfg["train"]["epochs"] = 2  # resume the first run: it is reopened, its inputs are not doubled
+    assert train(tiny_cfg, tracking_uri=tracking_uri, checkpoint_dir=tmp_path / "a", resume=True,
+                 progress=False)["run_id"] == a
+    assert _inputs(c, a) == ia
