@@ -213,6 +213,8 @@ class TrackingCfg:
     experiment: str = F("nr_study")
     run_name: Optional[str] = F(None)
     tags: dict = F({}, doc="extra tags, e.g. nr.table / nr.cell")
+    system_metrics: Optional[bool] = F(None, doc="MLflow system metrics (CPU, memory, GPU every 10 s); null: on "
+                                               "in sweep trials, off for nr-study train")
 
 
 @dataclass(frozen=True)

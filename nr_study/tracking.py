@@ -21,6 +21,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ from nr_study import __version__  # noqa: E402
 from nr_study.errors import ConfigError, TrackingError, one_line  # noqa: E402
 from nr_study.names import (DATA_CONTEXT_TEST, DATA_CONTEXT_TRAIN, EPOCH_KEY, EXPERIMENT_KIND,  # noqa: E402
                             FAILED, FINISHED, KILLED, RUNNING, TAG_ARCH, TAG_CODE_VERSION, TAG_CONSTRAINT, TAG_DATASET, TAG_ERROR, TAG_EXPERIMENT_KIND,
-                            TAG_GIT_COMMIT, TAG_METHOD, TAG_SCHEME, TAG_SEED, VERSION_TAGS, runs_dir)
+                            SYSTEM_METRICS_INTERVAL_S, TAG_GIT_COMMIT, TAG_METHOD, TAG_SCHEME, TAG_SEED,
+                            VERSION_TAGS, runs_dir)
 
 __all__ = ["FINISHED", "FAILED", "KILLED", "RUNNING", "EPOCH_KEY", "runs_dir", "RunTracker", "open_run", "run_tags"]
 
@@ -379,6 +381,40 @@ def dataset_inputs(dcfg, data) -> list:
         out.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, ctx),
                                                               InputTag("nr.n_images", str(n))]))
     return out
+
+
+class SystemMetrics:
+    """MLflow's SystemMetricsMonitor (CPU, memory, disk, network; GPU when pynvml is installed) on one run, a
+    sample every SYSTEM_METRICS_INTERVAL_S (MLflow's $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it).
+    A reopened run continues its steps. MLflow's monitor drops the samples of the last unfinished interval
+    (a run shorter than one interval would have none): stop() logs them. Never fails a run."""
+
+    def __init__(self, run_id: str, uri: str):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                            resume_logging=True, tracking_uri=uri)
+        self.monitor.start()
+
+    @classmethod
+    def start(cls, tracker: "RunTracker") -> Optional["SystemMetrics"]:
+        try:
+            return cls(tracker.run_id, tracker.uri)
+        except Exception as exc:  # psutil missing, store unreachable: the run goes on without them
+            print(f"warning: no system metrics for run {tracker.run_id}: {one_line(exc, 200)}", file=sys.stderr)
+            return None
+
+    def stop(self) -> None:
+        m, self.monitor = self.monitor, None
+        if m is None:
+            return
+        try:
+            m.finish()
+            m.collect_metrics()
+            m.publish_metrics(m.aggregate_metrics())
+            m.mlflow_logger.flush()
+        except Exception:
+            pass
 
 
 def run_tags(cfg, extra: Optional[dict] = None) -> dict:

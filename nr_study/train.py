@@ -398,16 +398,18 @@ def _fmt(row: dict, epochs: int) -> str:
 
 def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = None, checkpoint_dir=None,
           resume: bool = False, on_epoch_end: Optional[Callable[[dict, Optional[str]], None]] = None,
-          progress: bool = True, tags: Optional[dict] = None, parent_run_id: Optional[str] = None) -> dict:
+          progress: bool = True, tags: Optional[dict] = None, parent_run_id: Optional[str] = None,
+          system_metrics: Optional[bool] = None) -> dict:
     """Train one configuration end to end; returns the final summary (incl. run_id).
 
     cfg: a Config or a nested dict. checkpoint_dir: where state.pt is written each epoch (None: no checkpoints).
     resume: continue from checkpoint_dir/state.pt when it exists (its MLflow run is reopened).
     on_epoch_end(metrics, checkpoint_dir): called after each epoch's checkpoint is written and logged.
+    system_metrics: MLflow's system metrics on this run (None: tracking.system_metrics, off when unset).
     """
     from nr_study.data import build_data
     from nr_study.errors import TrackingError
-    from nr_study.tracking import (FAILED, FINISHED, KILLED, RunTracker, local_store_dir, open_run,
+    from nr_study.tracking import (FAILED, FINISHED, KILLED, RunTracker, SystemMetrics, local_store_dir, open_run,
                                    resolve_tracking_uri)
 
     if not isinstance(cfg, Config):
@@ -460,7 +462,10 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
     tracker = run.tracker = open_run(uri, cfg, run_id=run_id or (ck or {}).get("run_id") or None, tags=tags,
                                      parent_run_id=parent_run_id)
     status = FAILED
+    monitor = None
     try:
+        if cfg.tracking.system_metrics if system_metrics is None else system_metrics:
+            monitor = SystemMetrics.start(tracker)
         tracker.log_data(cfg.data, data)
         if ck is not None:
             tracker.sync_history(run.history)
@@ -469,6 +474,8 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
         set_rng_state(rng)
         fit(run, tracker, on_epoch_end, progress)
         summary = _finish(run, tracker)
+        if monitor is not None:
+            monitor.stop()
         status = FINISHED
         if progress:
             print(f"done: final test_err {summary['final_test_err']:.2f}% (best {summary['best_test_err']:.2f}%), "
@@ -478,10 +485,14 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a sweep stopping the trial (ASHA): not a failure
         status = KILLED
         with _interruptions_deferred():
+            if monitor is not None:
+                monitor.stop()
             tracker.end_quietly(KILLED)
         raise
     except BaseException as exc:
         with _interruptions_deferred():
+            if monitor is not None:
+                monitor.stop()
             tracker.end_quietly(FAILED, f"{type(exc).__name__}: {one_line(exc, 500)}")
         if isinstance(exc, TrackingError) and ckpt_dir is not None and (ckpt_dir / CKPT_NAME).is_file():
             raise TrackingError(f"{exc}; checkpoint {ckpt_dir / CKPT_NAME} holds epoch {run.epoch}: rerun with "

@@ -87,3 +87,29 @@ def test_dataset_inputs_name_size_digest_source(tracking_uri, tiny_cfg, tmp_path
     assert train(tiny_cfg, tracking_uri=tracking_uri, checkpoint_dir=tmp_path / "a", resume=True,
                  progress=False)["run_id"] == a
     assert _inputs(c, a) == ia
+
+
+def _system_steps(c, rid) -> dict:
+    run = c.get_run(rid)
+    return {k: sorted(m.step for m in c.get_metric_history(rid, k))
+            for k in run.data.metrics if k.startswith(N.SYSTEM_METRICS_PREFIX)}
+
+
+def test_system_metrics_opt_in_and_reopened_run(tracking_uri, tiny_cfg, tmp_path):
+    from nr_study.train import train
+
+    tiny_cfg["train"]["epochs"] = 1
+    c = MlflowClient(tracking_uri)
+    off = train(tiny_cfg, tracking_uri=tracking_uri, progress=False)["run_id"]  # nr-study train: off by default
+    assert _system_steps(c, off) == {}
+    tiny_cfg["tracking"] = {"system_metrics": True}
+    rid = train(tiny_cfg, tracking_uri=tracking_uri, checkpoint_dir=tmp_path, progress=False)["run_id"]
+    first = _system_steps(c, rid)
+    for k in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        assert first[N.SYSTEM_METRICS_PREFIX + k] == [0]  # one sample: the run is shorter than one interval
+    tiny_cfg["train"]["epochs"] = 2
+    train(tiny_cfg, tracking_uri=tracking_uri, checkpoint_dir=tmp_path, resume=True, progress=False)
+    again = _system_steps(c, rid)  # the reopened run continues its steps
+    assert again[N.SYSTEM_METRICS_PREFIX + "cpu_utilization_percentage"] == [0, 1]
+    tiny_cfg["train"]["epochs"] = 1  # the argument (a sweep trial's default) wins over the config
+    assert _system_steps(c, train(tiny_cfg, tracking_uri=tracking_uri, progress=False, system_metrics=False)["run_id"]) == {}

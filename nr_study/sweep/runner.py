@@ -274,7 +274,8 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
     # Ray ends a trial it stops (ASHA, or a Ctrl-C of the sweep) with SystemExit from inside report(); the
     # driver, which knows which of the two it was, closes the run at the end of the sweep.
     summary = train(cfg, tracking_uri=ctx.tracking_uri, run_id=run_id, checkpoint_dir=str(work), resume=resume,
-                    on_epoch_end=on_epoch_end, progress=False, tags=tags, parent_run_id=ctx.parent_run_id)
+                    on_epoch_end=on_epoch_end, progress=False, tags=tags, parent_run_id=ctx.parent_run_id,
+                    system_metrics=cfg.tracking.system_metrics is not False)  # on unless the space turns it off
     if final:
         extra = {k: summary[k] for k in ("final_test_err", "best_test_err", "final_params", "final_flops")
                  if isinstance(summary.get(k), (int, float))}
