@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import posixpath
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -55,6 +57,35 @@ SCHEMES = ("nr", "cr", "ca")
 CONSTRAINTS = ("params", "flops")
 DEVICES = ("auto", "cpu", "cuda")
 AFTER_REJUVENATION = ("continue", "restart_schedule", "reset_epochs")
+INT64 = (-(2**63), 2**63 - 1)   # every integer of a config: what torch and numpy can hold
+SEED_MAX = 2**32 - 1            # numpy's seed range (Ray and Optuna seeds too)
+MAX_THREADS = 1024              # torch's OpenMP pool: 20,000 threads abort, 10**6 segfault
+TRACKING_URI_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+_MLFLOW_NAME = re.compile(r"[/\w.\- :]*")  # MLflow's rule for param, metric and tag names
+MLFLOW_NAME_RULE = "letters, digits, '_', '-', '.', ' ', ':', '/' (a relative path, at most 250 characters)"
+
+
+def mlflow_name_ok(name) -> bool:
+    """MLflow's own check of a param/tag name (validate_param_and_metric_name + path_not_unique): a config key
+    or tag it refuses would fail the run after it started, not up front."""
+    return (isinstance(name, str) and 0 < len(name) <= 250 and _MLFLOW_NAME.fullmatch(name) is not None
+            and posixpath.normpath(name) == name and not name.startswith(("/", "..")) and name != ".")
+
+
+def show(v, limit: int = 100) -> str:
+    """A value as an error line shows it: its repr, cut when long (a fuzzed 10 kB string, a 400-digit int)."""
+    try:
+        r = repr(v)
+    except ValueError:  # an int beyond Python's str-conversion digit limit
+        return f"an integer of more than {limit} digits"
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
+
+
+def show_key(k) -> str:
+    """A key as an error line shows it: as written when printable, else its repr (a newline in a key must not
+    split the line)."""
+    s = str(k)
+    return s if s.isprintable() else repr(s)
 
 
 def _rng(lo=None, hi=None, lo_open=False, hi_open=False):
@@ -69,14 +100,28 @@ def _rng(lo=None, hi=None, lo_open=False, hi_open=False):
             return False
         return True
 
+    def num(x):
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
     if hi is None and lo is not None:
-        return ok, f"{{k}} {'>' if lo_open else '>='} {lo:g}"
+        return ok, f"{{k}} {'>' if lo_open else '>='} {num(lo)}"
     text = "{k}"
     if lo is not None:
-        text = f"{lo:g} {'<' if lo_open else '<='} " + text
+        text = f"{num(lo)} {'<' if lo_open else '<='} " + text
     if hi is not None:
-        text += f" {'<' if hi_open else '<='} {hi:g}"
+        text += f" {'<' if hi_open else '<='} {num(hi)}"
     return ok, text
+
+
+def _uri_ok(v) -> bool:
+    from urllib.parse import urlparse
+
+    if v is None:
+        return True
+    try:
+        return bool(v.strip()) and urlparse(v).scheme in TRACKING_URI_SCHEMES
+    except ValueError:  # 'http://[' (a broken IPv6 host)
+        return False
 
 
 def _choice(options):
@@ -113,10 +158,10 @@ class DataCfg:
     download: bool = F(False, doc="let torchvision download a missing dataset into root")
     n_train: Optional[int] = F(None, _rng(1), doc="seeded training subset size (synthetic: 1024 if unset)")
     n_test: Optional[int] = F(None, _rng(1), doc="seeded test subset size (synthetic: 512 if unset)")
-    subset_seed: int = F(0)
+    subset_seed: int = F(0, _rng(0, SEED_MAX))
     augment: Optional[bool] = F(None, doc="null: dataset default (cifar/imagenet yes, others no)")
     image_size: int = F(224, _choice((224, 128)), doc="imagenet crop size")
-    num_workers: int = F(4, _rng(0), doc="imagenet DataLoader workers")
+    num_workers: int = F(4, _rng(0, MAX_THREADS), doc="imagenet DataLoader workers")
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
 
 
@@ -140,7 +185,7 @@ class TrainCfg:
     eval_batch_size: int = F(512, _rng(1))
     max_steps_per_epoch: Optional[int] = F(None, _rng(1), doc="cap steps per epoch (smoke runs)")
     device: str = F("auto", _choice(DEVICES))
-    threads: Optional[int] = F(None, _rng(1), doc="torch threads; default: CPUs available to the process")
+    threads: Optional[int] = F(None, _rng(1, MAX_THREADS), doc="torch threads; default: CPUs available to the process")
     channels_last: bool = F(False, doc="CUDA only")
     bf16: bool = F(False, doc="CUDA only: bf16 autocast")
     cuda_deterministic: bool = F(False, doc="CUDA: deterministic cuDNN, no cudnn.benchmark (CPU is always)")
@@ -209,8 +254,10 @@ class SlimCfg:
 
 @dataclass(frozen=True)
 class TrackingCfg:
-    uri: Optional[str] = F(None, doc="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db")
-    experiment: str = F("nr_study")
+    uri: Optional[str] = F(None, (_uri_ok, "a path or a URI whose scheme is one of "
+                                         + ", ".join(s for s in TRACKING_URI_SCHEMES if s)), doc="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db")
+    experiment: str = F("nr_study", ((lambda v: v is None or 0 < len(v.strip()) and len(v) <= 500),
+                                     "a non-empty name of at most 500 characters (MLflow's limit)"))
     run_name: Optional[str] = F(None)
     tags: dict = F({}, doc="extra tags, e.g. nr.table / nr.cell")
     system_metrics: Optional[bool] = F(None, doc="MLflow system metrics (CPU, memory, GPU every 10 s); null: on "
@@ -220,7 +267,7 @@ class TrackingCfg:
 @dataclass(frozen=True)
 class Config:
     method: str = F("BL", _choice(tuple(METHODS)))
-    seed: int = F(0)
+    seed: int = F(0, _rng(0, SEED_MAX))
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -259,6 +306,36 @@ def _tname(v) -> str:
     return type(v).__name__
 
 
+def _int_error(v, key: str) -> str | None:
+    if INT64[0] <= v <= INT64[1]:
+        return None
+    return f"{key}: {show(v)} is out of range; allowed: a 64-bit integer ({INT64[0]} to {INT64[1]})"
+
+
+def _free_form_error(value, key: str, depth: int = 0) -> str | None:
+    """The first problem inside a free-form value (model.kwargs, tracking.tags, a list): a mapping key MLflow
+    cannot log as (part of) a param name, or an integer beyond 64 bits; None when there is none."""
+    if depth > 16:
+        return f"{key}: nested deeper than 16 levels; allowed: plain values, lists and mappings"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not (mlflow_name_ok(k) and len(f"{key}.{k}") <= 250):
+                return f"{key}: key {show(k)} is not allowed; allowed: keys of {MLFLOW_NAME_RULE}"
+            bad = _free_form_error(v, f"{key}.{k}", depth + 1)
+            if bad:
+                return bad
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            bad = _free_form_error(v, f"{key}[{i}]", depth + 1)
+            if bad:
+                return bad
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return _int_error(value, key)
+    elif isinstance(value, str) and "\x00" in value:
+        return f"{key}: {show(value)} contains a NUL character; allowed: text without NUL"
+    return None
+
+
 def _coerce(value, tp, key: str, errors: list):
     """Check/convert a leaf value against its annotation; append an error line when it does not fit."""
     base, optional = _unwrap_optional(tp)
@@ -271,31 +348,38 @@ def _coerce(value, tp, key: str, errors: list):
         if isinstance(value, bool):
             return value
     elif base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            bad = _int_error(value, key)
+            if bad is None:
+                return value
+            errors.append(bad)
+            return None
     elif base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        num = value
         if isinstance(value, str):  # YAML 1.1 reads 5e-5 as a string
             try:
-                return float(value)
+                num = float(value)
             except ValueError:
                 pass
-    elif base is str:
-        if isinstance(value, str):
-            return value
-    elif base is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(value)
-    elif base is dict:
-        if isinstance(value, dict):
-            return dict(value)
+        if isinstance(num, (int, float)) and not isinstance(num, bool):
+            try:
+                return float(num)
+            except OverflowError:  # an int of hundreds of digits
+                errors.append(f"{key}: {show(value)} is out of range; allowed: a finite float")
+                return None
+    elif base in (str, tuple, dict):
+        if isinstance(value, {str: str, tuple: (list, tuple), dict: dict}[base]):
+            bad = _free_form_error(value, key)
+            if bad is None:
+                return base(value)
+            errors.append(bad)
+            return None
     else:  # pragma: no cover - schema error
         raise TypeError(f"unsupported annotation {tp} for {key}")
     expected = {tuple: "list", dict: "mapping"}.get(base, base.__name__)
-    errors.append(f"{key}: {value!r} has type {_tname(value)}; expected {expected}{' or null' if optional else ''}")
+    errors.append(f"{key}: {show(value)} has type {_tname(value)}; expected {expected}{' or null' if optional else ''}")
     return None
 
 
@@ -312,9 +396,9 @@ def _check_value(cls, name: str, val, key: str, errors: list, verdict: str = "is
         opts = [o for o in allowed.removeprefix("one of ").split(", ")]
         m = difflib.get_close_matches(val, opts, n=1, cutoff=0.5)
         close = f"; did you mean {m[0]!r}?" if m else ""
-        errors.append(f"{key}: {val!r} is not allowed; allowed: {allowed}{close}")
+        errors.append(f"{key}: {show(val)} is not allowed; allowed: {allowed}{close}")
     else:
-        errors.append(f"{key}: {val!r} {verdict}; allowed: {allowed.format(k=name)}")
+        errors.append(f"{key}: {show(val)} {verdict}; allowed: {allowed.format(k=name)}")
     return False
 
 
@@ -334,13 +418,13 @@ def _build(cls, d, prefix: str, errors: list):
     if d is None:
         d = {}
     if not isinstance(d, dict):
-        errors.append(f"{prefix.rstrip('.') or 'config'}: {d!r} has type {_tname(d)}; expected a mapping")
+        errors.append(f"{prefix.rstrip('.') or 'config'}: {show(d)} has type {_tname(d)}; expected a mapping")
         return cls()
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in d.items():
-        key = f"{prefix}{k}"
+        key = f"{prefix}{show_key(k)}"
         if k not in fields:
             errors.append(f"{key}: unknown key{_suggest(key, [prefix + n for n in fields])}")
             continue
@@ -449,7 +533,7 @@ def set_dotted(d: dict, key: str, value) -> dict:
             if part not in hints:
                 prefix = ".".join(parts[:i])
                 opts = [f"{prefix}.{n}" if prefix else n for n in hints]
-                raise ConfigError(f"{path}: unknown key{_suggest(path, opts)}")
+                raise ConfigError(f"{show_key(path)}: unknown key{_suggest(path, opts)}")
             tp = hints[part]
             nxt = tp if _is_section(tp) else None
             free = _unwrap_optional(tp)[0] is dict

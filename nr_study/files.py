@@ -47,6 +47,15 @@ def read_yaml(path, what: str = "config file") -> dict:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to read; allowed: a {what} of at most "
+                          f"{MAX_DEPTH} levels") from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # PyYAML's constructors raise these for a value they cannot build: `!!int x`, `!!float x`, `0x_`,
+        # a 5000-digit integer (Python's str-to-int limit), a malformed `!!timestamp`
+        raise ConfigError(f"{path}: YAML value cannot be read ({type(exc).__name__}: {one_line(exc, 160)}); "
+                          f"allowed: plain YAML values") from None
+    _check_tree(data, path, what)
     if data is None:
         raise ConfigError(f"{path}: empty {what} (only whitespace or comments); allowed: a YAML mapping of keys")
     if not isinstance(data, dict):
@@ -54,6 +63,32 @@ def read_yaml(path, what: str = "config file") -> dict:
     if not data:
         raise ConfigError(f"{path}: empty {what} ({{}}); allowed: a YAML mapping of keys")
     return data
+
+
+MAX_DEPTH = 100           # levels of nesting in a YAML file we read
+MAX_NODES = 1_000_000     # values in it once its aliases are expanded
+
+
+def _check_tree(data, path, what: str) -> None:
+    """A document every later step can walk: no cycle (`a: &x [*x]`), at most MAX_DEPTH levels and MAX_NODES
+    values with aliases expanded (a "billion laughs" file is a few lines)."""
+    stack: list = [(data, 0, ())]
+    nodes = 0
+    while stack:
+        node, depth, above = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise ConfigError(f"{path}: YAML expands to more than {MAX_NODES:,} values (through its aliases); "
+                              f"allowed: a {what} of at most {MAX_NODES:,} values")
+        if isinstance(node, (dict, list, tuple, set)):
+            if id(node) in above:
+                raise ConfigError(f"{path}: YAML refers to itself (an alias inside its own anchor); allowed: "
+                                  f"a {what} without cycles")
+            if depth >= MAX_DEPTH:
+                raise ConfigError(f"{path}: YAML nested more than {MAX_DEPTH} levels; allowed: a {what} of at "
+                                  f"most {MAX_DEPTH} levels")
+            children = [*node.keys(), *node.values()] if isinstance(node, dict) else list(node)
+            stack.extend((c, depth + 1, above + (id(node),)) for c in children)
 
 
 def read_json(path, what: str = "JSON file") -> Any:

@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from nr_study.config import INT64, SEED_MAX, mlflow_name_ok, show, show_key
 from nr_study.errors import ConfigError
 
 TOP_KEYS = ("name", "experiment", "description", "base", "space", "search", "scheduler", "num_samples",
@@ -60,7 +61,7 @@ SHORT = {"method": "", "model.name": "", "seed": "s", "nr.tr": "tr", "nr.delta_r
 VARIANT_KEY = "variant"             # a grid over named bundles of settings (see module doc)
 REPEAT_KEY = "__repeat__"          # grid dimension over 0..repeat-1 (grid/random search)
 TRIAL_INDEX_KEY = "__trial_index__"  # Ray's Repeater index (optuna search)
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
 
 
 @dataclass
@@ -264,13 +265,16 @@ def format_template(template: str, full: dict, where: str = "template") -> str:
         try:
             v = get_dotted(full, key)
         except KeyError:
-            raise ConfigError(f"{where}: {template!r} names unknown config key {m.group(1)!r}") from None
+            raise ConfigError(f"{where}: {show(template)} names unknown config key {show(m.group(1))}") from None
         spec = m.group(2)
+        if spec and any(int(n) > 1000 for n in re.findall(r"\d+", spec)):  # '{seed:>2000000000}' is 2 GB
+            raise ConfigError(f"{where}: format spec {show(spec)} is not allowed; allowed: widths and precisions "
+                              f"up to 1000")
         if spec:
             try:
                 return format(v, spec)
             except (ValueError, TypeError):
-                raise ConfigError(f"{where}: format spec {spec!r} does not fit {key}={v!r}") from None
+                raise ConfigError(f"{where}: format spec {show(spec)} does not fit {key}={show(v)}") from None
         return fmt_value(v)
 
     return _FIELD_RE.sub(sub, template)
@@ -340,26 +344,28 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
         raise ConfigError(f"{path}: top level must be a mapping, got {type(doc).__name__}")
     for k in doc:
         if k not in TOP_KEYS:
-            err(str(k), "unknown key" + _suggest(str(k), TOP_KEYS))
+            err(show_key(k), "unknown key" + _suggest(str(k), TOP_KEYS))
 
     # name / experiment / description
     name = doc.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name or ""):
-        err("name", f"{name!r} is not allowed; required, letters, digits, '_', '.', '-'")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in (".", ".."):
+        err("name", f"{show(name)} is not allowed; required, 1 to 200 letters, digits, '_', '.', '-' (a folder "
+                    f"name, not . or ..)")
         name = "sweep"
     experiment = doc.get("experiment", name)
-    if not isinstance(experiment, str) or not experiment.strip():
-        err("experiment", f"{experiment!r} is not allowed; a non-empty string (MLflow experiment)")
+    if not isinstance(experiment, str) or not experiment.strip() or len(experiment) > 500:
+        err("experiment", f"{show(experiment)} is not allowed; a non-empty string of at most 500 characters "
+                          f"(MLflow experiment)")
         experiment = name
     description = doc.get("description", "") or ""
     if not isinstance(description, str):
-        err("description", f"{description!r} is not allowed; a string")
+        err("description", f"{show(description)} is not allowed; a string")
 
     # base
     base_raw = doc.get("base")
     base: dict = {}
     if not isinstance(base_raw, dict):
-        err("base", f"{base_raw!r} is not allowed; required, a training config mapping (see nr_study.config)")
+        err("base", f"{show(base_raw)} is not allowed; required, a training config mapping (see nr_study.config)")
     else:
         try:
             base = config_to_dict(config_from_dict(copy.deepcopy(base_raw)))
@@ -375,14 +381,14 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
     dims: list[Dim] = []
     space_raw = doc.get("space", {}) or {}
     if not isinstance(space_raw, dict):
-        err("space", f"{space_raw!r} is not allowed; a mapping of dotted config keys to distributions")
+        err("space", f"{show(space_raw)} is not allowed; a mapping of dotted config keys to distributions")
         space_raw = {}
     seen = set()
     for raw_key, spec in space_raw.items():
         key = ALIASES.get(str(raw_key), str(raw_key))
-        where = f"space.{raw_key}"
+        where = f"space.{show_key(raw_key)}"
         if key in seen:
-            err(where, f"duplicate dimension {key!r} (aliases: {ALIASES})")
+            err(where, f"duplicate dimension {show(key)} (aliases: {ALIASES})")
             continue
         seen.add(key)
         if key == VARIANT_KEY:
@@ -418,9 +424,12 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
     max_failures = _int(doc, "max_failures", 1, 0, err)
     repeat = _int(doc, "repeat", 1, 1, err)
     if search == "grid" and num_samples not in (None, 1):
-        err("num_samples", f"{num_samples!r} is not allowed with search: grid; allowed: 1 (use repeat for seeds)")
+        err("num_samples", f"{show(num_samples)} is not allowed with search: grid; allowed: 1 (use repeat for seeds)")
     if repeat and repeat > 1 and "seed" in seen:
-        err("repeat", f"{repeat!r} is not allowed while seed is a space dimension; allowed: 1")
+        err("repeat", f"{show(repeat)} is not allowed while seed is a space dimension; allowed: 1")
+    if base and repeat and base["seed"] + repeat - 1 > SEED_MAX:
+        err("repeat", f"{show(repeat)} is not allowed with base seed {base['seed']}: the seeds would pass {SEED_MAX}; "
+                      f"allowed: repeat <= {SEED_MAX - base['seed'] + 1}")
 
     # resources
     cpu, gpu = _parse_resources(doc.get("resources_per_trial", {}), err)
@@ -442,11 +451,16 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
     tags: dict = {}
     cell = None
     if not isinstance(tags_raw, dict):
-        err("tags", f"{tags_raw!r} is not allowed; a mapping like {{table: table4, cell: '{{method}}'}}")
+        err("tags", f"{show(tags_raw)} is not allowed; a mapping like {{table: table4, cell: '{{method}}'}}")
     else:
         for k, v in tags_raw.items():
+            tag = k if str(k).startswith(("nr.", "mlflow.")) else f"nr.{k}"  # as trial_tags names it
+            if not mlflow_name_ok(tag):
+                err("tags", f"key {show(k)} is not allowed; allowed: an MLflow tag name (letters, digits, '_', "
+                            f"'-', '.', ' ', ':', '/')")
+                continue
             if not isinstance(v, (str, int, float, bool)):
-                err(f"tags.{k}", f"{v!r} is not allowed; a string")
+                err(f"tags.{k}", f"{show(v)} is not allowed; a string")
                 continue
             tags[str(k)] = v
         cell = tags.get("cell")
@@ -473,27 +487,29 @@ def _suggest(key: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(options)}"
 
 
+def _is_int(v, lo: int, hi: int = INT64[1]) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
 def _int(doc, key, default, lo, err):
     v = doc.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        err(key, f"{v!r} is not allowed; allowed: an integer >= {lo}")
+    if not _is_int(v, lo):
+        err(key, f"{show(v)} is not allowed; allowed: an integer >= {lo} (64-bit)")
         return default
     return v
 
 
 def _number(v) -> float | None:
-    if isinstance(v, bool):
+    """A finite number (YAML 1.1 reads 1e-5 as a string); None for anything else, NaN and infinities included."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
         return None
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, str):  # YAML 1.1 reads 1e-5 as a string
-        try:
-            return float(v)
-        except ValueError:
-            return None
-    return None
+    try:
+        x = float(v)
+    except (ValueError, OverflowError):
+        return None
+    return x if math.isfinite(x) else None
 
 
 def _parse_objectives(raw, err) -> list[tuple[str, str]]:
@@ -509,19 +525,19 @@ def _parse_objectives(raw, err) -> list[tuple[str, str]]:
             elif isinstance(it, str):
                 items.append(tuple(s.strip() for s in it.split(":", 1)) if ":" in it else (it, "min"))
             else:
-                err("search.objectives", f"{it!r} is not allowed; allowed: entries like test_err: min")
+                err("search.objectives", f"{show(it)} is not allowed; allowed: entries like test_err: min")
     else:
-        err("search.objectives", f"{raw!r} is not allowed; allowed: a list like [test_err: min, params: min]")
+        err("search.objectives", f"{show(raw)} is not allowed; allowed: a list like [test_err: min, params: min]")
     out = []
     for metric, mode in items:
         metric, mode = str(metric).strip(), str(mode).strip()
         if metric not in METRICS:
             close = difflib.get_close_matches(metric, METRICS, 1, 0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            err("search.objectives", f"{metric!r} is not allowed; allowed: {', '.join(METRICS)}{hint}")
+            err("search.objectives", f"{show(metric)} is not allowed; allowed: {', '.join(METRICS)}{hint}")
             continue
         if mode not in MODES:
-            err(f"search.objectives.{metric}", f"{mode!r} is not allowed; allowed: min, max")
+            err(f"search.objectives.{metric}", f"{show(mode)} is not allowed; allowed: min, max")
             continue
         out.append((metric, mode))
     if len({m for m, _ in out}) != len(out):
@@ -543,11 +559,11 @@ def _parse_search(raw, err):
             err("search.type", "missing; allowed: " + ", ".join(SEARCHES))
             return "grid", None, objectives, None
     else:
-        err("search", f"{raw!r} is not allowed; allowed: {', '.join(SEARCHES)} or a mapping with type")
+        err("search", f"{show(raw)} is not allowed; allowed: {', '.join(SEARCHES)} or a mapping with type")
         return "grid", None, objectives, None
     if kind not in SEARCHES:
         err("search" if isinstance(raw, str) else "search.type",
-            f"{kind!r} is not allowed; allowed: {', '.join(SEARCHES)}")
+            f"{show(kind)} is not allowed; allowed: {', '.join(SEARCHES)}")
         kind = "grid"
     for k in list(spec):
         if k not in ("sampler", "objectives", "seed"):
@@ -556,17 +572,17 @@ def _parse_search(raw, err):
         objectives = _parse_objectives(spec["objectives"], err)
     if "seed" in spec:
         seed = spec["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            err("search.seed", f"{seed!r} is not allowed; allowed: an integer")
+        if not _is_int(seed, 0, SEED_MAX):
+            err("search.seed", f"{show(seed)} is not allowed; allowed: an integer 0 <= seed <= {SEED_MAX}")
             seed = None
     if kind == "optuna":
         default = "nsga2" if len(objectives) > 1 else "tpe"
         sampler = str(spec.get("sampler", default)).lower().replace("-", "").replace("_", "")
         if sampler not in SAMPLERS:
-            err("search.sampler", f"{spec.get('sampler')!r} is not allowed; allowed: tpe, nsga2 (NSGA-II)")
+            err("search.sampler", f"{show(spec.get('sampler'))} is not allowed; allowed: tpe, nsga2 (NSGA-II)")
             sampler = default
     elif "sampler" in spec:
-        err("search.sampler", f"{spec['sampler']!r} is only allowed with type: optuna")
+        err("search.sampler", f"{show(spec['sampler'])} is only allowed with type: optuna")
     return kind, sampler, objectives, seed
 
 
@@ -574,31 +590,31 @@ def _parse_dim(key, spec, where, err) -> Dim | None:
     if isinstance(spec, list):
         spec = {"grid": spec}
     if not isinstance(spec, dict) or len(spec) != 1:
-        err(where, f"{spec!r} is not allowed; allowed: one of {{grid|choice: [values]}}, "
+        err(where, f"{show(spec)} is not allowed; allowed: one of {{grid|choice: [values]}}, "
                    "{uniform|loguniform|randint: [low, high]} (fixed values belong in base)")
         return None
     kind, arg = next(iter(spec.items()))
     if kind not in KINDS:
-        err(where, f"{kind!r} is not allowed; allowed: {', '.join(KINDS)}")
+        err(where, f"{show(kind)} is not allowed; allowed: {', '.join(KINDS)}")
         return None
     if kind in ("grid", "choice"):
         if not isinstance(arg, list) or not arg:
-            err(f"{where}.{kind}", f"{arg!r} is not allowed; allowed: a non-empty list of values")
+            err(f"{where}.{kind}", f"{show(arg)} is not allowed; allowed: a non-empty list of values")
             return None
         return Dim(key, kind, values=list(arg))
     if not isinstance(arg, list) or len(arg) != 2:
-        err(f"{where}.{kind}", f"{arg!r} is not allowed; allowed: [low, high]")
+        err(f"{where}.{kind}", f"{show(arg)} is not allowed; allowed: [low, high]")
         return None
     lo, hi = _number(arg[0]), _number(arg[1])
     if lo is None or hi is None or not (lo < hi):
-        err(f"{where}.{kind}", f"{arg!r} is not allowed; allowed: [low, high] numbers with low < high")
+        err(f"{where}.{kind}", f"{show(arg)} is not allowed; allowed: [low, high] numbers with low < high")
         return None
     if kind == "loguniform" and lo <= 0:
-        err(f"{where}.{kind}", f"{arg!r} is not allowed; allowed: 0 < low < high")
+        err(f"{where}.{kind}", f"{show(arg)} is not allowed; allowed: 0 < low < high")
         return None
     if kind == "randint":
         if not (lo.is_integer() and hi.is_integer()):
-            err(f"{where}.{kind}", f"{arg!r} is not allowed; allowed: integers [low, high), high exclusive")
+            err(f"{where}.{kind}", f"{show(arg)} is not allowed; allowed: integers [low, high), high exclusive")
             return None
         return Dim(key, kind, low=int(lo), high=int(hi))
     return Dim(key, kind, low=lo, high=hi)
@@ -610,7 +626,7 @@ def _parse_variants(spec, where, err, base, config_from_dict, set_dotted) -> Dim
     if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("grid", "choice"):
         kind, spec = next(iter(spec.items()))
     if not isinstance(spec, list) or not spec or not all(isinstance(v, dict) and v for v in spec):
-        err(where, f"{spec!r} is not allowed; allowed: a non-empty list of mappings {{dotted config key: value}} "
+        err(where, f"{show(spec)} is not allowed; allowed: a non-empty list of mappings {{dotted config key: value}} "
                    "(optional 'name'), e.g. [{method: BL}, {method: NR-CR, nr.tr: 0.5}]")
         return None
     variants: dict[str, dict] = {}
@@ -632,7 +648,7 @@ def _parse_variants(spec, where, err, base, config_from_dict, set_dotted) -> Dim
                              else f"{short_key(k) or k}={fmt_value(v)}" for k, v in settings.items())
         label = str(label)
         if label in variants:
-            err(f"{where}[{i}]", f"duplicate variant {label!r}; give each a distinct 'name'")
+            err(f"{where}[{i}]", f"duplicate variant {show(label)}; give each a distinct 'name'")
             continue
         if base:
             d = copy.deepcopy(base)
@@ -677,14 +693,14 @@ def _check_model_names(names, report) -> None:
         if isinstance(n, str) and not n.startswith("tv:") and n not in known:
             close = difflib.get_close_matches(n, known, 1, 0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            report(f"{n!r} is not allowed; allowed: a registered model ({', '.join(known)}) or tv:<name>{hint}")
+            report(f"{show(n)} is not allowed; allowed: a registered model ({', '.join(known)}) or tv:<name>{hint}")
 
 
 def _parse_resources(raw, err) -> tuple[float, float]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        err("resources_per_trial", f"{raw!r} is not allowed; allowed: a mapping {{cpu: 1, gpu: 0.5}}")
+        err("resources_per_trial", f"{show(raw)} is not allowed; allowed: a mapping {{cpu: 1, gpu: 0.5}}")
         return 1.0, 0.0
     for k in raw:
         if k not in ("cpu", "gpu"):
@@ -692,11 +708,11 @@ def _parse_resources(raw, err) -> tuple[float, float]:
     cpu = _number(raw.get("cpu", 1))
     gpu = _number(raw.get("gpu", 0))
     if cpu is None or cpu <= 0:
-        err("resources_per_trial.cpu", f"{raw.get('cpu')!r} is not allowed; allowed: a number > 0")
+        err("resources_per_trial.cpu", f"{show(raw.get('cpu'))} is not allowed; allowed: a number > 0")
         cpu = 1.0
     if gpu is None or gpu < 0 or (gpu > 1 and not gpu.is_integer()):
         err("resources_per_trial.gpu",
-            f"{raw.get('gpu')!r} is not allowed; allowed: 0, a fraction 0 < x < 1, or a whole number")
+            f"{show(raw.get('gpu'))} is not allowed; allowed: 0, a fraction 0 < x < 1, or a whole number")
         gpu = 0.0
     return cpu, gpu
 
@@ -707,11 +723,11 @@ def _parse_scheduler(raw, objectives, base, err) -> dict:
     elif isinstance(raw, dict):
         spec = dict(raw)
     else:
-        err("scheduler", f"{raw!r} is not allowed; allowed: fifo, asha or a mapping with type")
+        err("scheduler", f"{show(raw)} is not allowed; allowed: fifo, asha or a mapping with type")
         return {"type": "fifo"}
     kind = spec.get("type", "fifo")
     if kind not in SCHEDULERS:
-        err("scheduler.type", f"{kind!r} is not allowed; allowed: {', '.join(SCHEDULERS)}")
+        err("scheduler.type", f"{show(kind)} is not allowed; allowed: {', '.join(SCHEDULERS)}")
         return {"type": "fifo"}
     out = {"type": kind}
     allowed = ("type",) if kind == "fifo" else ("type", "metric", "mode", "grace_period", "reduction_factor",
@@ -723,20 +739,20 @@ def _parse_scheduler(raw, objectives, base, err) -> dict:
         metric = spec.get("metric", objectives[0][0])
         mode = spec.get("mode", dict(objectives).get(metric, "min"))
         if metric not in METRICS:
-            err("scheduler.metric", f"{metric!r} is not allowed; allowed: {', '.join(METRICS)}")
+            err("scheduler.metric", f"{show(metric)} is not allowed; allowed: {', '.join(METRICS)}")
         if mode not in MODES:
-            err("scheduler.mode", f"{mode!r} is not allowed; allowed: min, max")
+            err("scheduler.mode", f"{show(mode)} is not allowed; allowed: min, max")
         epochs = int(base.get("train", {}).get("epochs", 1)) if base else 1
         out.update(metric=metric, mode=mode)
         for k, default, lo in (("grace_period", 1, 1), ("max_t", epochs, 1), ("brackets", 1, 1)):
             v = spec.get(k, default)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                err(f"scheduler.{k}", f"{v!r} is not allowed; allowed: an integer >= {lo}")
+            if not _is_int(v, lo):
+                err(f"scheduler.{k}", f"{show(v)} is not allowed; allowed: an integer >= {lo}")
                 v = default
             out[k] = v
         rf = _number(spec.get("reduction_factor", 2))
         if rf is None or rf <= 1:
-            err("scheduler.reduction_factor", f"{spec.get('reduction_factor')!r} is not allowed; allowed: > 1")
+            err("scheduler.reduction_factor", f"{show(spec.get('reduction_factor'))} is not allowed; allowed: > 1")
             rf = 2.0
         out["reduction_factor"] = rf
         if out["grace_period"] > out["max_t"]:
