@@ -193,6 +193,9 @@ class TrainCfg:
                                 doc="the lr schedule after a rejuvenation: continue it; restart_schedule: start it "
                                     "again over the epochs left; reset_epochs (the paper): reset the epoch counter, "
                                     "train.epochs more epochs from the rejuvenation's epoch on a fresh schedule")
+    precise_bn_batches: int = F(0, _rng(0), doc="before each evaluation, recompute the BN running statistics over "
+                                "this many training batches (precise BN); 0 keeps the running averages (the paper). "
+                                "Set it when a strong λ moves γ faster than the averages follow")
     fault_kill_at_epoch: Optional[int] = F(None, _rng(1), doc="testing: SIGKILL self at this epoch")
     fault_kill_once_marker: Optional[str] = F(None, doc="testing: kill only when this file is absent (created)")
     fault_kill_point: str = F("after_epoch", _choice(("after_checkpoint", "after_epoch")))

@@ -93,6 +93,32 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     return loss, out
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches) -> int:
+    """Precise BN: reset every tracking BatchNorm and average its batch statistics over `batches` (train-mode
+    forward, no gradient; momentum=None is PyTorch's cumulative average). Why: under a strong L1 on γ the weights
+    move faster than the exponential running averages follow, the lag compounds layer by layer, and eval-mode
+    error can sit near chance while the train-mode error is fine. The training RNG is left untouched, so a run
+    trains the same with or without it. Returns the number of batches used."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training, n = model.training, 0
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        for x, _ in batches:
+            model(x)
+            n += 1
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return n
+
+
 class _EpochStats:
     """One epoch's loss and error sums, kept on the device. A NaN/inf loss stops the run: on CPU checked every
     step, on CUDA every NAN_CHECK_EVERY steps (a host sync) and at the end of the epoch."""
@@ -237,9 +263,8 @@ class _Run:
 
     # -- during an epoch ------------------------------------------------------------------------------
     def epoch_bar(self, progress: bool):
-        batches = self.data.train_batches(self.epoch + 1, self.cfg.train.batch_size, self.spe)
-        if self.channels_last:
-            batches = ((x.contiguous(memory_format=torch.channels_last), y) for x, y in batches)
+        batches = ((self._layout(x), y) for x, y in self.data.train_batches(self.epoch + 1, self.cfg.train.batch_size,
+                                                                             self.spe))
         return epoch_bar(batches, steps=self.spe, batch_size=self.cfg.train.batch_size,
                          desc=f"epoch {self.epoch + 1}/{self.end_epoch}", enabled=progress)
 
@@ -275,13 +300,20 @@ class _Run:
             sys.stdout.flush()  # tqdm.write: clears the epoch bar on the same terminal, prints, redraws it
 
     # -- after an epoch -------------------------------------------------------------------------------
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     @torch.no_grad()
     def evaluate(self) -> dict:
+        n_bn = self.cfg.train.precise_bn_batches
+        if n_bn:
+            batches = self.data.train_batches(self.epoch, self.cfg.train.batch_size, max_steps=n_bn)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                recalibrate_bn(self.model, ((self._layout(x), y) for x, y in batches))
         self.model.eval()
         n, wrong1, wrong5 = 0, 0, 0
         for x, y in self.data.test_batches(self.cfg.train.eval_batch_size):
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._layout(x)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = self.model(x).float()
             hit = out.topk(min(5, out.shape[1]), dim=1).indices == y[:, None]

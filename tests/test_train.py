@@ -402,3 +402,45 @@ def test_fashion_mnist_subset_learns(tracking_uri):
     s = train(cfg(data={"name": "fashion_mnist", "n_train": 1000, "n_test": 500}, optim={"schedule": "cosine"},
                   train={"epochs": 6}), tracking_uri=tracking_uri, progress=False)
     assert_learned(s["history"])
+
+
+def test_recalibrate_bn_averages_batch_statistics():
+    """Precise BN: each BN's running mean/var become the mean of its batch statistics over the given batches."""
+    from nr_study.train import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 5, 3), torch.nn.BatchNorm2d(5, momentum=None))
+    batches = [(torch.randn(8, 3, 9, 9) * (1 + i), None) for i in range(3)]
+    seen = {1: [], 4: []}
+    handles = [model[i].register_forward_hook(lambda m, inp, out, i=i: seen[i].append(inp[0].detach()))
+               for i in seen]
+    with torch.no_grad():
+        model.train()
+        for x, _ in batches:
+            model(x)
+    for h in handles:
+        h.remove()
+    for i in seen:  # stale statistics, as a fast-moving γ leaves them
+        model[i].running_mean.fill_(5.0)
+        model[i].running_var.fill_(50.0)
+    model.eval()
+    rng = torch.get_rng_state()
+    assert recalibrate_bn(model, iter(batches)) == 3
+    assert torch.equal(torch.get_rng_state(), rng) and not model.training
+    for i, inputs in seen.items():
+        mean = torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0)
+        var = torch.stack([x.var((0, 2, 3), unbiased=True) for x in inputs]).mean(0)
+        assert torch.allclose(model[i].running_mean, mean, atol=1e-5)
+        assert torch.allclose(model[i].running_var, var, atol=1e-4)
+    assert (model[1].momentum, model[4].momentum) == (0.1, None)
+
+
+def test_precise_bn_changes_the_evaluation_not_the_training(tracking_uri):
+    """The same NR run with and without precise BN trains identically (same losses, same rejuvenation); only
+    the eval-mode statistics differ."""
+    base = cfg(NR, train=dict(NR["train"], epochs=3))
+    plain = train(base, tracking_uri=tracking_uri, progress=False)
+    precise = train(cfg(base, train=dict(base["train"], precise_bn_batches=4)), tracking_uri=tracking_uri, progress=False)
+    assert [r["train_loss"] for r in plain["history"]] == [r["train_loss"] for r in precise["history"]]
+    assert plain["rejuvenations"] == precise["rejuvenations"] == 1
