@@ -19,6 +19,7 @@ COMMANDS = {
     "tables": ("analysis.tables", "regenerate the paper's tables from MLflow runs"),
     "plots": ("analysis.plots", "regenerate figures and trade-off plots from MLflow runs"),
     "bench": ("nr_study.bench", "measure NR's overheads side by side"),
+    "export": ("nr_study.export", "write a run's final model to a folder (nr_study.load_model loads it)"),
 }
 
 

@@ -33,7 +33,9 @@ DATA_CONTEXT_TRAIN, DATA_CONTEXT_TEST = "training", "evaluation"
 # MLflow's system metrics monitor (psutil; pynvml when installed): metrics "system/...", one sample per interval.
 SYSTEM_METRICS_PREFIX, SYSTEM_METRICS_INTERVAL_S = "system/", 10.0
 # The final model as an MLflow LoggedModel: its name, type and the payload file (nr_study.checkpoint format).
-MODEL_NAME, MODEL_TYPE, MODEL_FILE = "model", "nr_study", "model.pt"
+# Not named "model": MLflow 3 reads runs:/<run>/model as a logged model of that name, and the run's plain
+# model/model.pt artifact (what NR-FS reads) lives at that path.
+MODEL_NAME, MODEL_TYPE, MODEL_FILE, MODEL_META = "final_model", "nr_study", "model.pt", "model.json"
 # Optuna sweeps keep their study in the sweep folder (one writer: the driver); `make dashboard` opens it.
 OPTUNA_DB = "optuna.db"
 

@@ -39,7 +39,7 @@ from nr_study import __version__  # noqa: E402
 from nr_study.errors import ConfigError, TrackingError, one_line  # noqa: E402
 from nr_study.names import (DATA_CONTEXT_TEST, DATA_CONTEXT_TRAIN, EPOCH_KEY, EXPERIMENT_KIND,  # noqa: E402
                             FAILED, FINISHED, KILLED, RUNNING, TAG_ARCH, TAG_CODE_VERSION, TAG_CONSTRAINT, TAG_DATASET, TAG_ERROR, TAG_EXPERIMENT_KIND,
-                            SYSTEM_METRICS_INTERVAL_S, TAG_GIT_COMMIT, TAG_METHOD, TAG_SCHEME, TAG_SEED,
+                            MODEL_FILE, MODEL_META, MODEL_NAME, MODEL_TYPE, SYSTEM_METRICS_INTERVAL_S, TAG_GIT_COMMIT, TAG_METHOD, TAG_SCHEME, TAG_SEED,
                             VERSION_TAGS, runs_dir)
 
 __all__ = ["FINISHED", "FAILED", "KILLED", "RUNNING", "EPOCH_KEY", "runs_dir", "RunTracker", "open_run", "run_tags"]
@@ -291,11 +291,12 @@ class RunTracker:
                 done.append(e)
         return done
 
-    def log_summary(self, metrics: dict) -> None:
+    def log_summary(self, metrics: dict, model_id: Optional[str] = None) -> None:
+        """The final metrics (step 0); with `model_id` they are also the logged model's metrics."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, 0) for k, v in metrics.items() if _finite(v)]
+        items = [Metric(k, float(v), ts, 0, model_id=model_id) for k, v in metrics.items() if _finite(v)]
         if items:
             self._call("log_summary", self.client.log_batch, self.run_id, metrics=items)
 
@@ -312,6 +313,29 @@ class RunTracker:
 
     def list_artifacts(self, path: Optional[str] = None) -> list[str]:
         return [f.path for f in self._call("list_artifacts", self.client.list_artifacts, self.run_id, path)]
+
+    def log_model(self, payload: dict, step: int) -> str:
+        """The final model as an MLflow LoggedModel of this run (the runs table's Models column): the payload
+        file (weights + architecture spec, loaded with weights_only=True; no pickled code) and its description
+        as JSON. A run that logged one already (a retry that died after it) keeps that one. Returns its id."""
+        import torch
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        exp_id = self._call("log_model", self.client.get_run, self.run_id).info.experiment_id
+        model_id = logged_model_id(self.client, self.run_id, exp_id)
+        if model_id is None:
+            meta = {k: v for k, v in payload.items() if k != "state_dict"}
+            lm = self._call("log_model", self.client.create_logged_model, exp_id, name=MODEL_NAME,
+                            source_run_id=self.run_id, model_type=MODEL_TYPE,
+                            params={"model_name": meta["model_name"], "num_classes": str(meta["num_classes"])})
+            model_id = lm.model_id
+            with tempfile.TemporaryDirectory() as td:
+                torch.save(payload, Path(td) / MODEL_FILE)
+                (Path(td) / MODEL_META).write_text(json.dumps(dict(meta, run_id=self.run_id), indent=1))
+                self._call("log_model", self.client.log_model_artifacts, model_id, td)
+            self._call("log_model", self.client.finalize_logged_model, model_id, LoggedModelStatus.READY)
+        self._call("log_model", self.client.log_outputs, self.run_id, [LoggedModelOutput(model_id, step)])
+        return model_id
 
     # -- inputs -------------------------------------------------------------------------------------
     def log_data(self, dcfg, data) -> None:
@@ -465,15 +489,56 @@ def download_artifact(run_id: str, artifact_path: str, tracking_uri: Optional[st
         raise ConfigError(f"run {run_id!r}: cannot fetch artifact {artifact_path!r} from {uri} ({exc})") from None
 
 
-def load_model_from_run(run_id: str, tracking_uri: Optional[str] = None):
-    """Rebuild the final model of a run from its `model/model.pt` artifact (create_model + apply_architecture +
-    load_state_dict). Returns the nn.Module in eval mode, on CPU."""
+def logged_model_id(client, run_id: str, experiment_id: str) -> Optional[str]:
+    """The id of the READY model `run_id` logged (log_model), None when it has none."""
+    models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                         max_results=10)
+    ready = [m for m in models if str(m.status) == "READY" and m.name == MODEL_NAME]
+    return ready[0].model_id if ready else None
+
+
+def load_model(ref: str, tracking_uri: Optional[str] = None):
+    """The final model of a run in one line, as an nn.Module in eval mode on CPU: `ref` is a run id (its logged
+    model, else its `model/model.pt` artifact), `models:/<model id>`, or a folder `nr-study export` wrote.
+    The payload is read with weights_only=True and the architecture spec rebuilds the module: no code is
+    unpickled."""
     import torch
 
     from nr_study.checkpoint import model_from_payload
 
-    path = download_artifact(run_id, "model/model.pt", tracking_uri)
+    path = Path(ref) / MODEL_FILE
+    if not path.is_file():
+        path = Path(download_model(ref, tracking_uri)) / MODEL_FILE
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model = model_from_payload(payload)
     model.eval()
     return model
+
+
+def download_model(ref: str, tracking_uri: Optional[str] = None, dst: Optional[str] = None) -> str:
+    """Download a run's final model (run id or models:/<id>) into `dst` (default: a temporary folder): the
+    folder holding model.pt (and model.json for a logged model)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = _client(uri)
+    try:
+        if ref.startswith("models:/"):
+            model_id = ref[len("models:/"):].strip("/")
+        else:
+            run = client.get_run(ref)
+            model_id = logged_model_id(client, ref, run.info.experiment_id)
+        if model_id is None:  # a run from before logged models: its plain artifact
+            return str(Path(download_artifact(ref, f"model/{MODEL_FILE}", uri, dst)).parent)
+        import mlflow.artifacts
+
+        return mlflow.artifacts.download_artifacts(artifact_uri=client.get_logged_model(model_id).artifact_location,
+                                                   tracking_uri=uri, dst_path=dst or tempfile.mkdtemp(prefix="nr_model_"))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"model {ref!r}: cannot fetch it from {uri} ({one_line(exc, 300)}); allowed: a run id, "
+                          f"models:/<model id>, or a folder with {MODEL_FILE}") from None
+
+
+def load_model_from_run(run_id: str, tracking_uri: Optional[str] = None):
+    """Kept for callers: load_model(run_id)."""
+    return load_model(run_id, tracking_uri)

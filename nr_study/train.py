@@ -543,15 +543,17 @@ def _finish(run: _Run, tracker) -> dict:
     best = min((r["test_err"] for r in run.history), default=float("nan"))
     summary = {"final_test_err": last.get("test_err", float("nan")), "best_test_err": best,
                "final_params": int(m["params"]), "final_flops": int(m["flops"])}
-    tracker.log_summary(summary)
+    payload = model_payload(run.model, run.meta)
+    model_id = tracker.log_model(payload, run.epoch)  # the Models column; nr_study.load_model(run id) loads it
+    tracker.log_summary(summary, model_id=model_id)  # the run's final metrics are also the model's
     widths = {lu.name: int(lu.width) for lu in utilization(run.model, run.input_shape, "params").layers}
     tracker.log_dict({"model": run.cfg.model.name, "widths": widths, "architecture": architecture_spec(run.model)},
                      "final_widths.json")
-    with tempfile.TemporaryDirectory() as td:
+    with tempfile.TemporaryDirectory() as td:  # also a plain artifact: what NR-FS (fs.run_id) reads
         p = Path(td) / "model.pt"
-        torch.save(model_payload(run.model, run.meta), p)
+        torch.save(payload, p)
         tracker.log_artifact(p, "model")
-    return dict(summary, run_id=tracker.run_id, rejuvenations=int(run.method.metrics()["rejuvenations"]),
+    return dict(summary, run_id=tracker.run_id, model_id=model_id, rejuvenations=int(run.method.metrics()["rejuvenations"]),
                 epochs=run.epoch, train_flops=run.train_flops, final_test_err5=last.get("test_err5", float("nan")), method=run.cfg.method,
                 checkpoint_dir=str(run.ckpt_dir) if run.ckpt_dir else None, history=list(run.history))
 

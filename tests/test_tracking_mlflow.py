@@ -113,3 +113,48 @@ def test_system_metrics_opt_in_and_reopened_run(tracking_uri, tiny_cfg, tmp_path
     assert again[N.SYSTEM_METRICS_PREFIX + "cpu_utilization_percentage"] == [0, 1]
     tiny_cfg["train"]["epochs"] = 1  # the argument (a sweep trial's default) wins over the config
     assert _system_steps(c, train(tiny_cfg, tracking_uri=tracking_uri, progress=False, system_metrics=False)["run_id"]) == {}
+
+
+def _test_err(model, cfg) -> float:
+    """Top-1 test error (%) of `model` on the config's test subset, batched as the trainer evaluates."""
+    import torch
+
+    from nr_study.config import config_from_dict
+    from nr_study.data import build_data
+
+    c = config_from_dict(cfg)
+    data = build_data(c.data, "cpu", seed=c.seed)
+    wrong = n = 0
+    with torch.no_grad():
+        for x, y in data.test_batches(c.train.eval_batch_size):
+            wrong += int((model(x).argmax(1) != y).sum())
+            n += len(y)
+    return 100.0 * wrong / n
+
+
+def test_logged_model_reproduces_the_final_test_error(tracking_uri, tiny_cfg, tmp_path, capsys):
+    import nr_study
+    from nr_study.cli import main
+    from nr_study.train import train
+
+    tiny_cfg.update(method="NR-CR")  # a rejuvenated architecture: the spec must rebuild it
+    tiny_cfg["nr"] = {"tr": 0.97, "dead_threshold": 0.8, "delta_t": 4, "delta_t_unit": "step", "delta_lambda": 0.04}
+    tiny_cfg["train"]["epochs"] = 2
+    s = train(tiny_cfg, tracking_uri=tracking_uri, progress=False)
+    assert s["rejuvenations"] >= 1
+    c = MlflowClient(tracking_uri)
+    run = c.get_run(s["run_id"])
+    assert [o.model_id for o in run.outputs.model_outputs] == [s["model_id"]]
+    lm = c.get_logged_model(s["model_id"])
+    assert lm.source_run_id == s["run_id"] and lm.model_type == N.MODEL_TYPE and str(lm.status) == "READY"
+    assert {m.key: m.value for m in lm.metrics}["final_test_err"] == run.data.metrics["final_test_err"]
+
+    want = run.data.metrics["final_test_err"]
+    assert _test_err(nr_study.load_model(s["run_id"], tracking_uri), tiny_cfg) == want
+    assert _test_err(nr_study.load_model(f"models:/{s['model_id']}", tracking_uri), tiny_cfg) == want
+    out = tmp_path / "exported"
+    assert main(["export", s["run_id"], str(out), "--tracking-uri", tracking_uri]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [N.MODEL_META, N.MODEL_FILE]
+    assert _test_err(nr_study.load_model(str(out)), tiny_cfg) == want
+    assert main(["export", "0" * 32, str(tmp_path / "x"), "--tracking-uri", tracking_uri]) == 2
+    assert "cannot fetch it" in capsys.readouterr().err and not (tmp_path / "x").exists()
