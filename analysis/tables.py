@@ -20,7 +20,8 @@ The CPU-scale analogues (`nr.table` = `fmnist_table4`, `fmnist_table5`) are tabl
 Their paired rows compare each column with the table's baseline column (`baseline`, `compare` in
 paper_results.yaml): per seed, method − baseline, mean with a 95 % t interval and n seeds, at equal epochs
 (same train.epochs) and/or equal training compute (logged train_flops within ±10 %); a run with no partner at
-that basis is named in the notes. Every table's notes say what each method trained for (its total epochs), so
+that basis is named in the notes. Any other `nr.table` tag (a sweep's own, e.g. the demo's) gets a table of its
+cells: error, params, FLOPs, rejuvenations and the paired Δ against its BL cell. Every table's notes say what each method trained for (its total epochs), so
 the budget a comparison stands on is on the page.
 
 Outputs under --out (default <runs folder>/report): tables/<name>.md, .tex, .csv, .html, tables/manifest.json,
@@ -46,7 +47,8 @@ from nr_study.files import read_yaml
 
 PAPER_YAML = Path(__file__).with_name("paper_results.yaml")
 DASH = "—"
-VALUE_NAMES = {"top1": "Top-1", "top5": "Top-5", "params": "Params", "flops": "FLOPs"}
+VALUE_NAMES = {"top1": "Top-1", "top5": "Top-5", "params": "Params", "flops": "FLOPs"}  # a paper entry's values
+COLUMN_LABELS = {**VALUE_NAMES, "rejuvenations": "Rejuvenations", "relative_gain": "Relative Gain"}
 UNIT_SCALE = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 MATCH_ATTRS = ("arch", "dataset", "method", "constraint", "rejuvenations")
 METRIC_MODES = ("final", "best")
@@ -168,6 +170,8 @@ def run_value(run: RunRecord, value: str, mode: str) -> float | None:
         return run.n_params()
     if value == "flops":
         return run.n_flops()
+    if value == "rejuvenations":
+        return run.n_rejuvenations() if run.n_rejuvenations() is not None else (0.0 if run.get("method") == "BL" else None)
     raise KeyError(value)
 
 
@@ -329,7 +333,7 @@ class Column:
 
     @property
     def label(self) -> str:
-        name = VALUE_NAMES.get(self.value, "Relative Gain" if self.value == "relative_gain" else self.value)
+        name = COLUMN_LABELS.get(self.value, self.value)
         if self.single and self.group:
             return self.group
         return f"{self.group} {name}".strip() if self.group else name
@@ -360,6 +364,8 @@ class BuiltTable:
     def parts(self, row: str, col: Column) -> list[str] | None:
         if col.value == "relative_gain":
             return list(self.derived.get((row, "relative_gain"), (DASH, DASH, DASH)))
+        if col.value == "paired":
+            return list(self.derived.get((row, "paired"), (DASH,)))
         c = self.cells.get((row, col.group, col.value))
         if c is None:
             return None
@@ -370,9 +376,9 @@ class BuiltTable:
         if self.with_paper:
             return (f"Each cell: paper | reproduced mean ± std (n) | Δ = reproduced − paper; errors in % at the {what}; "
                     f"— = no run / not in the paper. {self.n_runs} FINISHED run(s) used.")
-        paired = (" Paired rows: Δ = method − baseline in points, per seed (a seed's runs averaged), mean "
+        paired = (" Paired: Δ = method − baseline in points, per seed (a seed's runs averaged), mean "
                   "[95 % t interval] (n seeds); compute = the method's training multiply-adds / its baseline's."
-                  if self.paired_rows else "")
+                  if self.paired_rows or any(c.value == "paired" for c in self.columns) else "")
         return (f"Each cell: reproduced mean ± std (n); errors in % at the {what}; — = no run. "
                 f"Reference rows: the paper's numbers for the analogous setting.{paired} {self.n_runs} FINISHED run(s) used.")
 
@@ -463,8 +469,8 @@ class BuiltTable:
         out = []
         for row in self.rows:
             for col in self.columns:
-                if col.value == "relative_gain":
-                    p = self.derived.get((row, "relative_gain"))
+                if col.value in ("relative_gain", "paired"):
+                    p = self.derived.get((row, col.value))
                     if p:
                         out.append({"table": self.name, "cell": "", "row": row, "column": col.group, "value": col.value,
                                     "paper": p[0], "mean": p[1], "std": "", "n": "", "delta": p[2], "text": " | ".join(p),
@@ -746,6 +752,36 @@ def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final"
                       n_runs=sum(len(v) for v in groups.values()))
 
 
+def build_cells_table(key: str, store: RunStore, mode: str = "final") -> BuiltTable:
+    """A sweep's own table (an `nr.table` tag that is no paper table, e.g. the demo's): a row per cell (its
+    `nr.cell` tag, else its method), error / params / FLOPs / rejuvenations as mean ± std (n), and the paired
+    difference against the table's BL cell at equal epochs."""
+    runs = store.finished({"table": key})
+    notes = _status_note(store, key) + budget_note(runs)
+    by_cell: dict[str, list[RunRecord]] = {}
+    for r in runs:
+        by_cell.setdefault(r.get("cell") or r.get("method") or "?", []).append(r)
+    base_cells = [c for c, rs in by_cell.items() if all(r.get("method") == "BL" for r in rs)]
+    base = "BL" if "BL" in base_cells else (base_cells[0] if len(base_cells) == 1 else None)
+    if base is None and runs:
+        notes.append(f"no single BL cell ({', '.join(base_cells) or 'none'}): no paired column")
+    rows = sorted(by_cell, key=lambda c: (c != base, c))
+    values = ["top1", "params", "flops", "rejuvenations"]
+    columns = [Column("", v) for v in values] + ([Column("Δ vs " + base + ", paired", "paired", single=True)] if base else [])
+    cells = {(row, "", v): make_cell(PaperValue(None, None), by_cell[row], v, mode) for row in rows for v in values}
+    built = BuiltTable(key, f"Sweep table {key!r}", "", "Cell", rows, columns, cells, {(r, ""): r for r in rows},
+                       with_paper=False, notes=notes + _missing_notes(by_cell, values[:3], mode), metric=mode,
+                       n_runs=len(runs))
+    if base:
+        built.caption = f"Rows are the sweep's cells; the last column compares each with {base} at {BASIS_TEXT['equal_epochs']}."
+        for row in rows:
+            if row != base:
+                pr, why = paired_difference(by_cell[row], by_cell[base], "equal_epochs", "top1", mode)
+                built.derived[(row, "paired")] = (pr.text(),)
+                built.notes += why
+    return built
+
+
 def build_tables(store: RunStore, mode: str = "final", paper: Paper | None = None) -> list[BuiltTable]:
     if mode not in METRIC_MODES:
         raise ConfigError(f"--metric: unknown value {mode!r}; allowed: {', '.join(METRIC_MODES)}")
@@ -754,9 +790,7 @@ def build_tables(store: RunStore, mode: str = "final", paper: Paper | None = Non
     built += [build_cpu_table(paper, k, store, mode) for k in paper.cpu_tables]
     known = set(paper.tables) | set(paper.cpu_tables)
     others = sorted({r.get("table") for r in store.finished() if r.get("table") and r.get("table") not in known})
-    if others and built:
-        built[0].notes.append(f"runs tagged with unknown nr.table values ignored: {', '.join(others)}")
-    return built
+    return built + [build_cells_table(k, store, mode) for k in others]
 
 
 def write_tables(built: list[BuiltTable], out_dir: str | Path) -> list[Path]:
