@@ -317,24 +317,28 @@ class RunTracker:
     def log_model(self, payload: dict, step: int) -> str:
         """The final model as an MLflow LoggedModel of this run (the runs table's Models column): the payload
         file (weights + architecture spec, loaded with weights_only=True; no pickled code) and its description
-        as JSON. A run that logged one already (a retry that died after it) keeps that one. Returns its id."""
+        as JSON. One model per run and final epoch: a retry that died after logging it keeps that one; a run
+        resumed to train further gets a new one (load_model takes the latest). Returns its id."""
         import torch
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
-        exp_id = self._call("log_model", self.client.get_run, self.run_id).info.experiment_id
-        model_id = logged_model_id(self.client, self.run_id, exp_id)
+        run = self._call("log_model", self.client.get_run, self.run_id)
+        exp_id = run.info.experiment_id
+        model_id = self._call("log_model", logged_model_id, self.client, self.run_id, exp_id, epoch=step)
         if model_id is None:
             meta = {k: v for k, v in payload.items() if k != "state_dict"}
             lm = self._call("log_model", self.client.create_logged_model, exp_id, name=MODEL_NAME,
                             source_run_id=self.run_id, model_type=MODEL_TYPE,
-                            params={"model_name": meta["model_name"], "num_classes": str(meta["num_classes"])})
+                            params={"model_name": meta["model_name"], "num_classes": str(meta["num_classes"]),
+                                    "epoch": str(step)})
             model_id = lm.model_id
             with tempfile.TemporaryDirectory() as td:
                 torch.save(payload, Path(td) / MODEL_FILE)
                 (Path(td) / MODEL_META).write_text(json.dumps(dict(meta, run_id=self.run_id), indent=1))
                 self._call("log_model", self.client.log_model_artifacts, model_id, td)
             self._call("log_model", self.client.finalize_logged_model, model_id, LoggedModelStatus.READY)
-        self._call("log_model", self.client.log_outputs, self.run_id, [LoggedModelOutput(model_id, step)])
+        if model_id not in {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}:
+            self._call("log_model", self.client.log_outputs, self.run_id, [LoggedModelOutput(model_id, step)])
         return model_id
 
     # -- inputs -------------------------------------------------------------------------------------
@@ -489,12 +493,14 @@ def download_artifact(run_id: str, artifact_path: str, tracking_uri: Optional[st
         raise ConfigError(f"run {run_id!r}: cannot fetch artifact {artifact_path!r} from {uri} ({exc})") from None
 
 
-def logged_model_id(client, run_id: str, experiment_id: str) -> Optional[str]:
-    """The id of the READY model `run_id` logged (log_model), None when it has none."""
+def logged_model_id(client, run_id: str, experiment_id: str, epoch: Optional[int] = None) -> Optional[str]:
+    """The id of the latest READY model `run_id` logged (log_model), of that final `epoch` when given; None
+    when it has none."""
     models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'",
-                                         max_results=10)
-    ready = [m for m in models if str(m.status) == "READY" and m.name == MODEL_NAME]
-    return ready[0].model_id if ready else None
+                                         max_results=100)
+    ready = [m for m in models if str(m.status) == "READY" and m.name == MODEL_NAME
+             and (epoch is None or m.params.get("epoch") == str(epoch))]
+    return max(ready, key=lambda m: (int(m.params.get("epoch", 0)), m.creation_timestamp)).model_id if ready else None
 
 
 def load_model(ref: str, tracking_uri: Optional[str] = None):

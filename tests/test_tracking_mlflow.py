@@ -83,10 +83,13 @@ def test_dataset_inputs_name_size_digest_source(tracking_uri, tiny_cfg, tmp_path
     assert ia[N.DATA_CONTEXT_TRAIN][1] != ia[N.DATA_CONTEXT_TEST][1]
 
     tiny_cfg["data"]["subset_seed"] = 0
-    tiny_cfg["train"]["epochs"] = 2  # resume the first run: it is reopened, its inputs are not doubled
+    # resume the first run: it is reopened, its inputs are not doubled
     assert train(tiny_cfg, tracking_uri=tracking_uri, checkpoint_dir=tmp_path / "a", resume=True,
                  progress=False)["run_id"] == a
     assert _inputs(c, a) == ia
+    # the checkpoint had finished (its planned epochs): nothing more to train, no second logged model
+    run = c.get_run(a)
+    assert [c.get_logged_model(o.model_id).params["epoch"] for o in run.outputs.model_outputs] == ["1"]
 
 
 def _system_steps(c, rid) -> dict:
