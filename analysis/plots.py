@@ -97,41 +97,69 @@ def _newest(runs: list[RunRecord], k: int, what: str, notes: list[str]) -> list[
     return sorted(runs, key=lambda r: r.start_time, reverse=True)[:k]
 
 
+DISTINGUISHING = ("seed", "tr", "delta_lambda", "target_ratio", "max_rejuvenations", "constraint", "after_rejuvenation")
+
+
+def line_labels(runs: list[RunRecord]) -> dict[str, str]:
+    """run id -> legend label: its `nr.cell` (else arch method seed), plus the settings that tell apart runs
+    that would share a label (e.g. Tr), the run id only where nothing else does."""
+    labels = {r.run_id: r.get("cell") or r.label for r in runs}
+    for label in {v for v in labels.values() if list(labels.values()).count(v) > 1}:
+        same = [r for r in runs if labels[r.run_id] == label]
+        keys = _varying(same, DISTINGUISHING)
+        for r in same:
+            labels[r.run_id] = f"{label}, {_line_label(r, keys)}" if keys else label
+    for label in {v for v in labels.values() if list(labels.values()).count(v) > 1}:
+        for r in runs:
+            if labels[r.run_id] == label:
+                labels[r.run_id] = f"{label} [{r.run_id[:6]}]"
+    return labels
+
+
 # ---------------------------------------------------------------------------------------------------
 def plot_figure1(runs: list[RunRecord], out_dir: str | Path) -> PlotResult:
-    """Figure 1: parameter/FLOPs utilization and top-1 accuracy vs epoch, one line per run."""
+    """Figure 1: parameter/FLOPs utilization and top-1 accuracy vs epoch, one line per run; the BL runs of
+    the same tables (dashed, accuracy only) for comparison."""
     notes: list[str] = []
     tagged = [r for r in runs if (r.get("table") or "").lower() in ("figure1", "fig1")]
     pool = tagged or [r for r in runs if "util_params" in r.metrics and _is_nr(r)]
     if not tagged:
         notes.append("no runs tagged nr.table=figure1: using every NR run with a util_params history")
     pool = _newest(pool, MAX_LINES, "Figure 1", notes)
+    tables = {r.get("table") for r in pool} - {None}
+    baselines = _newest([r for r in runs if r.get("method") == "BL" and r.get("table") in tables
+                         and "test_err" in r.metrics], 3, "the Figure 1 baselines", notes)
+    labels = line_labels(pool + baselines)
     data: dict[str, Any] = {}
-    for r in pool:
-        up = r.history("util_params")
+    for r in pool + baselines:
+        err = dict(r.history("test_err"))
+        up = r.history("util_params") if r in pool else [(e, None) for e in sorted(err)]
         if not up:
             notes.append(f"run {r.run_id[:8]} ({r.label}): no util_params history; skipped")
             continue
         uf = dict(r.history("util_flops"))
-        err = dict(r.history("test_err"))
-        label = f"{r.label} [{r.run_id[:6]}]" if any(r2.label == r.label for r2 in pool if r2 is not r) else r.label
         epochs = [s for s, _ in up]
-        data[label] = {
+        data[labels[r.run_id]] = {
             "epoch": epochs,
             "util_params": [v for _, v in up],
             "util_flops": [uf.get(e) for e in epochs],
             "top1_acc": [None if err.get(e) is None else 100.0 - err[e] for e in epochs],
+            "baseline": r not in pool,
         }
     title = "Figure 1 (analogue): utilization and top-1 accuracy vs epoch"
     if not data:
         return PlotResult("figure1", title, data, [], notes + ["nothing to draw"])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (label, s) in enumerate(data.items()):
+        acc = [math.nan if v is None else v for v in s["top1_acc"]]
+        if s["baseline"]:
+            a2.plot(s["epoch"], acc, "--", color="black", alpha=0.4 + 0.2 * (i % 3), label=f"{label} (baseline)")
+            continue
         a1.plot(s["epoch"], s["util_params"], "-", color=_color(i), label=f"{label} (params)")
         if any(v is not None for v in s["util_flops"]):
             a1.plot(s["epoch"], [math.nan if v is None else v for v in s["util_flops"]], ":", color=_color(i),
                     label=f"{label} (FLOPs)")
-        a2.plot(s["epoch"], [math.nan if v is None else v for v in s["top1_acc"]], "-", color=_color(i), label=label)
+        a2.plot(s["epoch"], acc, "-", color=_color(i), label=label)
     a1.set(title="Resource utilization r = U(θ)/c(A)", xlabel="Epoch", ylabel="Utilization (fraction of budget)", ylim=(0, 1.05))
     a2.set(title="Top-1 test accuracy", xlabel="Epoch", ylabel="Top-1 accuracy (%)")
     a1.legend(loc="best")
@@ -368,6 +396,7 @@ def plot_trajectories(runs: list[RunRecord], out_dir: str | Path) -> PlotResult:
     notes: list[str] = []
     pool = [r for r in runs if _is_nr(r) and "lambda" in r.metrics]
     pool = _newest(pool, MAX_LINES, "the λ trajectories", notes)
+    labels = line_labels(pool)
     data: dict[str, Any] = {}
     for r in pool:
         lam = r.history("lambda")
@@ -376,7 +405,7 @@ def plot_trajectories(runs: list[RunRecord], out_dir: str | Path) -> PlotResult:
         events = [s for (s, v), (_, pv) in zip(rej[1:], rej[:-1]) if v > pv]
         if rej and rej[0][1] > 0:
             events.insert(0, rej[0][0])
-        label = f"{r.label} [{r.run_id[:6]}]"
+        label = labels[r.run_id]
         epochs = [s for s, _ in lam]
         data[label] = {"epoch": epochs, "lambda": [v for _, v in lam], "util_params": [util.get(e) for e in epochs],
                        "rejuvenation_epochs": events}

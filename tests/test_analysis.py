@@ -263,7 +263,9 @@ def test_plot_figure1_and_trajectories(plotted):
     _, r = plotted
     f1 = r["figure1"]
     _files_ok(f1)
-    assert len(f1.data) == 2
+    assert len(f1.data) == 3  # the two NR runs of fmnist_table5 and, dashed, that table's BL run
+    (bl,) = [v for v in f1.data.values() if v["baseline"]]
+    assert bl["top1_acc"] == [80.0, 85.0, 88.0, 90.0]
     s = next(v for k, v in f1.data.items() if "NR" in k and v["util_params"][2] == pytest.approx(0.4))
     assert s["epoch"] == [1, 2, 3, 4] and s["util_flops"] == [1.0, 0.7, 0.4, 0.95]
     assert s["top1_acc"] == [80.0, 85.0, 88.0, 91.0]
@@ -458,3 +460,17 @@ def test_paired_rows_equal_epochs_and_equal_compute(tmp_path):
     assert epochs[("# of NR 2", "top1")].mean == 2.0 and compute[("# of NR 2", "top1")].n == 0
     assert compute[("# of NR 2", "top1")].text() == "—"
     assert any("no baseline run at equal compute" in n for n in t5.notes)
+
+
+def test_line_labels_tell_runs_apart():
+    """Legend labels: the cell, then what differs (Tr), the run id only where nothing else does."""
+    from analysis.runs import RunRecord
+
+    def rec(rid, cell, tr, seed=0):
+        return RunRecord(rid, "e", "FINISHED", tags=T(cell=cell, method="NR-CR", arch="vgg_small", seed=seed),
+                         params={"nr.tr": str(tr)}, metrics={})
+
+    runs = [rec("a1", "NR-CR", 0.3), rec("b2", "NR-CR", 0.5), rec("c3", "BL", 1.0), rec("d4", "X", 0.5),
+            rec("e5", "X", 0.5)]
+    assert P.line_labels(runs) == {"a1": "NR-CR, tr=0.3", "b2": "NR-CR, tr=0.5", "c3": "BL", "d4": "X [d4]",
+                                   "e5": "X [e5]"}
