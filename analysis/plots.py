@@ -17,6 +17,10 @@ metric skips that run for that plot; nothing is filled in).
 - pareto_<sweep> Optuna 2-objective sweeps: test_err vs params, non-dominated trials marked. A sweep = the runs
                  sharing a `nr.sweep` tag; it is Optuna when its parent run (or a trial) has a tag/param like
                  `sweep.search` = optuna, and its objectives come from `sweep.objectives` ("test_err:min,params:min").
+- importance_<sweep> / parallel_<sweep>
+                 every sweep (grid, random or Optuna): Optuna's fANOVA importances of its swept keys (the parent's
+                 `space.<key>` params) for its first objective, over an in-memory study built from its finished
+                 trials' runs; and the swept keys vs the objective as parallel coordinates
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis.runs import NR_METHODS, RunRecord, RunStore, mean_std, norm, rejuvenation_count  # noqa: E402
+from analysis.runs import NR_METHODS, RunRecord, RunStore, mean_std, norm, rejuvenation_count, to_float  # noqa: E402
 from nr_study.config import METHODS  # noqa: E402
 from analysis.tables import Paper, parse_common, load_paper  # noqa: E402
 
@@ -536,6 +540,121 @@ def plot_pareto(runs: list[RunRecord], out_dir: str | Path, parents: list[RunRec
 
 
 # ---------------------------------------------------------------------------------------------------
+def _sweeps(runs: list[RunRecord], parents: list[RunRecord] | None) -> dict[str, tuple[list[RunRecord], list[dict]]]:
+    """sweep name -> (its finished trials, the tags/params of its first trial and its parent runs)."""
+    by_id = {p.run_id: p for p in parents or []}
+    sweeps: dict[str, list[RunRecord]] = {}
+    for r in runs:
+        if r.get("sweep"):
+            sweeps.setdefault(r.get("sweep"), []).append(r)
+    out = {}
+    for sweep, members in sorted(sweeps.items()):
+        dicts = []
+        for r in members[:1] + [by_id[pid] for pid in {m.tags.get("mlflow.parentRunId") for m in members} if pid in by_id]:
+            dicts += [r.tags, r.params]
+        out[sweep] = (members, dicts)
+    return out
+
+
+def sweep_study(members: list[RunRecord], dicts: list[dict]):
+    """An in-memory Optuna study of a sweep's finished trials, built from the MLflow runs (any search: grid,
+    random or Optuna): the swept keys (the parent's `space.<key>` params, else the params that vary), each
+    trial's values and its first objective. Returns (study, keys, objective, notes); study is None when there
+    is nothing to rank (fewer than 2 trials or no varying key)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    notes: list[str] = []
+    _, objectives = _sweep_search(dicts)
+    objective, mode = (objectives or [("test_err", "min")])[0]
+    keys = sorted({k[len("space."):] for d in dicts for k in d if k.startswith("space.")})
+    if not keys:
+        keys = sorted(k for k in set().union(*(m.params for m in members))
+                      if not k.startswith("tracking.") and len({m.params.get(k) for m in members}) > 1)
+    rows = []
+    for r in members:
+        y = _objective(r, objective)
+        if y is None or not math.isfinite(y) or any(k not in r.params for k in keys):
+            notes.append(f"run {r.run_id[:8]}: no {objective if y is None else 'value of a swept key'}; skipped")
+            continue
+        rows.append(({k: r.params[k] for k in keys}, float(y)))
+    dists = {}
+    for k in keys:
+        vals = sorted({p[k] for p, _ in rows})
+        nums = [to_float(v) for v in vals]
+        if len(vals) < 2:
+            continue  # constant over the finished trials: nothing to attribute to it
+        if all(n is not None for n in nums):
+            dists[k] = FloatDistribution(min(nums), max(nums))
+        else:
+            dists[k] = CategoricalDistribution(vals)
+    if len(rows) < 2 or not dists:
+        notes.append(f"{len(rows)} finished trial(s), {len(dists)} varying key(s): nothing to rank")
+        return None, list(dists), objective, notes
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
+    for p, y in rows:
+        params = {k: (to_float(v) if isinstance(dists[k], FloatDistribution) else v) for k, v in p.items() if k in dists}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=y))
+    return study, list(dists), objective, notes
+
+
+def plot_importances(runs: list[RunRecord], out_dir: str | Path, parents: list[RunRecord] | None = None) -> list[PlotResult]:
+    """Per sweep: parameter importances of its swept keys for its first objective (Optuna's fANOVA evaluator,
+    seeded; they sum to 1) and a parallel-coordinates plot of the swept keys against the objective."""
+    import optuna
+
+    results = []
+    for sweep, (members, dicts) in _sweeps(runs, parents).items():
+        study, keys, objective, notes = sweep_study(members, dicts)
+        if study is None:
+            continue
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", sweep)
+        imp = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        imp = {k: float(v) for k, v in imp.items()}
+        title = f"Parameter importances of sweep {sweep} for {objective} (fANOVA, {len(study.trials)} trials)"
+        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(imp)))
+        names = list(imp)[::-1]
+        ax.barh(names, [imp[k] for k in names], color="C0")
+        ax.set(title=textwrap.fill(title, 70), xlabel="importance (share of the objective's variance)", xlim=(0, 1))
+        ax.grid(alpha=0.3, axis="x")
+        name = f"importance_{safe}"
+        results.append(PlotResult(name, title, {"importances": imp, "objective": objective,
+                                                "n_trials": len(study.trials)}, _save(fig, out_dir, name), notes))
+
+        cols = keys + [objective]
+        table = [[t.params[k] for k in keys] + [t.value] for t in study.trials]
+        scaled, ticks = [], []
+        for j, k in enumerate(cols):
+            col = [row[j] for row in table]
+            if all(isinstance(v, (int, float)) for v in col):
+                lo, hi = min(col), max(col)
+                scaled.append([(v - lo) / (hi - lo) if hi > lo else 0.5 for v in col])
+                ticks.append([(0.0, f"{lo:.3g}"), (1.0, f"{hi:.3g}")])
+            else:
+                cats = sorted(set(col))
+                scaled.append([cats.index(v) / max(1, len(cats) - 1) for v in col])
+                ticks.append([(i / max(1, len(cats) - 1), c) for i, c in enumerate(cats)])
+        ptitle = f"Parallel coordinates of sweep {sweep}: swept keys vs {objective}"
+        fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(cols)), 4.8))
+        obj = scaled[-1]
+        cmap = plt.get_cmap("viridis_r" if study.direction == optuna.study.StudyDirection.MINIMIZE else "viridis")
+        for i in range(len(table)):
+            ax.plot(range(len(cols)), [scaled[j][i] for j in range(len(cols))], color=cmap(obj[i]), alpha=0.8)
+        for j, tk in enumerate(ticks):
+            ax.axvline(j, color="0.3", lw=0.8)
+            for y, label in tk:
+                ax.annotate(label, (j, y), xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
+        ax.set_xticks(range(len(cols)), cols)
+        ax.set_yticks([])
+        ax.set(title=textwrap.fill(ptitle, 80), ylim=(-0.05, 1.05))
+        pname = f"parallel_{safe}"
+        results.append(PlotResult(pname, ptitle, {"columns": cols, "rows": table}, _save(fig, out_dir, pname), notes))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
 def make_all(store: RunStore, out_dir: str | Path, mode: str = "final") -> list[PlotResult]:
     runs = store.finished()
     paper = load_paper()
@@ -546,6 +665,7 @@ def make_all(store: RunStore, out_dir: str | Path, mode: str = "final") -> list[
     results.append(plot_trajectories(runs, out_dir))
     pareto = plot_pareto(runs, out_dir, store.parents)
     results += pareto
+    results += plot_importances(runs, out_dir, store.parents)
     if not pareto:
         results.append(PlotResult("pareto", "Optuna Pareto fronts", {}, [],
                                   ["no sweep whose parent run (or trials) records an Optuna search (param sweep.search = optuna) with 2 objectives"]))
