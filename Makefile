@@ -39,6 +39,8 @@ demo: setup
 	$(BIN)/nr-study tables --experiment nr-demo --tracking-uri sqlite:///$(abspath $(RUNS))/mlflow.db --out $(RUNS)/demo-report
 	$(BIN)/nr-study plots --experiment nr-demo --tracking-uri sqlite:///$(abspath $(RUNS))/mlflow.db --out $(RUNS)/demo-report
 	@echo ""
+	@cat $(RUNS)/demo-report/tables/demo.md
+	@echo ""
 	@echo "demo done. Tables and plots: $(RUNS)/demo-report/report.md (or open $(RUNS)/demo-report/index.html)"
 	@echo "Compare the runs in the MLflow UI: make ui   (then open http://127.0.0.1:5000)"
 

@@ -225,7 +225,7 @@ def test_cli_dry_run_prints_trials_and_resources(capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "trials: 5" in out and "resources per trial: 1 CPU, 0 GPU" in out
-    assert "NR-CA-vgg_small-tr0.3-s0" in out and "BL-vgg_small-s0" in out
+    assert "NR-CA-vgg_small-tr0.7-s0" in out and "BL-vgg_small-s0" in out
 
 
 def test_cli_dry_run_optuna_and_set(capsys):
