@@ -364,8 +364,8 @@ class BuiltTable:
     def parts(self, row: str, col: Column) -> list[str] | None:
         if col.value == "relative_gain":
             return list(self.derived.get((row, "relative_gain"), (DASH, DASH, DASH)))
-        if col.value == "paired":
-            return list(self.derived.get((row, "paired"), (DASH,)))
+        if col.value.startswith("paired:"):
+            return list(self.derived.get((row, col.value), (DASH,)))
         c = self.cells.get((row, col.group, col.value))
         if c is None:
             return None
@@ -378,7 +378,7 @@ class BuiltTable:
                     f"— = no run / not in the paper. {self.n_runs} FINISHED run(s) used.")
         paired = (" Paired: Δ = method − baseline in points, per seed (a seed's runs averaged), mean "
                   "[95 % t interval] (n seeds); compute = the method's training multiply-adds / its baseline's."
-                  if self.paired_rows or any(c.value == "paired" for c in self.columns) else "")
+                  if self.paired_rows or any(c.value.startswith("paired:") for c in self.columns) else "")
         return (f"Each cell: reproduced mean ± std (n); errors in % at the {what}; — = no run. "
                 f"Reference rows: the paper's numbers for the analogous setting.{paired} {self.n_runs} FINISHED run(s) used.")
 
@@ -469,7 +469,7 @@ class BuiltTable:
         out = []
         for row in self.rows:
             for col in self.columns:
-                if col.value in ("relative_gain", "paired"):
+                if col.value == "relative_gain" or col.value.startswith("paired:"):
                     p = self.derived.get((row, col.value))
                     if p:
                         out.append({"table": self.name, "cell": "", "row": row, "column": col.group, "value": col.value,
@@ -754,31 +754,32 @@ def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final"
 
 def build_cells_table(key: str, store: RunStore, mode: str = "final") -> BuiltTable:
     """A sweep's own table (an `nr.table` tag that is no paper table, e.g. the demo's): a row per cell (its
-    `nr.cell` tag, else its method), error / params / FLOPs / rejuvenations as mean ± std (n), and the paired
-    difference against the table's BL cell at equal epochs."""
+    `nr.cell` tag, else its method), error / params / FLOPs / rejuvenations as mean ± std (n), and a paired
+    difference column per BL cell (the full BL, a width-scaled BL, ...) at equal epochs."""
     runs = store.finished({"table": key})
     notes = _status_note(store, key) + budget_note(runs)
     by_cell: dict[str, list[RunRecord]] = {}
     for r in runs:
         by_cell.setdefault(r.get("cell") or r.get("method") or "?", []).append(r)
-    base_cells = [c for c, rs in by_cell.items() if all(r.get("method") == "BL" for r in rs)]
-    base = "BL" if "BL" in base_cells else (base_cells[0] if len(base_cells) == 1 else None)
-    if base is None and runs:
-        notes.append(f"no single BL cell ({', '.join(base_cells) or 'none'}): no paired column")
-    rows = sorted(by_cell, key=lambda c: (c != base, c))
+    bases = sorted(c for c, rs in by_cell.items() if all(r.get("method") == "BL" for r in rs))  # e.g. a width-scaled BL too
+    if runs and not bases:
+        notes.append("no BL cell: no paired column")
+    rows = sorted(by_cell, key=lambda c: (c not in bases, c))
     values = ["top1", "params", "flops", "rejuvenations"]
-    columns = [Column("", v) for v in values] + ([Column("Δ vs " + base + ", paired", "paired", single=True)] if base else [])
+    columns = [Column("", v) for v in values] + [Column(f"Δ vs {b}, paired", f"paired:{b}", single=True) for b in bases]
     cells = {(row, "", v): make_cell(PaperValue(None, None), by_cell[row], v, mode) for row in rows for v in values}
     built = BuiltTable(key, f"Sweep table {key!r}", "", "Cell", rows, columns, cells, {(r, ""): r for r in rows},
                        with_paper=False, notes=notes + _missing_notes(by_cell, values[:3], mode), metric=mode,
                        n_runs=len(runs))
-    if base:
-        built.caption = f"Rows are the sweep's cells; the last column compares each with {base} at {BASIS_TEXT['equal_epochs']}."
+    if bases:
+        built.caption = (f"Rows are the sweep's cells; the Δ columns compare each with a BL cell ({', '.join(bases)}) "
+                         f"at {BASIS_TEXT['equal_epochs']}.")
+    for b in bases:
         for row in rows:
-            if row != base:
-                pr, why = paired_difference(by_cell[row], by_cell[base], "equal_epochs", "top1", mode)
-                built.derived[(row, "paired")] = (pr.text(),)
-                built.notes += why
+            if row != b:
+                pr, why = paired_difference(by_cell[row], by_cell[b], "equal_epochs", "top1", mode)
+                built.derived[(row, f"paired:{b}")] = (pr.text(),)
+                built.notes += [w for w in why if w not in built.notes]
     return built
 
 

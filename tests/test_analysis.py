@@ -419,17 +419,21 @@ def test_paired_rows_equal_epochs_and_equal_compute(tmp_path):
         run("fmnist_table5", "NR-CR", s, 10.0, 12, 1.0e12, cell="fashion_mnist/nr0")
         run("fmnist_table5", "NR-CR", s, 9.0 + s, 12, 1.05e12, cell="fashion_mnist/nr1")  # within 10 % compute
     run("fmnist_table5", "NR-CR", 0, 12.0, 12, 1.3e12, cell="fashion_mnist/nr2")  # 30 % more compute
-    for s, (bl, nr) in enumerate(((20.0, 21.0), (22.0, 22.5))):  # a sweep's own table: the demo's
+    for s, (bl, nr, half) in enumerate(((20.0, 21.0, 23.0), (22.0, 22.5, 23.5))):  # a sweep's own table: the demo's
         run("demo", "BL", s, bl, 8, 1e12, cell="BL")
         run("demo", "NR-CR", s, nr, 8, 0.9e12, cell="NR-CR,tr=0.5")
+        run("demo", "BL", s, half, 8, 0.5e12, cell="BL,width=11")  # the width-scaled baseline
     tables = {t.name: t for t in build_tables(RunStore(uri), "final")}
     row = "vgg_small / fashion_mnist"
 
     demo = tables["demo"]
-    assert demo.rows == ["BL", "NR-CR,tr=0.5"]
-    assert [c.label for c in demo.columns] == ["Top-1", "Params", "FLOPs", "Rejuvenations", "Δ vs BL, paired"]
+    assert demo.rows == ["BL", "BL,width=11", "NR-CR,tr=0.5"]
+    assert [c.label for c in demo.columns] == ["Top-1", "Params", "FLOPs", "Rejuvenations", "Δ vs BL, paired",
+                                               "Δ vs BL,width=11, paired"]
     assert demo.parts("NR-CR,tr=0.5", demo.columns[0]) == ["21.75 ± 1.06 (2)"]
-    assert demo.parts("NR-CR,tr=0.5", demo.columns[-1]) == ["+0.75 [−2.43, +3.93] (2) · compute 0.90×"]
+    assert demo.parts("NR-CR,tr=0.5", demo.columns[-2]) == ["+0.75 [−2.43, +3.93] (2) · compute 0.90×"]
+    assert demo.parts("NR-CR,tr=0.5", demo.columns[-1]) == ["−1.50 [−7.85, +4.85] (2) · compute 1.80×"]  # −2, −1: t(0.975, 1) = 12.71
+    assert demo.parts("BL", demo.columns[-2]) == ["—"]
     assert demo.parts("BL", demo.columns[3]) == ["0.00 ± 0.00 (2)"]
     assert "| NR-CR,tr=0.5 | 21.75 ± 1.06 (2) |" in demo.to_markdown()
 
