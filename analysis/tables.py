@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.runs import (RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count, runs_folder,
-                           to_float)
+from analysis.runs import (NR_METHODS, RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count,
+                           runs_folder, to_float)
 from nr_study.config import METHODS
 from nr_study.errors import ConfigError
 from nr_study.files import read_yaml
@@ -599,7 +599,7 @@ def budget_note(runs: list[RunRecord]) -> list[str]:
             continue
         eps, protocols = by.setdefault(r.get("method") or "?", (set(), set()))
         eps.add(int(epochs))
-        if r.get("method") not in (None, "BL", "BL-CA") and r.get("after_rejuvenation"):
+        if r.get("method") in NR_METHODS and r.get("after_rejuvenation"):  # what a rejuvenation did to the epochs
             protocols.add(r.get("after_rejuvenation"))
     if not by:
         return []

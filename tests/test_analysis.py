@@ -450,8 +450,7 @@ def test_paired_rows_equal_epochs_and_equal_compute(tmp_path):
     assert (slim.n, slim.mean, slim.lo) == (1, -1.0, None) and slim.text() == "−1.00 (1) · compute 1.00×"
     assert ("NR-CR", "params") not in paired and ("BL", "top1") not in paired
     assert any("seed 0): no baseline run at equal epochs" in n for n in t4.notes)
-    assert "training epochs by method: BL 10; NR-CR 10 (after_rejuvenation=restart_schedule); SLIM 10–12" \
-        " (after_rejuvenation=restart_schedule)" in t4.notes
+    assert "training epochs by method: BL 10; NR-CR 10 (after_rejuvenation=restart_schedule); SLIM 10–12" in t4.notes
     md = t4.to_markdown()
     assert f"| Δ vs BL, equal epochs: {row} | — | — | −1.00 (1) · compute 1.00× | — | +1.67 [+0.23, +3.10] (3)" in md
     assert "equal epochs (a baseline run with the same seed and the same train.epochs)" in t4.caption
