@@ -336,6 +336,8 @@ def _free_form_error(value, key: str, depth: int = 0) -> str | None:
         return _int_error(value, key)
     elif isinstance(value, str) and "\x00" in value:
         return f"{key}: {show(value)} contains a NUL character; allowed: text without NUL"
+    elif not isinstance(value, (str, int, float, type(None))):  # !!binary bytes, a date, a set: not JSON
+        return f"{key}: {show(value)} has type {_tname(value)}; allowed: text, numbers, booleans, null, lists, mappings"
     return None
 
 

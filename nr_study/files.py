@@ -71,24 +71,36 @@ MAX_NODES = 1_000_000     # values in it once its aliases are expanded
 
 def _check_tree(data, path, what: str) -> None:
     """A document every later step can walk: no cycle (`a: &x [*x]`), at most MAX_DEPTH levels and MAX_NODES
-    values with aliases expanded (a "billion laughs" file is a few lines)."""
-    stack: list = [(data, 0, ())]
-    nodes = 0
-    while stack:
-        node, depth, above = stack.pop()
-        nodes += 1
-        if nodes > MAX_NODES:
-            raise ConfigError(f"{path}: YAML expands to more than {MAX_NODES:,} values (through its aliases); "
-                              f"allowed: a {what} of at most {MAX_NODES:,} values")
-        if isinstance(node, (dict, list, tuple, set)):
-            if id(node) in above:
-                raise ConfigError(f"{path}: YAML refers to itself (an alias inside its own anchor); allowed: "
-                                  f"a {what} without cycles")
+    values with aliases expanded (a "billion laughs" file is a few lines). Sizes are memoised per object, so
+    the check is linear in the file, not in its expansion."""
+    seen: dict[int, tuple[int, int]] = {}  # id -> (values below and including it, levels below it)
+    above: set[int] = set()
+
+    def measure(node, depth: int) -> tuple[int, int]:
+        if not isinstance(node, (dict, list, tuple, set)):
+            return 1, 0
+        key = id(node)
+        if key in above:
+            raise ConfigError(f"{path}: YAML refers to itself (an alias inside its own anchor); allowed: a {what} "
+                              f"without cycles")
+        if key not in seen:
             if depth >= MAX_DEPTH:
-                raise ConfigError(f"{path}: YAML nested more than {MAX_DEPTH} levels; allowed: a {what} of at "
-                                  f"most {MAX_DEPTH} levels")
-            children = [*node.keys(), *node.values()] if isinstance(node, dict) else list(node)
-            stack.extend((c, depth + 1, above + (id(node),)) for c in children)
+                raise ConfigError(f"{path}: YAML nested more than {MAX_DEPTH} levels; allowed: a {what} of at most "
+                                  f"{MAX_DEPTH} levels")
+            above.add(key)
+            parts = [measure(c, depth + 1) for c in ([*node.keys(), *node.values()] if isinstance(node, dict)
+                                                     else node)]
+            above.discard(key)
+            seen[key] = (1 + sum(n for n, _ in parts), 1 + max((h for _, h in parts), default=0))
+        size, height = seen[key]
+        if depth + height > MAX_DEPTH:
+            raise ConfigError(f"{path}: YAML nested more than {MAX_DEPTH} levels; allowed: a {what} of at most "
+                              f"{MAX_DEPTH} levels")
+        return size, height
+
+    if measure(data, 0)[0] > MAX_NODES:
+        raise ConfigError(f"{path}: YAML expands to more than {MAX_NODES:,} values (through its aliases); allowed: "
+                          f"a {what} of at most {MAX_NODES:,} values")
 
 
 def read_json(path, what: str = "JSON file") -> Any:

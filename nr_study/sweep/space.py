@@ -357,7 +357,8 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
         err("experiment", f"{show(experiment)} is not allowed; a non-empty string of at most 500 characters "
                           f"(MLflow experiment)")
         experiment = name
-    description = doc.get("description", "") or ""
+    description = doc.get("description")  # absent or null: none; any other non-string is refused (0, [])
+    description = "" if description is None else description
     if not isinstance(description, str):
         err("description", f"{show(description)} is not allowed; a string")
 
@@ -379,7 +380,8 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
 
     # space
     dims: list[Dim] = []
-    space_raw = doc.get("space", {}) or {}
+    space_raw = doc.get("space")
+    space_raw = {} if space_raw is None else space_raw
     if not isinstance(space_raw, dict):
         err("space", f"{show(space_raw)} is not allowed; a mapping of dotted config keys to distributions")
         space_raw = {}
@@ -447,7 +449,8 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
     scheduler = _parse_scheduler(doc.get("scheduler", "fifo"), objectives, base, err)
 
     # tags
-    tags_raw = doc.get("tags", {}) or {}
+    tags_raw = doc.get("tags")
+    tags_raw = {} if tags_raw is None else tags_raw
     tags: dict = {}
     cell = None
     if not isinstance(tags_raw, dict):
@@ -455,12 +458,12 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
     else:
         for k, v in tags_raw.items():
             tag = k if str(k).startswith(("nr.", "mlflow.")) else f"nr.{k}"  # as trial_tags names it
-            if not mlflow_name_ok(tag):
+            if not str(k).strip() or not mlflow_name_ok(tag):
                 err("tags", f"key {show(k)} is not allowed; allowed: an MLflow tag name (letters, digits, '_', "
                             f"'-', '.', ' ', ':', '/')")
                 continue
             if not isinstance(v, (str, int, float, bool)):
-                err(f"tags.{k}", f"{show(v)} is not allowed; a string")
+                err(f"tags.{show_key(k)}", f"{show(v)} is not allowed; a string")
                 continue
             tags[str(k)] = v
         cell = tags.get("cell")
@@ -567,7 +570,7 @@ def _parse_search(raw, err):
         kind = "grid"
     for k in list(spec):
         if k not in ("sampler", "objectives", "seed"):
-            err(f"search.{k}", "unknown key" + _suggest(k, ("type", "sampler", "objectives", "seed")))
+            err(f"search.{show_key(k)}", "unknown key" + _suggest(str(k), ("type", "sampler", "objectives", "seed")))
     if "objectives" in spec:
         objectives = _parse_objectives(spec["objectives"], err)
     if "seed" in spec:
@@ -704,7 +707,7 @@ def _parse_resources(raw, err) -> tuple[float, float]:
         return 1.0, 0.0
     for k in raw:
         if k not in ("cpu", "gpu"):
-            err(f"resources_per_trial.{k}", "unknown key; allowed: cpu, gpu")
+            err(f"resources_per_trial.{show_key(k)}", "unknown key; allowed: cpu, gpu")
     cpu = _number(raw.get("cpu", 1))
     gpu = _number(raw.get("gpu", 0))
     if cpu is None or cpu <= 0:
@@ -734,7 +737,7 @@ def _parse_scheduler(raw, objectives, base, err) -> dict:
                                                  "max_t", "brackets")
     for k in spec:
         if k not in allowed:
-            err(f"scheduler.{k}", f"unknown key for {kind}" + _suggest(k, allowed))
+            err(f"scheduler.{show_key(k)}", f"unknown key for {kind}" + _suggest(str(k), allowed))
     if kind == "asha":
         metric = spec.get("metric", objectives[0][0])
         mode = spec.get("mode", dict(objectives).get(metric, "min"))
