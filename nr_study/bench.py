@@ -14,12 +14,13 @@ Rows (name — what / goal):
   layer_cr/plain         NR-CR layer fwd+bwd / plain conv of equal width                                    ≤ 1.3
   layer_ca_two/ca_four   the two CA forms against each other (< 1: "two" is faster)                      (info)
   ca_nest_3/1            NR-CA net fwd+bwd after 3 rejuvenations / after 1 (each nests the last CA layer)  (info)
-  sweep_makespan/ideal   makespan of 8 tiny trials / (Σ trial time / concurrent slots)                      ≤ 1.05
+  sweep_makespan/ideal   makespan of 8 (--quick: 4) tiny trials / (Σ trial time / concurrent slots)        ≤ 1.05
   mlflow_share           time inside the tracker's calls / wall time of a real train() run                 ≤ 0.02
   run_nr/bl              a short real NR run (monitor + L1 + surgery) / the BL run of the same epochs        ≤ 1.20
   images_per_s[M]        (--device cuda) plain training-step throughput at batch 128                       (info)
 
-`--quick` is a ≤ 2-minute version (fewer repetitions, smaller shapes; the sweep row is skipped with null).
+`--quick` is a ≤ 2-minute version of every row (fewer repetitions, smaller shapes, a 4-trial sweep); `--tiny`
+(the test suite's) skips the sweep row with null.
 `--device cuda` runs the same code on the GPU with channels_last + bf16 autocast (torch.cuda.synchronize()
 around every timing) and adds the images/s rows. `--json PATH` writes the rows as a list of
 {"name", "value", "goal", "unit", "detail"}.
@@ -82,7 +83,7 @@ class Sizes:
                     "tiny": (4, 16, 256, 16, 2, 1)}[mode]
         if cuda:
             self.run = (32, 32, 8192, 128, 4, 2) if full else (32, 32, 4096, 128, 2, 1)
-        self.sweep = full  # quick / tiny: the sweep row is null ("skipped in --quick")
+        self.sweep = {"full": 8, "quick": 4, "tiny": 0}[mode]  # trials of the sweep row; tiny (tests): skipped
         # CA nesting: vgg_small width, input hw, batch, warmup, reps
         self.nest = {"full": (16, 32, 32, 2, 9), "quick": (8, 32, 16, 1, 5), "tiny": (4, 16, 4, 1, 3)}[mode]
 
@@ -391,10 +392,7 @@ def bench_nesting(sz: Sizes, device: torch.device) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- sweep
-SWEEP_TRIALS = 8
-
-
-def _sweep_doc(device: torch.device) -> dict:
+def _sweep_doc(device: torch.device, trials: int) -> dict:
     return {
         "name": "bench-sweep", "experiment": "nr-bench-sweep",
         "base": {"method": "BL", "model": {"name": "vgg_small", "kwargs": {"width": 8}},
@@ -402,7 +400,7 @@ def _sweep_doc(device: torch.device) -> dict:
                           "synthetic": {"shape": [1, 16, 16], "noise": 0.5}},
                  "train": {"epochs": 3, "batch_size": 32, "eval_batch_size": 128, "device": "cpu"},
                  "optim": {"lr": 0.05}},
-        "space": {"seed": list(range(SWEEP_TRIALS))},
+        "space": {"seed": list(range(trials))},
         "resources_per_trial": {"cpu": 1},
         "max_failures": 0,
     }
@@ -411,7 +409,8 @@ def _sweep_doc(device: torch.device) -> dict:
 def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
     name, goal = "sweep_makespan/ideal", GOALS["sweep"]
     if not sz.sweep:
-        return [row(name, None, goal, "ratio", "skipped in --quick")]
+        return [row(name, None, goal, "ratio", "skipped in --tiny")]
+    n = sz.sweep
     try:
         import yaml
 
@@ -439,7 +438,7 @@ def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
     old_env = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         with tempfile.TemporaryDirectory(prefix="nr-bench-sweep-") as td:
-            doc = _sweep_doc(device)
+            doc = _sweep_doc(device, n)
             path = Path(td) / "bench_sweep.yaml"
             text = yaml.safe_dump(doc, sort_keys=False)
             path.write_text(text)
@@ -472,18 +471,18 @@ def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
             tt = (r.metrics or {}).get("time_total_s")
             if isinstance(tt, (int, float)):
                 times.append(float(tt))
-        if errors or len(times) != SWEEP_TRIALS:
-            return [row(name, None, goal, "ratio", f"{errors} of {SWEEP_TRIALS} trials errored / {len(times)} "
+        if errors or len(times) != n:
+            return [row(name, None, goal, "ratio", f"{errors} of {n} trials errored / {len(times)} "
                                                    f"reported a time; no ratio")]
         cpu = float(doc["resources_per_trial"]["cpu"])
-        slots = max(1, min(SWEEP_TRIALS, doc.get("max_concurrent") or SWEEP_TRIALS,
+        slots = max(1, min(n, doc.get("max_concurrent") or n,
                            int(available_cpus() // cpu)))
         ideal = sum(times) / slots
         makespan = captured["makespan"]
         return [row(name, makespan / ideal, goal, "ratio",
                     f"makespan (Tuner.fit) {makespan:.1f}s vs Σ trial time {sum(times):.1f}s / {slots} slots = "
                     f"{ideal:.1f}s; trials {min(times):.1f}–{max(times):.1f}s (Ray time_total_s); whole "
-                    f"run_sweep incl. MLflow server start {wall:.1f}s; {SWEEP_TRIALS} trials vgg_small w8 "
+                    f"run_sweep incl. MLflow server start {wall:.1f}s; {n} trials vgg_small w8 "
                     f"16x16 synthetic, 3 epochs, embedded Ray, cpu")]
     except Exception as exc:
         return [_error_row(name, goal, "ratio", exc)]
@@ -675,9 +674,9 @@ def run_bench(mode: str = "full", device: str = "cpu", only: Optional[list[str]]
 def cli_main(argv) -> int:
     ap = argparse.ArgumentParser(prog="nr-study bench", description="Measure NR's overheads against plain "
                                  "training, as ratios timed alternately in one process.")
-    ap.add_argument("--quick", action="store_true", help="a ≤ 2-minute version: fewer repetitions, smaller "
-                    "shapes, no sweep")
-    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: smallest shapes, every row
+    ap.add_argument("--quick", action="store_true", help="a ≤ 2-minute version of every row: fewer "
+                    "repetitions, smaller shapes, a 4-trial sweep")
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: smallest shapes, no sweep
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="cuda: the GPU variants (channels_last, bf16 autocast) + images/s rows")
     ap.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the rows as JSON")

@@ -43,9 +43,9 @@ def test_quick_bench_produces_every_row_and_the_json(tmp_path):
         assert r["value"] is None or (isinstance(r["value"], (int, float)) and math.isfinite(r["value"])), r
         assert isinstance(r["unit"], str) and r["unit"] and isinstance(r["detail"], str) and r["detail"]
         assert not r["detail"].startswith("failed:"), r  # nothing crashed; a null must say why
-    # every measured row has a number; in --quick only the sweep is skipped, and it says so
+    # every measured row has a number; in --tiny only the sweep is skipped, and it says so
     assert by_name["sweep_makespan/ideal"]["value"] is None
-    assert by_name["sweep_makespan/ideal"]["detail"] == "skipped in --quick"
+    assert by_name["sweep_makespan/ideal"]["detail"] == "skipped in --tiny"
     assert all(r["value"] is not None for n, r in by_name.items() if n != "sweep_makespan/ideal")
     assert "1 rejuvenation" in by_name["run_nr/bl"]["detail"] or "[1]" in by_name["run_nr/bl"]["detail"]
     # the table on stdout has a goal met/missed column and one line per row
