@@ -7,7 +7,7 @@ SPACE   ?= search_spaces/demo.yaml
 ADDRESS ?=
 RUNS    ?= runs
 
-.PHONY: setup test test-fast lint demo sweep tables plots bench ui clean
+.PHONY: setup test test-fast lint demo sweep tables plots bench ui dashboard clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
 	  echo "note: could not install dataset-fashion-mnist; torchvision will download Fashion-MNIST when asked"; fi
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q chromium >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+	  echo "note: could not install chromium; the MLflow UI browser test will be skipped"; fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
@@ -59,6 +63,12 @@ bench: setup
 # The MLflow UI (and artifact proxy) over the run folder, on 127.0.0.1 only.
 ui: setup
 	$(BIN)/python -m nr_study.mlflow_server --runs $(RUNS) --port 5000
+
+# optuna-dashboard on 127.0.0.1 over an Optuna sweep's study: STUDY=<sweep folder>/optuna.db, default the newest.
+STUDY ?= $(shell ls -t $(RUNS)/sweeps/*/optuna.db 2>/dev/null | head -n 1)
+dashboard: setup
+	@test -n "$(STUDY)" || { echo "error: no $(RUNS)/sweeps/*/optuna.db (run a search: optuna sweep, or pass STUDY=...)"; exit 2; }
+	$(BIN)/optuna-dashboard sqlite:///$(abspath $(STUDY)) --host 127.0.0.1 --port 8080
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -41,6 +41,16 @@ def runs_dir(path: str | os.PathLike | None = None) -> Path:
     return p
 
 
+def ui_url(url: str, experiment_id: Optional[str] = None) -> str:
+    """The MLflow UI page of an experiment (or the experiment list) in its model-training mode. MLflow 3.17.2
+    picks the GenAI or the model-training sidebar by the `workflowType` URL parameter, else by the browser's
+    last choice (GenAI in a fresh one, where an experiment opens on the GenAI overview even when tagged
+    mlflow.experimentKind = custom_model_development, as nr_study tags them): with this parameter it opens on
+    the runs table (tests/test_mlflow_ui.py checks it in headless Chromium)."""
+    page = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"{url.rstrip('/')}/#/{page}?workflowType=machine_learning"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -326,7 +336,7 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"MLflow UI at {server.url} (Ctrl-C stops it)", file=sys.stderr)
+    print(f"MLflow UI at {ui_url(server.url)} (Ctrl-C stops it)", file=sys.stderr)
     try:
         server.proc.wait()
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ Layout of the run folder (`runs/`, or $NR_STUDY_RUNS):
     mlflow.db, mlartifacts/, mlflow_server.log      the local MLflow server's SQLite file and artifacts
     sweeps/<name>-<YYYYmmdd-HHMMSS>/                 Ray Tune's experiment folder (storage) for one sweep:
         nr_sweep.json                                parent run id, experiment, the search-space document
+        optuna.db                                    search: optuna — the Optuna study (the driver writes it)
         trials/<trial_id>/state.pt                   the trial's working checkpoint (trainer's format)
         <Ray trial dirs, tuner.pkl, experiment_state-*.json>
 
@@ -54,7 +55,7 @@ from nr_study.sweep.space import REPEAT_KEY, TRIAL_INDEX_KEY, SearchSpace, dump_
 
 SWEEP_FILE = "nr_sweep.json"
 METRIC_COLUMNS = ("test_err", "util_params", "lambda", "rejuvenations", "params")
-from nr_study.names import FAILED, FINISHED, KILLED, RUNNING, TAG_CELL, TAG_TRIAL  # noqa: E402
+from nr_study.names import FAILED, FINISHED, KILLED, OPTUNA_DB, RUNNING, TAG_CELL, TAG_TRIAL  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -348,7 +349,13 @@ def _multi_repeater():
     return MultiRepeater
 
 
-def build_search_alg(space: SearchSpace):
+def optuna_storage(sweep_dir) -> str:
+    """The sweep's Optuna study (search: optuna): SQLite in the sweep folder, written by the driver only (the
+    searcher lives there); a resumed sweep continues it, `make dashboard` opens it."""
+    return f"sqlite:///{Path(sweep_dir).absolute() / OPTUNA_DB}"
+
+
+def build_search_alg(space: SearchSpace, sweep_dir: Optional[str] = None):
     if space.search in ("grid", "random"):
         if space.search_seed is None:
             return None
@@ -367,7 +374,9 @@ def build_search_alg(space: SearchSpace):
     modes = [md for _, md in space.objectives]
     if len(metrics) == 1:
         metrics, modes = metrics[0], modes[0]
-    searcher = OptunaSearch(metric=metrics, mode=modes, sampler=sampler)
+    storage = optuna.storages.RDBStorage(optuna_storage(sweep_dir)) if sweep_dir else None
+    searcher = OptunaSearch(metric=metrics, mode=modes, sampler=sampler, storage=storage,
+                            study_name=space.name if storage else None)
     if space.repeat > 1:
         searcher = _multi_repeater()(searcher, repeat=space.repeat, set_index=True)
     return searcher
@@ -411,7 +420,7 @@ def build_tuner(space: SearchSpace, ctx: TrialContext, storage_root: Path, sweep
     from ray import tune
 
     tune_config = tune.TuneConfig(
-        search_alg=build_search_alg(space),
+        search_alg=build_search_alg(space, ctx.sweep_dir),
         scheduler=build_scheduler(space),
         num_samples=space.num_trials if space.search == "optuna" else space.num_samples,
         max_concurrent_trials=space.max_concurrent,
@@ -847,6 +856,10 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
                   + (f"; Ray's old files are kept in {aside}" if aside else ""), file=out, flush=True)
         print(f"sweep {space.name}: {space.num_trials} trial(s); MLflow {uri} experiment {space.experiment!r} "
               f"parent run {parent_run_id}; folder {sweep_dir}", file=out, flush=True)
+        if uri.startswith(("http://", "https://")):
+            from nr_study.mlflow_server import ui_url
+
+            print(f"MLflow UI: {ui_url(uri, experiment_id)}", file=out, flush=True)
 
         started_ray = state_started_ray = init_ray(address)
         data_root = os.environ.get("NR_STUDY_DATA") or str(Path.cwd() / "data")
