@@ -521,6 +521,17 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def mapping_at(node: dict, part: str, path: str, key: str) -> dict:
+    """node[part] as a mapping to set `key` below: created when absent; a list or a value the file has there is
+    an error (replacing it with {} would hide the file's mistake and accept what was never written)."""
+    child = node.get(part)
+    if child is None:
+        child = node[part] = {}
+    elif not isinstance(child, dict):
+        raise ConfigError(f"{path}: {show(child)} has type {_tname(child)}; expected a mapping (cannot set {key})")
+    return child
+
+
 def set_dotted(d: dict, key: str, value) -> dict:
     """Set `a.b.c = value` in the nested dict `d` (in place, returned). Keys are checked against the schema;
     below a free-form mapping (model.kwargs, tracking.tags) the rest of the key is one entry:
@@ -545,22 +556,14 @@ def set_dotted(d: dict, key: str, value) -> dict:
             if not last and nxt is None and not free:
                 raise ConfigError(f"{path}: is a value, not a section; cannot set {key}")
             if not last and free:  # free-form mapping: the rest of the key is one entry ("nr.table")
-                child = node.get(part)
-                if not isinstance(child, dict):
-                    child = {}
-                    node[part] = child
-                child[".".join(parts[i + 1:])] = value
+                mapping_at(node, part, path, key)[".".join(parts[i + 1:])] = value
                 return d
         else:
             nxt = None
         if last:
             node[part] = value
         else:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
+            node = mapping_at(node, part, path, key)
             cls = nxt
     return d
 

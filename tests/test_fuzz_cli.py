@@ -358,6 +358,29 @@ def test_fuzzed_train_overrides_are_refused(sandbox, capsys):
     assert len(seen) >= MIN_CASES, len(seen)
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_fuzzed_override_into_a_broken_section_is_refused(command, sandbox, capsys):
+    """A file whose section is a list or a value, and a `--set` below it: refused naming that section, never
+    papered over with an empty mapping (which accepted a config or a search space nobody wrote)."""
+    seen: set = set()
+
+    @settings(SETTINGS, max_examples=40 * SCALE)
+    @given(broken=wrong_nesting(), data=st.data())
+    def case(broken, data):
+        section = ".".join(broken.path)
+        leaf = data.draw(st.sampled_from([lf for lf in LEAVES if lf.key.startswith(section + ".")]))
+        doc, key = apply(TINY, [broken]), leaf.key
+        if command == "sweep":
+            doc, key, section = dict(SPACE, base=doc), f"base.{key}", f"base.{section}"
+        argv = [command, "--set", f"{key}=1"] + (["--dry-run"] if command == "sweep" else [])
+        lines = run(capsys, sandbox, argv, dump(doc), "f.yaml")
+        assert len(lines) == 1 and f"{section}: " in lines[0] and "expected a mapping" in lines[0], lines
+        seen.add(_key(dump(doc), argv))
+
+    case()
+    assert len(seen) >= 30, len(seen)
+
+
 def test_fuzzed_model_options_are_refused_by_the_preflight(sandbox, capsys):
     """model.kwargs the registry refuses (an unknown option, a width that is not a positive integer): caught
     by train()'s preflight, which builds the model before any run exists."""

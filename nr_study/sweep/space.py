@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from nr_study.config import INT64, SEED_MAX, mlflow_name_ok, show, show_key
+from nr_study.config import INT64, SEED_MAX, mapping_at, mlflow_name_ok, show, show_key
 from nr_study.errors import ConfigError
 
 TOP_KEYS = ("name", "experiment", "description", "base", "space", "search", "scheduler", "num_samples",
@@ -298,8 +298,7 @@ def apply_space_overrides(doc: dict, overrides) -> dict:
         head, _, rest = key.partition(".")
         if head == "space" and rest:
             rest = ALIASES.get(rest, rest)
-            space = doc.setdefault("space", {}) or {}
-            doc["space"] = space
+            space = mapping_at(doc, "space", "space", key)
             for k in list(space):
                 if ALIASES.get(k, k) == rest:
                     del space[k]
@@ -318,10 +317,8 @@ def apply_space_overrides(doc: dict, overrides) -> dict:
 
 def _set_nested(d: dict, key: str, value) -> None:
     parts = key.split(".")
-    for p in parts[:-1]:
-        if not isinstance(d.get(p), dict):
-            d[p] = {}
-        d = d[p]
+    for i, p in enumerate(parts[:-1]):
+        d = mapping_at(d, p, ".".join(parts[: i + 1]), key)
     d[parts[-1]] = value
 
 
