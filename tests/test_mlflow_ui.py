@@ -96,7 +96,7 @@ def test_optuna_study_is_kept_in_the_sweep_folder_and_a_resume_continues_it(swee
 
 
 # ---------------------------------------------------------------------------------------------- the browser
-EXPANDER = '[data-component-id$="runnamecellrenderer.tsx_46"]'  # the +/- beside a parent run's name
+EXPANDER = '[data-component-id$="runnamecellrenderer.tsx_46"]'  # MLflow 3.17.2: the +/- beside a parent run's name
 
 
 async def _page_text(url: str, columns: list[str], timeout: float = 60.0) -> tuple[str, str]:
@@ -172,7 +172,7 @@ async def _page_text(url: str, columns: list[str], timeout: float = 60.0) -> tup
 def test_mlflow_ui_shows_the_trials_in_headless_chromium(sweep):
     if shutil.which("chromium") is None:
         pytest.skip("Debian's chromium is not installed (make setup installs it where apt-get runs as root)")
-    pytest.importorskip("aiohttp", reason="aiohttp (Ray's dependency) drives Chromium's DevTools protocol")
+    pytest.importorskip("aiohttp", reason="aiohttp (an MLflow dependency) speaks Chromium's DevTools protocol")
     from nr_study.mlflow_server import ui_url
 
     url = ui_url(sweep["server"].url, sweep["summary"]["experiment_id"])  # what `nr-study sweep` prints
