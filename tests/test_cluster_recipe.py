@@ -313,6 +313,7 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
     token = None
     started = Started(logs)
     survivors: list = []
+    marks = [("start", time.monotonic())]  # phase times, printed (never asserted)
 
     def subst(argv: list[str]) -> list[str]:
         out = []
@@ -346,6 +347,7 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
                 m = re.search(r"Local node IP: (\S+)", started.log("ray_head", 100_000))
                 assert m, started.log("ray_head")
                 head_ip = m.group(1)
+                marks.append(("head up", time.monotonic()))
             elif kind == "mlflow":
                 cmd = _set_flag(subst(argv), "--port", str(mlflow_port))
                 cmd[0] = MLFLOW or "mlflow"
@@ -358,6 +360,7 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
                 started.start("ray_worker", cmd, cwd=work, env=env)
                 _wait_for(lambda: "Ray runtime started" in started.log("ray_worker", 100_000), 240,
                           "the second node", started, ["ray_head", "ray_worker"])
+                marks.append(("worker up", time.monotonic()))
             elif kind == "sweep":
                 url = f"http://{head_ip}:{mlflow_port}"
                 _wait_for(lambda: _mlflow_healthy(url), 240, f"mlflow server at {url}/health", started,
@@ -366,6 +369,7 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
                 node_b = [nid for nid, n in nodes.items() if "node_b" in n["resources"]]
                 assert len(node_b) == 1 and nodes[node_b[0]]["ip"] == node_b_ip, nodes
                 started.record()
+                marks.append(("mlflow up, 2 nodes seen", time.monotonic()))
                 space_file = work / "recipe.yaml"
                 space_file.write_text(yaml.safe_dump(SPACE))
                 cmd = subst(argv)
@@ -380,6 +384,7 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
                     time.sleep(1.0)
                 if proc.poll() is None:
                     pytest.fail(f"the sweep did not end within 900 s:\n{started.log('sweep')}")
+                marks.append(("sweep done", time.monotonic()))
                 assert proc.returncode == 0, f"sweep exited {proc.returncode}:\n{started.log('sweep', 8000)}"
 
         # every trial one FINISHED run, each epoch once, trials on both nodes
@@ -403,6 +408,8 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
     finally:
         survivors = started.stop_all()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        marks.append(("teardown done", time.monotonic()))
+        print("cluster recipe phases: " + ", ".join(f"{name} +{t - marks[0][1]:.1f} s" for name, t in marks[1:]))
     assert not survivors, f"processes this test started are still alive: {survivors}"
 
 
