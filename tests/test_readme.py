@@ -12,7 +12,8 @@ from nr_study.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-CLUSTER_ONLY = ("ray start", "mlflow server", "--address auto")  # need a cluster: covered by tests/test_sweep*.py
+# the cluster recipe's lines need a cluster: tests/test_cluster_recipe.py runs them as written
+CLUSTER_ONLY = ("ray start", "ray get-auth-token", "export RAY_AUTH", "mlflow server", "--address auto")
 
 
 def blocks(lang: str) -> list[str]:
