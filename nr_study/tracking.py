@@ -5,6 +5,12 @@ resumed trial) instead of opening a second one; `sync_history(history)` logs the
 epoch appears exactly once. All calls go through an `MlflowClient` (no global active run), so a sweep driver
 holding its own parent run is never disturbed.
 
+Beside params and metrics (what a researcher finds in the MLflow UI, README "What you see in the MLflow UI"):
+the code's git commit and the stack's versions as tags (`version_tags`), every experiment tagged as model
+training (`get_or_create_experiment`), the training and test subsets as dataset inputs (`log_data`), the final
+model as a LoggedModel that loads without unpickling code (`log_model`, `load_model`), and MLflow's system
+metrics (`SystemMetrics`).
+
 Tracking URI precedence: explicit argument (CLI --tracking-uri) > config tracking.uri > $MLFLOW_TRACKING_URI >
 sqlite:///<runs>/mlflow.db where <runs> is $NR_STUDY_RUNS or <cwd>/runs (absolute).
 
