@@ -424,8 +424,12 @@ class SystemMetrics:
     (a run shorter than one interval would have none): stop() logs them. Never fails a run."""
 
     def __init__(self, run_id: str, uri: str):
+        import logging
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        # its INFO lines (start, stop, "skip GPU metrics") would be 4 lines per trial in a sweep's output
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self.monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
                                             resume_logging=True, tracking_uri=uri)
         self.monitor.start()
