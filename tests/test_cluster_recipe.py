@@ -205,21 +205,31 @@ class Started:
                     alive.append(p)
         return alive
 
+    def _group_alive(self, leader: int) -> bool:
+        for p in self.ours_alive():
+            with contextlib.suppress(OSError):
+                if p.pid != leader and leader in (os.getsid(p.pid), os.getpgid(p.pid)):
+                    return True
+        return False
+
     def stop_all(self, timeout: float = 60.0) -> list:
-        """SIGTERM each group (last started first), wait, SIGKILL what is left of ours; return survivors."""
+        """Last started first: SIGTERM to the leader (a `ray start --block` drains its node and stops its own
+        processes; the head goes after the worker, so the worker's drain still reaches the head), a wait, then
+        SIGTERM to what is left of its group; finally SIGKILL to anything of ours still alive. Returns the
+        survivors (none expected)."""
         import psutil
 
         self.record()
         for proc in reversed(list(self.procs.values())):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for proc in self.procs.values():
-                proc.poll()  # reap the leaders
-            if not self.ours_alive():
-                break
-            time.sleep(0.5)
+            for sig_group in (False, True):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    (os.killpg if sig_group else os.kill)(proc.pid, signal.SIGTERM)
+                deadline = time.monotonic() + (timeout if not sig_group else 15.0)
+                while time.monotonic() < deadline:
+                    proc.poll()  # reap the leader
+                    if proc.returncode is not None and not self._group_alive(proc.pid):
+                        break
+                    time.sleep(0.3)
         for p in self.ours_alive():
             with contextlib.suppress(psutil.Error):
                 p.kill()
