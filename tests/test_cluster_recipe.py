@@ -311,6 +311,7 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
                 if not k.startswith(("RAY_", "NR_STUDY_")) and k not in ("MLFLOW_TRACKING_URI",
                                                                          "MLFLOW_EXPERIMENT_NAME")}
     base_env["PATH"] = f"{BIN}{os.pathsep}{base_env.get('PATH', '')}"
+    base_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"  # Linux's default; macOS refuses a second node without it
     # each host its own HOME (Ray's token) and temp folder (RAY_TMPDIR: where `ray start` leaves the address
     # that `--address auto` reads, and Ray's sessions) -- short: Ray's unix sockets must fit in ~107 bytes
     envs = {}
