@@ -16,8 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "one child run per trial.")
     ap.add_argument("file", help="search-space YAML file")
     ap.add_argument("--address", default=None,
-                    help="Ray cluster: 'auto', 'ray://HEAD:10001' or HOST:PORT (default: an embedded local Ray "
-                         "sized to this machine)")
+                    help="Ray cluster: 'auto' (the cluster this machine is a node of) or HOST:PORT (with "
+                         "RAY_AUTH_MODE=token, see the README's cluster recipe); 'ray://HEAD:10001' needs the "
+                         "ray[client] extra, not installed by make setup (default: an embedded local Ray sized to "
+                         "this machine)")
     ap.add_argument("--tracking-uri", default=None,
                     help="MLflow server URI (default: start a local mlflow server on 127.0.0.1 backed by "
                          "<runs>/mlflow.db and stop it at the end)")
