@@ -55,7 +55,8 @@ from nr_study.sweep.space import REPEAT_KEY, TRIAL_INDEX_KEY, SearchSpace, dump_
 
 SWEEP_FILE = "nr_sweep.json"
 METRIC_COLUMNS = ("test_err", "util_params", "lambda", "rejuvenations", "params")
-from nr_study.names import FAILED, FINISHED, KILLED, OPTUNA_DB, RUNNING, TAG_CELL, TAG_TRIAL  # noqa: E402
+from nr_study.names import (FAILED, FINISHED, KILLED, OPTUNA_DB, RUNNING, TAG_CELL, TAG_GPUS, TAG_NODE,  # noqa: E402
+                            TAG_TRIAL)
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -186,9 +187,9 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
     try:
         import ray
 
-        tags["nr.node"] = ray.get_runtime_context().get_node_id()
+        tags[TAG_NODE] = ray.get_runtime_context().get_node_id()
         gpus = ray.get_gpu_ids()
-        tags["nr.gpus"] = ",".join(str(g) for g in gpus) if gpus else "-"
+        tags[TAG_GPUS] = ",".join(str(g) for g in gpus) if gpus else "-"
     except Exception:
         pass
 
