@@ -1,0 +1,211 @@
+"""Faults injected from outside, at moments nr-study does not choose: a real `nr-study sweep` process, its own
+embedded Ray and `mlflow server`, and a test that finds a trial's worker in the sweep's process tree and
+SIGKILLs it mid-epoch — no `train.fault_kill_*` keys, nothing in the trainer knows it is coming.
+
+The sweep is started through tests/procs.py (known signal dispositions) and only processes below its pid are
+looked at or signalled, so other sweeps on the machine are never touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.procs import with_signals
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 4
+DOC = {
+    "name": "outkill",
+    "experiment": "test-outkill",
+    "base": {
+        "method": "NR-CR",
+        "model": {"name": "vgg_small", "kwargs": {"width": 4}},
+        # ~2-4 s per epoch on 2 busy cores: room to land a kill inside one
+        "data": {"name": "synthetic", "n_train": 2048, "n_test": 64, "synthetic": {"shape": [1, 16, 16],
+                                                                                   "noise": 0.5}},
+        "train": {"epochs": EPOCHS, "batch_size": 16, "eval_batch_size": 64, "device": "cpu"},
+        "optim": {"lr": 0.1},
+        "nr": {"tr": 0.97, "dead_threshold": 0.8, "delta_t": 4, "delta_t_unit": "step", "delta_lambda": 0.04},
+    },
+    "space": {"optim.lr": [0.05, 0.1]},
+    "resources_per_trial": {"cpu": 1},
+    "max_concurrent": 2,
+    "max_failures": 2,
+}
+
+
+def trial_workers(root: psutil.Process) -> dict[str, psutil.Process]:
+    """The Ray workers below `root` that are running a trial, by trial id: Ray titles them
+    `ray::ImplicitFunc.train` and runs each in `working_dirs/<trial id>-<run name>`."""
+    found = {}
+    for p in root.children(recursive=True):
+        try:
+            if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::ImplicitFunc"):
+                found[Path(p.cwd()).name.split("-", 1)[0]] = p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def still_running(procs, timeout: float) -> list:
+    """Those of `procs` still running (not exited, not a zombie) after up to `timeout` seconds."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    left = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                left.append((p.pid, p.name()))
+        except psutil.NoSuchProcess:
+            pass
+    return left
+
+
+def logged_epochs(client, run_id: str) -> list[int]:
+    return sorted(int(m.step) for m in client.get_metric_history(run_id, "test_err"))
+
+
+def test_worker_sigkilled_from_outside_mid_epoch(tmp_path):
+    """SIGKILL a running trial's worker, found from outside, at a random moment inside an epoch after its first:
+    Ray retries the trial from its last checkpoint into the same MLflow run; the sweep exits 0, one run per
+    trial, each epoch logged once, every run FINISHED, no process of the sweep left behind."""
+    from mlflow.tracking import MlflowClient
+
+    path, runs = tmp_path / "outkill.yaml", tmp_path / "runs"
+    path.write_text(yaml.safe_dump(DOC))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NR_STUDY_RUNS")}
+    cmd = [sys.executable, "-m", "nr_study.cli", "sweep", str(path), "--runs", str(runs), "--verbose", "0"]
+    log = open(tmp_path / "sweep.log", "w+")
+    proc = subprocess.Popen(with_signals(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
+    root = psutil.Process(proc.pid)
+    rng = random.Random()
+    seen: dict = {}
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while "killed" not in seen and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                client = MlflowClient(json.loads((runs / "mlflow_server.json").read_text())["url"])
+                exp = client.get_experiment_by_name("test-outkill")
+                kids = [r for r in client.search_runs([exp.experiment_id]) if "nr.trial" in r.data.tags] if exp else []
+            except Exception:  # the server not up yet
+                continue
+            workers = trial_workers(root)
+            for r in kids:
+                trial, done = r.data.tags["nr.trial"], logged_epochs(client, r.info.run_id)
+                if trial in workers and 1 <= len(done) <= EPOCHS - 2:  # inside epoch 2..EPOCHS-1
+                    delay = rng.uniform(0.2, 1.5)
+                    time.sleep(delay)  # a random point of the next epoch (they take 2-4 s here)
+                    tree = root.children(recursive=True)
+                    workers[trial].send_signal(signal.SIGKILL)
+                    seen.update(killed=workers[trial], run=r.info.run_id, after=done[-1], delay=delay)
+                    break
+        assert "killed" in seen, "no trial worker found mid-epoch"
+        assert not still_running([seen["killed"]], 10)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    log.seek(0)
+    out = log.read()
+    log.close()
+    assert rc == 0, (seen, out[-4000:])
+    assert out.count("its worker process died") == 1, (seen, out[-4000:])  # the kill was seen and recovered
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")  # the sweep stopped its server
+    exp = client.get_experiment_by_name("test-outkill")
+    everything = client.search_runs([exp.experiment_id])
+    assert not [r for r in everything if r.info.status != "FINISHED"], [(r.info.run_name, r.info.status)
+                                                                        for r in everything]
+    parents = [r for r in everything if r.data.tags.get("nr.role") == "sweep"]
+    kids = [r for r in everything if "nr.trial" in r.data.tags]
+    assert len(parents) == 1 and len(kids) == 2, "one parent, one run per trial"
+    assert sorted(r.data.tags["nr.trial"] for r in kids) == sorted(set(r.data.tags["nr.trial"] for r in kids))
+    assert seen["run"] in [r.info.run_id for r in kids], "the killed trial continued its own run"
+    for r in kids:
+        assert logged_epochs(client, r.info.run_id) == list(range(1, EPOCHS + 1)), (seen, r.info.run_name)
+        assert "nr.error" not in r.data.tags
+    assert not still_running(tree, 30)  # Ray's processes and the mlflow server went with the sweep
+
+
+def test_lost_node_trial_continues_from_its_checkpoint(tmp_path):
+    """A 2-node Ray cluster (`ray.cluster_utils.Cluster`: a head and a worker node, one CPU each, so the two
+    trials run one per node); the worker node is killed (raylet and workers SIGKILLed, not drained) at a random
+    moment inside an epoch of the trial on it. Ray marks the node dead, the trial is retried on the surviving
+    node from its last checkpoint (the run folder is the storage both nodes share here; a real cluster needs a
+    shared or cloud `storage_path`) and continues its one MLflow run: sweep exit 0, each epoch logged once, the
+    epochs after the loss logged on the head."""
+    from mlflow.tracking import MlflowClient
+    from ray.cluster_utils import Cluster
+
+    fast_death = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                  "health_check_failure_threshold": 5}  # a lost node is declared dead in ~5 s, not ~30 s
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "node_ip_address": "127.0.0.1", "_system_config": fast_death})
+    proc = None
+    try:
+        worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        doc = dict(DOC, name="lostnode", experiment="test-lostnode")
+        path, runs = tmp_path / "lostnode.yaml", tmp_path / "runs"
+        path.write_text(yaml.safe_dump(doc))
+        env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NR_STUDY_RUNS", "RAY_ADDRESS")}
+        cmd = [sys.executable, "-m", "nr_study.cli", "sweep", str(path), "--address", cluster.address,
+               "--runs", str(runs), "--verbose", "0"]
+        log = open(tmp_path / "sweep.log", "w+")
+        proc = subprocess.Popen(with_signals(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
+        rng = random.Random()
+        seen: dict = {}
+        deadline = time.monotonic() + 240
+        while "removed" not in seen and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                client = MlflowClient(json.loads((runs / "mlflow_server.json").read_text())["url"])
+                exp = client.get_experiment_by_name("test-lostnode")
+                kids = [r for r in client.search_runs([exp.experiment_id]) if "nr.trial" in r.data.tags] if exp else []
+            except Exception:  # the server not up yet
+                continue
+            for r in kids:
+                done = logged_epochs(client, r.info.run_id)
+                if r.data.tags.get("nr.node") == worker.node_id and 1 <= len(done) <= EPOCHS - 2:
+                    time.sleep(rng.uniform(0.2, 1.5))  # a random point of the next epoch
+                    cluster.remove_node(worker, allow_graceful=False)
+                    seen.update(removed=time.time(), run=r.info.run_id, after=done[-1])
+                    break
+        assert "removed" in seen, "no trial seen mid-epoch on the worker node"
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        cluster.shutdown()
+    log.seek(0)
+    out = log.read()
+    log.close()
+    assert rc == 0, (seen, out[-4000:])
+    assert out.count("its worker process died") == 1, (seen, out[-4000:])  # the loss was seen and recovered
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("test-lostnode")
+    everything = client.search_runs([exp.experiment_id])
+    assert not [r for r in everything if r.info.status != "FINISHED"], [(r.info.run_name, r.info.status)
+                                                                        for r in everything]
+    kids = [r for r in everything if "nr.trial" in r.data.tags]
+    assert len(kids) == 2 and len({r.data.tags["nr.trial"] for r in kids}) == 2, "one run per trial"
+    for r in kids:
+        assert logged_epochs(client, r.info.run_id) == list(range(1, EPOCHS + 1)), (seen, r.info.run_name)
+    lost = client.get_metric_history(seen["run"], "test_err")
+    later = sorted(int(m.step) for m in lost if m.timestamp / 1000 > seen["removed"])
+    assert later and later == list(range(later[0], EPOCHS + 1)), (seen, later)  # on the head, the node left
