@@ -209,3 +209,49 @@ def test_lost_node_trial_continues_from_its_checkpoint(tmp_path):
     lost = client.get_metric_history(seen["run"], "test_err")
     later = sorted(int(m.step) for m in lost if m.timestamp / 1000 > seen["removed"])
     assert later and later == list(range(later[0], EPOCHS + 1)), (seen, later)  # on the head, the node left
+
+
+def test_sigterm_to_the_sweep_ends_every_run_killed(tmp_path):
+    """SIGTERM to the `nr-study sweep` process (a batch scheduler's stop, `kill PID`) mid-epoch: the unfinished
+    runs and the parent end KILLED, nothing left RUNNING, no process of the sweep left behind, and the hint
+    says how to continue."""
+    from mlflow.tracking import MlflowClient
+
+    doc = dict(DOC, name="sigterm", experiment="test-sigterm", base=dict(DOC["base"], train=dict(
+        DOC["base"]["train"], epochs=40)))
+    path, runs = tmp_path / "sigterm.yaml", tmp_path / "runs"
+    path.write_text(yaml.safe_dump(doc))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NR_STUDY_RUNS")}
+    cmd = [sys.executable, "-m", "nr_study.cli", "sweep", str(path), "--runs", str(runs), "--verbose", "0"]
+    proc = subprocess.Popen(with_signals(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(REPO),
+                            env=env, text=True)
+    root = psutil.Process(proc.pid)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not tree and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                client = MlflowClient(json.loads((runs / "mlflow_server.json").read_text())["url"])
+                exp = client.get_experiment_by_name("test-sigterm")
+                kids = [r for r in client.search_runs([exp.experiment_id]) if "nr.trial" in r.data.tags] if exp else []
+            except Exception:  # the server not up yet
+                continue
+            if any(logged_epochs(client, r.info.run_id) for r in kids):
+                time.sleep(random.uniform(0.2, 1.5))  # inside the next epoch
+                tree = root.children(recursive=True)
+                proc.send_signal(signal.SIGTERM)
+        assert tree, "no epoch logged"
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 143, out[-3000:]
+    assert f"continue it with: nr-study sweep {path} --resume " in out, out[-3000:]
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    everything = client.search_runs([client.get_experiment_by_name("test-sigterm").experiment_id])
+    assert everything and not [r for r in everything if r.info.status == "RUNNING"], [
+        (r.info.run_name, r.info.status) for r in everything]
+    assert [r.info.status for r in everything if r.data.tags.get("nr.role") == "sweep"] == ["KILLED"]
+    assert not still_running(tree, 30)

@@ -52,7 +52,7 @@ def cli_main(argv) -> int:
     summary = run_sweep(space, source_text=read_text(path, "search space file"), address=args.address,
                         tracking_uri=args.tracking_uri, resume=args.resume, runs=args.runs, verbose=args.verbose)
     if summary.get("interrupted"):
-        return 130
+        return 143 if summary.get("terminated") else 130  # SIGTERM / Ctrl-C
     errored = sum(1 for t in summary.get("trials", []) if t.get("error"))
     expected, finished = summary.get("expected", 0), summary.get("finished", 0)
     if errored or finished < expected:

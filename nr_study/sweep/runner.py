@@ -811,6 +811,7 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
     parent_before = None
     client = parent_run_id = experiment_id = None
     prev_term = signal.getsignal(signal.SIGTERM)
+    _TERMINATED.clear()
     if prev_term in (signal.SIG_DFL, None) and _is_main_thread():
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     try:
@@ -863,6 +864,10 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             print(f"MLflow UI: {ui_url(uri, experiment_id)}", file=out, flush=True)
 
         started_ray = state_started_ray = init_ray(address)
+        if prev_term in (signal.SIG_DFL, None) and _is_main_thread():
+            # ray.init replaces our SIGTERM handler with its own sys.exit(15): the process then died by SIGABRT
+            # (exit -6) after closing the runs, with no resume hint. Put ours back so SIGTERM is handled like Ctrl-C.
+            signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
         data_root = os.environ.get("NR_STUDY_DATA") or str(Path.cwd() / "data")
         ctx = TrialContext(space=space, tracking_uri=uri, parent_run_id=parent_run_id,
                            experiment_id=experiment_id, sweep_dir=str(sweep_dir), data_root=data_root,
@@ -961,7 +966,7 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             if _is_main_thread() and signal.getsignal(signal.SIGTERM) is _sigterm_to_interrupt:
                 signal.signal(signal.SIGTERM, prev_term)
     summary.update(sweep_dir=str(sweep_dir), parent_run_id=parent_run_id, experiment_id=experiment_id,
-                   interrupted=summary_interrupted, resume_command=resume_cmd)
+                   interrupted=summary_interrupted, terminated=bool(_TERMINATED), resume_command=resume_cmd)
     if summary_interrupted:
         print(f"sweep interrupted; continue it with: {resume_cmd}", file=out, flush=True)
     return summary
@@ -1163,5 +1168,11 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+_TERMINATED: list = []  # set when SIGTERM arrived: the sweep then exits 143, not 130
+
+
 def _sigterm_to_interrupt(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")
+    """SIGTERM is stopped like Ctrl-C: sent on as SIGINT, so Ray Tune ends the sweep the way it does on Ctrl-C
+    (runs KILLED, the resume hint) instead of being cut out of its loop by an exception."""
+    _TERMINATED.append(signum)
+    os.kill(os.getpid(), signal.SIGINT)
