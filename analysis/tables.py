@@ -353,6 +353,7 @@ class BuiltTable:
     reference_rows: dict[str, dict[tuple[str, str], PaperValue]] = field(default_factory=dict)
     derived: dict[tuple[str, str], tuple[str, str, str]] = field(default_factory=dict)  # (row, col label) -> parts
     paired_rows: dict[str, dict[tuple[str, str], Paired]] = field(default_factory=dict)  # label -> (group, value)
+    paired_cells: dict[tuple[str, str], Paired] = field(default_factory=dict)  # (row, "paired:<baseline>")
     notes: list[str] = field(default_factory=list)
     metric: str = "final"
     n_runs: int = 0
@@ -365,7 +366,8 @@ class BuiltTable:
         if col.value == "relative_gain":
             return list(self.derived.get((row, "relative_gain"), (DASH, DASH, DASH)))
         if col.value.startswith("paired:"):
-            return list(self.derived.get((row, col.value), (DASH,)))
+            pr = self.paired_cells.get((row, col.value))
+            return [pr.text() if pr else DASH]
         c = self.cells.get((row, col.group, col.value))
         if c is None:
             return None
@@ -379,8 +381,9 @@ class BuiltTable:
         paired = (" Paired: Δ = method − baseline in points, per seed (a seed's runs averaged), mean "
                   "[95 % t interval] (n seeds); compute = the method's training multiply-adds / its baseline's."
                   if self.paired_rows or any(c.value.startswith("paired:") for c in self.columns) else "")
-        return (f"Each cell: reproduced mean ± std (n); errors in % at the {what}; — = no run. "
-                f"Reference rows: the paper's numbers for the analogous setting.{paired} {self.n_runs} FINISHED run(s) used.")
+        refs = " Reference rows: the paper's numbers for the analogous setting." if self.reference_rows else ""
+        return (f"Each cell: reproduced mean ± std (n); errors in % at the {what}; — = no run.{refs}{paired} "
+                f"{self.n_runs} FINISHED run(s) used.")
 
     # --- renderers ----------------------------------------------------------------------------
     def _grid(self, sep: str) -> tuple[list[str], list[list[str]]]:
@@ -469,7 +472,12 @@ class BuiltTable:
         out = []
         for row in self.rows:
             for col in self.columns:
-                if col.value == "relative_gain" or col.value.startswith("paired:"):
+                if col.value.startswith("paired:"):
+                    pr = self.paired_cells.get((row, col.value))
+                    if pr:
+                        out.append(self._paired_record(row, col.group, col.value, pr))
+                    continue
+                if col.value == "relative_gain":
                     p = self.derived.get((row, col.value))
                     if p:
                         out.append({"table": self.name, "cell": "", "row": row, "column": col.group, "value": col.value,
@@ -492,13 +500,14 @@ class BuiltTable:
                             "paper": "" if pv.value is None else pv.value, "mean": "", "std": "", "n": "", "delta": "",
                             "text": pv.text or DASH, "kind": "paper_reference", "run_ids": ""})
         for label, vals in self.paired_rows.items():
-            for (group, value), pr in vals.items():
-                out.append({"table": self.name, "cell": "", "row": label, "column": group, "value": value, "paper": "",
-                            "mean": "" if pr.mean is None else pr.mean, "std": "", "n": pr.n, "delta": "",
-                            "text": pr.text(), "kind": "paired", "run_ids": "",
-                            "ci_low": "" if pr.lo is None else pr.lo, "ci_high": "" if pr.hi is None else pr.hi,
-                            "compute_ratio": "" if pr.compute_ratio is None else pr.compute_ratio})
+            out += [self._paired_record(label, group, value, pr) for (group, value), pr in vals.items()]
         return out
+
+    def _paired_record(self, row: str, column: str, value: str, pr: Paired) -> dict[str, Any]:
+        blank = lambda x: "" if x is None else x  # noqa: E731
+        return {"table": self.name, "cell": "", "row": row, "column": column, "value": value, "paper": "",
+                "mean": blank(pr.mean), "std": "", "n": pr.n, "delta": "", "text": pr.text(), "kind": "paired",
+                "run_ids": "", "ci_low": blank(pr.lo), "ci_high": blank(pr.hi), "compute_ratio": blank(pr.compute_ratio)}
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -778,7 +787,7 @@ def build_cells_table(key: str, store: RunStore, mode: str = "final") -> BuiltTa
         for row in rows:
             if row != b:
                 pr, why = paired_difference(by_cell[row], by_cell[b], "equal_epochs", "top1", mode)
-                built.derived[(row, f"paired:{b}")] = (pr.text(),)
+                built.paired_cells[(row, f"paired:{b}")] = pr
                 built.notes += [w for w in why if w not in built.notes]
     return built
 

@@ -436,6 +436,10 @@ def test_paired_rows_equal_epochs_and_equal_compute(tmp_path):
     assert demo.parts("BL", demo.columns[-2]) == ["—"]
     assert demo.parts("BL", demo.columns[3]) == ["0.00 ± 0.00 (2)"]
     assert "| NR-CR,tr=0.5 | 21.75 ± 1.06 (2) |" in demo.to_markdown()
+    (rec,) = [r for r in csv.DictReader(demo.to_csv().splitlines()) if r["kind"] == "paired" and r["row"] == "NR-CR,tr=0.5"
+              and r["value"] == "paired:BL"]
+    assert (float(rec["mean"]), rec["n"], float(rec["compute_ratio"])) == (0.75, "2", 0.9)
+    assert all(t.to_csv() and t.to_latex() and t.to_html() for t in tables.values())
 
     t4 = tables["fmnist_table4"]
     assert list(t4.paired_rows) == [f"Δ vs BL, equal epochs: {row}"]
