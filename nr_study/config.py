@@ -120,7 +120,7 @@ def _uri_ok(v) -> bool:
         return True
     try:
         return bool(v.strip()) and urlparse(v).scheme in TRACKING_URI_SCHEMES
-    except ValueError:  # 'http://[' (a broken IPv6 host)
+    except ValueError:  # a broken IPv6 host in brackets
         return False
 
 
