@@ -71,6 +71,19 @@ def still_running(procs, timeout: float) -> list:
     return left
 
 
+def trial_runs(runs: Path, experiment: str) -> tuple:
+    """(client, the trials' MLflow runs so far) from the sweep's own server, which `runs/mlflow_server.json`
+    names; (None, []) while it is not up."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(json.loads((runs / "mlflow_server.json").read_text())["url"])
+        exp = client.get_experiment_by_name(experiment)
+        return client, [r for r in client.search_runs([exp.experiment_id]) if "nr.trial" in r.data.tags] if exp else []
+    except Exception:  # the server not up yet
+        return None, []
+
+
 def logged_epochs(client, run_id: str) -> list[int]:
     return sorted(int(m.step) for m in client.get_metric_history(run_id, "test_err"))
 
@@ -95,12 +108,7 @@ def test_worker_sigkilled_from_outside_mid_epoch(tmp_path):
         deadline = time.monotonic() + 240
         while "killed" not in seen and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.3)
-            try:
-                client = MlflowClient(json.loads((runs / "mlflow_server.json").read_text())["url"])
-                exp = client.get_experiment_by_name("test-outkill")
-                kids = [r for r in client.search_runs([exp.experiment_id]) if "nr.trial" in r.data.tags] if exp else []
-            except Exception:  # the server not up yet
-                continue
+            client, kids = trial_runs(runs, "test-outkill")
             workers = trial_workers(root)
             for r in kids:
                 trial, done = r.data.tags["nr.trial"], logged_epochs(client, r.info.run_id)
@@ -171,12 +179,7 @@ def test_lost_node_trial_continues_from_its_checkpoint(tmp_path):
         deadline = time.monotonic() + 240
         while "removed" not in seen and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.3)
-            try:
-                client = MlflowClient(json.loads((runs / "mlflow_server.json").read_text())["url"])
-                exp = client.get_experiment_by_name("test-lostnode")
-                kids = [r for r in client.search_runs([exp.experiment_id]) if "nr.trial" in r.data.tags] if exp else []
-            except Exception:  # the server not up yet
-                continue
+            client, kids = trial_runs(runs, "test-lostnode")
             for r in kids:
                 done = logged_epochs(client, r.info.run_id)
                 if r.data.tags.get("nr.node") == worker.node_id and 1 <= len(done) <= EPOCHS - 2:
@@ -231,12 +234,7 @@ def test_sigterm_to_the_sweep_ends_every_run_killed(tmp_path):
         deadline = time.monotonic() + 240
         while not tree and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.3)
-            try:
-                client = MlflowClient(json.loads((runs / "mlflow_server.json").read_text())["url"])
-                exp = client.get_experiment_by_name("test-sigterm")
-                kids = [r for r in client.search_runs([exp.experiment_id]) if "nr.trial" in r.data.tags] if exp else []
-            except Exception:  # the server not up yet
-                continue
+            client, kids = trial_runs(runs, "test-sigterm")
             if any(logged_epochs(client, r.info.run_id) for r in kids):
                 time.sleep(random.uniform(0.2, 1.5))  # inside the next epoch
                 tree = root.children(recursive=True)
