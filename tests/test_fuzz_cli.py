@@ -381,6 +381,45 @@ def test_fuzzed_override_into_a_broken_section_is_refused(command, sandbox, caps
     assert len(seen) >= 30, len(seen)
 
 
+EDGE_VALUES = {  # valid values at the edges of what a field takes, as YAML can write them
+    "nr.delta_r": st.one_of(st.floats(1e-300, 1e300), st.sampled_from(["5e-5", "1E-3", " 0.5 ", "1_0"])),
+    "nr.delta_lambda": st.one_of(st.just(0), st.just(-0.0), st.floats(0, 1e300), st.sampled_from(["0", "5e-5"])),
+    "nr.lambda_max": st.one_of(st.none(), st.floats(0, 1e300)),
+    "nr.gamma0": st.floats(5e-324, 1e300),
+    "optim.lr": st.one_of(st.floats(5e-324, 1e-1), st.sampled_from(["1e-3", "0.05"])),
+    "optim.momentum": st.one_of(st.floats(0, 0.999999), st.just(0)),
+    "seed": st.one_of(st.integers(0, C.SEED_MAX), st.sampled_from([3.0, float(C.SEED_MAX)])),
+    "data.subset_seed": st.integers(0, C.SEED_MAX),
+    "train.epochs": st.one_of(st.integers(1, 2**63 - 1), st.just(2.0)),
+    "tracking.run_name": st.one_of(st.none(), TEXT.filter(lambda t: "\x00" not in t)),
+    "tracking.tags": st.dictionaries(st.from_regex(r"[\w.\- :]{1,20}", fullmatch=True).filter(C.mlflow_name_ok),
+                                     st.one_of(TEXT.filter(lambda t: "\x00" not in t), st.integers(-10**18, 10**18),
+                                               st.booleans(), st.none()), max_size=3),
+}
+
+
+def test_fuzzed_valid_edge_configs_are_accepted(sandbox, capsys, monkeypatch):
+    """The other half of exact-or-refused: values at the edges of what fields take (tiny and huge floats, YAML's
+    '5e-5' strings, 3.0 for an int, the largest seed, unicode names and tags MLflow takes) pass every check
+    (config and preflight) and reach the point where the run would open."""
+    seen: set = set()
+
+    @settings(SETTINGS, max_examples=40 * SCALE)
+    @given(values=st.fixed_dictionaries({}, optional=EDGE_VALUES).filter(bool))
+    def case(values):
+        muts = [Mutation(tuple(k.split(".")), v, "") for k, v in values.items()]
+        data = dump(apply(TINY, muts))
+        (sandbox / "cfg.yaml").write_bytes(data)
+        with pytest.raises(Accepted):
+            cli.main(["train", "cfg.yaml", "--quiet"])
+        err = capsys.readouterr().err
+        assert "error:" not in err, err
+        seen.add(data)
+
+    case()
+    assert len(seen) >= 30, len(seen)
+
+
 def test_fuzzed_model_options_are_refused_by_the_preflight(sandbox, capsys):
     """model.kwargs the registry refuses (an unknown option, a width that is not a positive integer): caught
     by train()'s preflight, which builds the model before any run exists."""
