@@ -450,8 +450,8 @@ def _sweep_search(dicts: list[dict[str, str]]) -> tuple[bool, list[tuple[str, st
         for k, v in d.items():
             if SEARCH_KEY.search(k) and "optuna" in str(v).lower():
                 optuna = True
-            if OBJECTIVE_KEY.search(k) and objectives is None and not k.lower().startswith(("base.", "space.")):
-                names = [x for x in re.split(r"[\s,\[\]'\"(){}]+", str(v)) if x]
+            if OBJECTIVE_KEY.search(k) and objectives is None and not k.lower().startswith(("base.", "space.", "tracking.")):
+                names = [x for x in re.split(r"[\s,\[\]'\"(){}]+", str(v)) if x and x.lower() not in ("none", "null")]
                 objs = []
                 for x in names:
                     name, _, mode = x.partition(":")
@@ -568,9 +568,12 @@ def sweep_study(members: list[RunRecord], dicts: list[dict]):
     _, objectives = _sweep_search(dicts)
     objective, mode = (objectives or [("test_err", "min")])[0]
     keys = sorted({k[len("space."):] for d in dicts for k in d if k.startswith("space.")})
-    if not keys:
+    if not keys or any(k not in m.params for k in keys for m in members):
+        # no space params, or a `variant` list (no param of that name): the config keys that vary over the
+        # trials, less the seed a `repeat` varies (unless it is swept)
         keys = sorted(k for k in set().union(*(m.params for m in members))
-                      if not k.startswith("tracking.") and len({m.params.get(k) for m in members}) > 1)
+                      if not k.startswith("tracking.") and k not in ("seed", "name") and
+                      len({m.params.get(k) for m in members}) > 1)
     rows = []
     for r in members:
         y = _objective(r, objective)
@@ -607,7 +610,9 @@ def plot_importances(runs: list[RunRecord], out_dir: str | Path, parents: list[R
     results = []
     for sweep, (members, dicts) in _sweeps(runs, parents).items():
         study, keys, objective, notes = sweep_study(members, dicts)
-        if study is None:
+        if study is None:  # said, not silently skipped
+            results.append(PlotResult(f"importance_{re.sub(r'[^A-Za-z0-9_.-]+', '_', sweep)}",
+                                      f"Parameter importances of sweep {sweep}", {}, [], notes))
             continue
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", sweep)
         imp = optuna.importance.get_param_importances(

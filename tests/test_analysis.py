@@ -481,3 +481,18 @@ def test_line_labels_tell_runs_apart():
             rec("e5", "X", 0.5)]
     assert P.line_labels(runs) == {"a1": "NR-CR, tr=0.3", "b2": "NR-CR, tr=0.5", "c3": "BL", "d4": "X [d4]",
                                    "e5": "X [e5]"}
+
+
+def test_sweep_study_of_a_variant_sweep():
+    """A `variant` list has no param of its name: the study ranks the config keys that vary (not the repeat's
+    seed); a trial's `tracking.system_metrics` param is no objective."""
+    from analysis.runs import RunRecord
+
+    members = [RunRecord(f"r{i}", "e", "FINISHED", tags={}, metrics={"test_err": 10.0 + tr * 10 + s},
+                         params={"method": m, "nr.tr": str(tr), "seed": str(s), "tracking.system_metrics": "None"})
+               for i, (m, tr, s) in enumerate([(m, tr, s) for m, tr in (("BL", 0.5), ("NR-CR", 0.5), ("NR-CR", 0.7))
+                                               for s in (0, 1)])]
+    parent = {"sweep.objectives": "test_err:min", "space.variant": "grid(BL; NR-CR,tr=0.5; NR-CR,tr=0.7)"}
+    study, keys, objective, notes = P.sweep_study(members, [parent] + [m.params for m in members])
+    assert (keys, objective, notes) == (["method", "nr.tr"], "test_err", [])
+    assert len(study.trials) == 6
