@@ -21,8 +21,8 @@ Their paired rows compare each column with the table's baseline column (`baselin
 paper_results.yaml): per seed, method − baseline, mean with a 95 % t interval and n seeds, at equal epochs
 (same train.epochs) and/or equal training compute (logged train_flops within ±10 %); a run with no partner at
 that basis is named in the notes. Any other `nr.table` tag (a sweep's own, e.g. the demo's) gets a table of its
-cells: error, params, FLOPs, rejuvenations and the paired Δ against its BL cell. Every table's notes say what each method trained for (its total epochs), so
-the budget a comparison stands on is on the page.
+cells: error, params, FLOPs, rejuvenations and a paired Δ column per BL cell. Every table's notes say what each
+method trained for (its total epochs), so the budget a comparison stands on is on the page.
 
 Outputs under --out (default <runs folder>/report): tables/<name>.md, .tex, .csv, .html, tables/manifest.json,
 plus the index page (report.md, index.html) over everything in --out.
@@ -171,7 +171,8 @@ def run_value(run: RunRecord, value: str, mode: str) -> float | None:
     if value == "flops":
         return run.n_flops()
     if value == "rejuvenations":
-        return run.n_rejuvenations() if run.n_rejuvenations() is not None else (0.0 if run.get("method") == "BL" else None)
+        n = run.n_rejuvenations()
+        return 0.0 if n is None and run.get("method") == "BL" else n
     raise KeyError(value)
 
 
