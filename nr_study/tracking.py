@@ -352,7 +352,15 @@ class RunTracker:
         """The training and the test subset as dataset inputs (the runs table's Dataset column): names, sizes,
         a digest of the images and labels themselves, the source; only metadata goes into the store. MLflow
         keeps one input per dataset and digest, so a reopened run logging them again adds nothing."""
-        self._call("log_input", self.client.log_inputs, self.run_id, datasets=dataset_inputs(dcfg, data))
+        inputs = dataset_inputs(dcfg, data)
+        for attempt in range(3):
+            try:
+                return self._call("log_input", self.client.log_inputs, self.run_id, datasets=inputs)
+            except TrackingError as exc:
+                # trials starting together log the same new dataset: MLflow looks it up, finds none, and all but
+                # one insert fail on its UNIQUE key (rolled back). Now it exists: linking it again succeeds.
+                if attempt == 2 or "UNIQUE constraint failed" not in str(exc):
+                    raise
 
     # -- end ----------------------------------------------------------------------------------------
     def end(self, status: str = FINISHED) -> None:

@@ -161,3 +161,37 @@ def test_logged_model_reproduces_the_final_test_error(tracking_uri, tiny_cfg, tm
     assert _test_err(nr_study.load_model(str(out)), tiny_cfg) == want
     assert main(["export", "0" * 32, str(tmp_path / "x"), "--tracking-uri", tracking_uri]) == 2
     assert "cannot fetch it" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_trials_starting_together_log_the_same_dataset(tracking_uri):
+    """Concurrent trials log the same new dataset: MLflow's insert races on its UNIQUE key (seen in a real
+    sweep as a failed trial); every run still gets both inputs, none fails."""
+    import threading
+
+    from nr_study.config import config_from_dict
+    from nr_study.data import build_data
+
+    c, errors = MlflowClient(tracking_uri), []
+    for n in (32, 33, 34):  # a new dataset (digest) each round
+        cfg = config_from_dict({"data": {"name": "synthetic", "n_train": n, "n_test": 16}})
+        data = build_data(cfg.data)
+        trackers = [T.RunTracker(tracking_uri, "same_data") for _ in range(4)]
+        for t in trackers:
+            t.start()
+        barrier = threading.Barrier(len(trackers))
+
+        def log(t):
+            barrier.wait()
+            try:
+                t.log_data(cfg.data, data)
+            except Exception as exc:  # noqa: BLE001 - the assertion below names it
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=log, args=(t,)) for t in trackers]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert not errors, errors[0]
+        digests = {tuple(sorted(v[1] for v in _inputs(c, t.run_id).values())) for t in trackers}
+        assert len(digests) == 1 and len(next(iter(digests))) == 2  # both subsets, the same rows for every run
