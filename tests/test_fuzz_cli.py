@@ -231,6 +231,18 @@ def flow(v) -> str:
     return text.removesuffix("\n").removesuffix("\n...")
 
 
+def set_value(m) -> str:
+    """m's value as `--set KEY=VALUE` writes it; --set parses VALUE as YAML, so only values that read back the
+    same are drawn (hypothesis.assume)."""
+    value = flow(m.value)
+    try:
+        same = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        same = object()
+    assume(repr(same) == repr(m.value))
+    return value
+
+
 # ------------------------------------------------------------------------------------------ whole files
 INVALID_UTF8 = st.sampled_from([b"\x80", b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"])
 CONTROL = st.sampled_from([b"\x00", b"\x01", b"\x08", b"\x0b", b"\x1b", b"\x7f"])
@@ -343,12 +355,7 @@ def test_fuzzed_train_overrides_are_refused(sandbox, capsys):
     @given(m=st.one_of(wrong_type(), out_of_range(), wrong_nesting(), free_form(),
                        unknown_key().filter(lambda m: all(isinstance(p, str) and p.isidentifier() for p in m.path))))
     def case(m):
-        value = flow(m.value)
-        try:
-            same = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            same = object()
-        assume(repr(same) == repr(m.value))  # --set parses VALUE as YAML: only values that read back the same
+        value = set_value(m)
         argv = ["train", "--set", f"{'.'.join(map(str, m.path))}={value}"]
         lines = run(capsys, sandbox, argv, good, "cfg.yaml")
         assert len(lines) == 1 and _named(lines, m.needle.removesuffix(": ").rstrip()), (m, lines)
@@ -593,12 +600,7 @@ def test_fuzzed_search_space_overrides_are_refused(sandbox, capsys):
            dry=st.booleans())
     def case(case, dry):
         doc, (m,) = case
-        value = flow(m.value)
-        try:
-            same = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            same = object()
-        assume(repr(same) == repr(m.value))  # --set parses VALUE as YAML: only values that read back the same
+        value = set_value(m)
         argv = ["sweep", "--set", f"{m.path[0]}={value}"] + (["--dry-run"] if dry else [])
         lines = run(capsys, sandbox, argv, dump(doc), "space.yaml")
         assert _named(lines, m.needle.removesuffix(": ").rstrip()), (m.needle, lines)
