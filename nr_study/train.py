@@ -417,6 +417,19 @@ def _interruptions_deferred():
     return cm()
 
 
+ALLOCATION_FAILURES = ("can't allocate memory", "storage size calculation overflowed", "out of memory",
+                       "not enough memory")
+
+
+def too_large(section: str, name: str, exc: BaseException) -> BaseException:
+    """A config valid by its ranges whose tensors this machine cannot hold (a huge width, shape or subset):
+    one line naming the section, not an internal error. Any other error is returned unchanged."""
+    if isinstance(exc, MemoryError) or any(k in str(exc).lower() for k in ALLOCATION_FAILURES):
+        return ConfigError(f"{section} ({name!r}): too large to allocate on this machine ({one_line(exc, 160)}); "
+                           f"allowed: {section} sizes whose tensors fit in memory")
+    return exc
+
+
 def _fmt(row: dict, epochs: int) -> str:
     s = (f"epoch {row['epoch']:>3}/{epochs} loss {row['train_loss']:.4f} train_err {row['train_err']:5.2f}% "
          f"test_err {row['test_err']:5.2f}%")
@@ -463,12 +476,17 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
         check_sqlite_store(uri)
         ck = load_checkpoint(ckpt_dir) if (resume and ckpt_dir is not None) else None
         seed_everything(cfg.seed)
-        data = build_data(cfg.data, device, seed=cfg.seed)
+        try:
+            data = build_data(cfg.data, device, seed=cfg.seed)
+        except (MemoryError, RuntimeError, OverflowError) as exc:
+            raise too_large("data", cfg.data.name, exc) from None
         if ck is not None:
             check_checkpoint_fits(ck, cfg, data, ckpt_dir / CKPT_NAME)
         run = _Run(cfg, device, data, ckpt_dir, uri)
         try:
             run.build(ck)
+        except (MemoryError, RuntimeError, OverflowError) as exc:
+            raise too_large("model", cfg.model.name, exc) from None
         except UnsupportedGraphError as exc:
             msg = str(exc)
             if "cannot take data.name" not in msg:

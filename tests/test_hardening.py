@@ -674,3 +674,15 @@ def test_trial_finding_its_run_raises_tracking_error_not_mlflow_exception(monkey
                        data_root=None)
     with pytest.raises(TrackingError, match=f"tracking server {uri} unreachable during finding trial t1's run"):
         _find_child(_client(uri), ctx, "t1")
+
+
+@pytest.mark.parametrize("section, sections", [
+    ("data", {"data": {"name": "synthetic", "n_train": 64, "n_test": 32,
+                       "synthetic": {"shape": [1, 2 ** 40, 2 ** 40]}}}),  # overflows torch's storage size
+    ("model", {"model": {"name": "vgg_small", "kwargs": {"width": 2 ** 40}}}),  # ~4e13 bytes: the allocator refuses
+], ids=["data_shape", "model_width"])
+def test_valid_but_too_large_to_allocate(section, sections, sandbox, capsys):
+    """Within every range and still more than the machine holds: one line naming the section, not an internal
+    error, and nothing written."""
+    expect_bad_input(sandbox, capsys, _deep(TINY, **sections),
+                     needles=[f"error: {section} (", "too large to allocate on this machine"])
