@@ -823,15 +823,10 @@ def write_tables(built: list[BuiltTable], out_dir: str | Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ConfigError (one line, exit 2 via nr_study.cli) instead of printing usage."""
-
-    def error(self, message: str):  # noqa: D401
-        raise ConfigError(f"nr-study {self.prog.split()[-1]}: {message}")
-
-
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = _Parser(prog=f"nr-study {prog}", description=description)
+    from nr_study.cli import CommandParser
+
+    p = CommandParser(prog=f"nr-study {prog}", description=description)
     p.add_argument("--experiment", nargs="+", action="extend", default=None, metavar="NAME",
                    help="MLflow experiment name(s) to read (default: all)")
     p.add_argument("--tracking-uri", default=None,

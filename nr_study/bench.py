@@ -672,7 +672,9 @@ def run_bench(mode: str = "full", device: str = "cpu", only: Optional[list[str]]
 
 
 def cli_main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="nr-study bench", description="Measure NR's overheads against plain "
+    from nr_study.cli import CommandParser
+
+    ap = CommandParser(prog="nr-study bench", description="Measure NR's overheads against plain "
                                  "training, as ratios timed alternately in one process.")
     ap.add_argument("--quick", action="store_true", help="a ≤ 2-minute version of every row: fewer "
                     "repetitions, smaller shapes, a 4-trial sweep")

@@ -6,12 +6,13 @@ exits 130. Any other exception is a bug: one line naming it, the traceback only 
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
 import traceback
 
-from nr_study.errors import UserError, one_line
+from nr_study.errors import ConfigError, UserError, one_line
 
 COMMANDS = {
     "train": ("nr_study.train", "train one configuration (YAML) with MLflow tracking"),
@@ -21,6 +22,14 @@ COMMANDS = {
     "bench": ("nr_study.bench", "measure NR's overheads side by side"),
     "export": ("nr_study.export", "write a run's final model to a folder (nr_study.load_model loads it)"),
 }
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for a subcommand: a bad command line is one `error:` line naming the command (exit 2 via
+    main), not argparse's usage block."""
+
+    def error(self, message):
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def _usage() -> str:

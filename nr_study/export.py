@@ -2,18 +2,12 @@
 `nr_study.load_model(DIR)` — weights_only loading, the architecture spec rebuilds the module."""
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 from pathlib import Path
 
 from nr_study.errors import ConfigError
 from nr_study.names import MODEL_FILE
-
-
-class _ArgParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def export_model(ref: str, out_dir, tracking_uri=None) -> Path:
@@ -37,7 +31,9 @@ def cli_main(argv) -> int:
     from nr_study.tracking import quiet_client_logs
 
     quiet_client_logs()
-    ap = _ArgParser(prog="nr-study export", description="Write a run's final model to a folder.")
+    from nr_study.cli import CommandParser
+
+    ap = CommandParser(prog="nr-study export", description="Write a run's final model to a folder.")
     ap.add_argument("run", help="MLflow run id, or models:/<model id>")
     ap.add_argument("dir", help="folder to write model.pt (and model.json) into")
     ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "

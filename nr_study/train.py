@@ -19,7 +19,6 @@ checkpoint intact; Ctrl-C / SIGTERM end it KILLED.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -577,13 +576,6 @@ def _finish(run: _Run, tracker) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-class _ArgParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line as one `error:` line (exit 2) instead of usage + error."""
-
-    def error(self, message):
-        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a cluster's scheduler, `kill`): handled like Ctrl-C, the run ends KILLED, exit 143."""
 
@@ -596,7 +588,9 @@ def cli_main(argv) -> int:
     from nr_study.tracking import quiet_client_logs, runs_dir
 
     quiet_client_logs()
-    ap = _ArgParser(prog="nr-study train", description="Train one configuration with MLflow tracking.")
+    from nr_study.cli import CommandParser
+
+    ap = CommandParser(prog="nr-study train", description="Train one configuration with MLflow tracking.")
     ap.add_argument("config", help="YAML config (see configs/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, value parsed as YAML (repeatable), e.g. --set nr.tr=0.3")

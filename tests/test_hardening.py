@@ -686,3 +686,13 @@ def test_valid_but_too_large_to_allocate(section, sections, sandbox, capsys):
     error, and nothing written."""
     expect_bad_input(sandbox, capsys, _deep(TINY, **sections),
                      needles=[f"error: {section} (", "too large to allocate on this machine"])
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_bad_command_line_is_one_line_for_every_command(command, sandbox, capsys):
+    """Every subcommand parses with nr_study.cli.CommandParser: an unknown option is one `error:` line, exit 2."""
+    positionals = {"train": ["c.yaml"], "sweep": ["s.yaml"], "export": ["RUN", "DIR"]}.get(command, [])
+    rc = cli.main([command, *positionals, "--no-such-option"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: nr-study {command}: ") and "--no-such-option" in err[0], err

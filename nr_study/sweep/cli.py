@@ -10,7 +10,9 @@ from nr_study.files import read_text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    from nr_study.cli import CommandParser
+
+    ap = CommandParser(
         prog="nr-study sweep",
         description="Run a search space (search_spaces/*.yaml) on Ray Tune; one MLflow parent run per sweep, "
                     "one child run per trial.")
