@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from nr_study.errors import ConfigError, UserError, one_line
+from nr_study.errors import ConfigError, Terminated, UserError, one_line
 
 COMMANDS = {
     "train": ("nr_study.train", "train one configuration (YAML) with MLflow tracking"),
@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         for ln in lines:  # several bad fields: one line each
             print(f"error: {ln}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        term = isinstance(exc, Terminated)
+        print("error: terminated (SIGTERM)" if term else "error: interrupted", file=sys.stderr)
+        return 143 if term else 130
     except Exception as exc:  # a bug, not a user error: still one line unless asked for the traceback
         if os.environ.get("NR_STUDY_TRACEBACK"):
             traceback.print_exc()

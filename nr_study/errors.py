@@ -12,6 +12,10 @@ class UserError(Exception):
     exit_code = 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill PID`): handled like Ctrl-C — runs end KILLED — but exit 143."""
+
+
 class ConfigError(UserError):
     """A bad configuration or search-space value."""
 

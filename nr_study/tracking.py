@@ -43,9 +43,10 @@ for _k, _v in HTTP_DEFAULTS.items():
 
 from nr_study import __version__  # noqa: E402
 from nr_study.errors import ConfigError, TrackingError, one_line  # noqa: E402
-from nr_study.names import (DATA_CONTEXT_TEST, DATA_CONTEXT_TRAIN, EPOCH_KEY, EXPERIMENT_KIND,  # noqa: E402
-                            FAILED, FINISHED, KILLED, RUNNING, TAG_ARCH, TAG_CODE_VERSION, TAG_CONSTRAINT, TAG_DATASET, TAG_ERROR, TAG_EXPERIMENT_KIND,
-                            MODEL_FILE, MODEL_META, MODEL_NAME, MODEL_TYPE, SYSTEM_METRICS_INTERVAL_S, TAG_GIT_COMMIT, TAG_METHOD, TAG_SCHEME, TAG_SEED,
+from nr_study.names import (DATA_CONTEXT_TEST, DATA_CONTEXT_TRAIN, EPOCH_KEY, EXPERIMENT_KIND, FAILED,  # noqa: E402
+                            FINISHED, KILLED, MODEL_FILE, MODEL_META, MODEL_NAME, MODEL_TYPE, RUNNING,
+                            SYSTEM_METRICS_INTERVAL_S, TAG_ARCH, TAG_CODE_VERSION, TAG_CONSTRAINT, TAG_DATASET,
+                            TAG_ERROR, TAG_EXPERIMENT_KIND, TAG_GIT_COMMIT, TAG_METHOD, TAG_SCHEME, TAG_SEED,
                             VERSION_TAGS, runs_dir)
 
 __all__ = ["FINISHED", "FAILED", "KILLED", "RUNNING", "EPOCH_KEY", "runs_dir", "RunTracker", "open_run", "run_tags"]
@@ -561,8 +562,3 @@ def download_model(ref: str, tracking_uri: Optional[str] = None, dst: Optional[s
     except Exception as exc:
         raise ConfigError(f"model {ref!r}: cannot fetch it from {uri} ({one_line(exc, 300)}); allowed: a run id, "
                           f"models:/<model id>, or a folder with {MODEL_FILE}") from None
-
-
-def load_model_from_run(run_id: str, tracking_uri: Optional[str] = None):
-    """Kept for callers: load_model(run_id)."""
-    return load_model(run_id, tracking_uri)

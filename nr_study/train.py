@@ -38,7 +38,7 @@ from nr_study.checkpoint import (CKPT_FORMAT, CKPT_NAME, atomic_save, check_chec
                                  check_writable_dir, load_checkpoint, model_from_payload, model_payload, rng_state,
                                  seed_everything, set_rng_state)
 from nr_study.config import Config, config_from_dict, config_to_dict, load_config
-from nr_study.errors import ConfigError, UnsupportedGraphError, one_line
+from nr_study.errors import ConfigError, Terminated, UnsupportedGraphError, one_line
 from nr_study.files import check_sqlite_store
 from nr_study.methods import Event, make_method
 
@@ -576,10 +576,6 @@ def _finish(run: _Run, tracker) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cluster's scheduler, `kill`): handled like Ctrl-C, the run ends KILLED, exit 143."""
-
-
 def _on_sigterm(signum, frame):
     raise Terminated()
 

@@ -253,3 +253,38 @@ def test_sigterm_to_the_sweep_ends_every_run_killed(tmp_path):
         (r.info.run_name, r.info.status) for r in everything]
     assert [r.info.status for r in everything if r.data.tags.get("nr.role") == "sweep"] == ["KILLED"]
     assert not still_running(tree, 30)
+
+
+def test_sigterm_at_start_up_with_sigint_ignored(tmp_path):
+    """A sweep started with SIGINT ignored (`cmd &` in a script, nohup) gets SIGTERM while it starts, before Ray
+    Tune's loop has a SIGINT handler of its own: it still stops, exit 143, no run left RUNNING, nothing left."""
+    from mlflow.tracking import MlflowClient
+
+    doc = dict(DOC, name="sigterm0", experiment="test-sigterm0")
+    path, runs = tmp_path / "sigterm0.yaml", tmp_path / "runs"
+    path.write_text(yaml.safe_dump(doc))
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NR_STUDY_RUNS")}
+    cmd = [sys.executable, "-m", "nr_study.cli", "sweep", str(path), "--runs", str(runs), "--verbose", "0"]
+    proc = subprocess.Popen(with_signals(cmd, sigint="ignore"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=str(REPO), env=env, text=True)
+    seen, tree = [], []
+    try:
+        for line in proc.stdout:  # the parent run exists; Ray is starting next
+            seen.append(line)
+            if line.startswith("MLflow UI: "):
+                tree = psutil.Process(proc.pid).children(recursive=True)
+                proc.send_signal(signal.SIGTERM)
+                break
+        assert tree, "".join(seen)[-3000:]
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    out = "".join(seen) + out
+    assert proc.returncode == 143, out[-3000:]
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    everything = client.search_runs([client.get_experiment_by_name("test-sigterm0").experiment_id])
+    assert everything and not [r for r in everything if r.info.status == "RUNNING"], [
+        (r.info.run_name, r.info.status) for r in everything]
+    assert not still_running(tree, 30)

@@ -90,7 +90,7 @@ def test_bl_learns_and_is_tracked(tracking_uri, tmp_path):
     arts = {f.path for f in c.list_artifacts(s["run_id"])} | {f.path for f in c.list_artifacts(s["run_id"], "model")}
     assert {"config.yaml", "final_widths.json", "model/model.pt"} <= arts
     # the logged model rebuilds and predicts like the checkpointed one
-    m = T.load_model_from_run(s["run_id"], tracking_uri)
+    m = T.load_model(s["run_id"], tracking_uri)
     ref = model_from_payload(load_checkpoint(tmp_path / "ck")["model"]).eval()
     x = torch.randn(4, 1, 28, 28)
     assert torch.equal(m(x), ref(x))
@@ -151,7 +151,7 @@ def test_nr_rejuvenates_and_logs_event(nr_run, tracking_uri, tmp_path):
     fw = json.loads(Path(T.download_artifact(rid, "final_widths.json", tracking_uri, str(tmp_path))).read_text())
     assert {k: fw["widths"][k] for k in rep["widths_after"]} == rep["widths_after"]
     assert c.get_run(rid).data.tags["nr.scheme"] == "nr"
-    m = T.load_model_from_run(rid, tracking_uri)
+    m = T.load_model(rid, tracking_uri)
     assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
@@ -226,7 +226,7 @@ def test_nr_fs_rebuilds_found_widths(nr_run, tracking_uri, tmp_path):
     assert got["widths"] == fw["widths"] and s["final_params"] == nr_run["final_params"]
     assert c.get_run(s["run_id"]).data.tags["nr.method"] == "NR-FS"
     # weights are re-initialised, not copied from the NR run
-    a, b = T.load_model_from_run(src, tracking_uri), T.load_model_from_run(s["run_id"], tracking_uri)
+    a, b = T.load_model(src, tracking_uri), T.load_model(s["run_id"], tracking_uri)
     wa = next(p for n, p in a.named_parameters() if p.dim() == 4)
     wb = next(p for n, p in b.named_parameters() if p.dim() == 4)
     assert wa.shape == wb.shape and not torch.allclose(wa, wb, atol=1e-2)
@@ -306,7 +306,7 @@ def test_bl_ca_trains(tracking_uri):
 
     s = train(cfg(method="BL-CA", train={"epochs": 1, "max_steps_per_epoch": 2}), tracking_uri=tracking_uri,
               progress=False)
-    m = T.load_model_from_run(s["run_id"], tracking_uri)
+    m = T.load_model(s["run_id"], tracking_uri)
     assert any(isinstance(x, CAConv) for x in m.modules())
     assert MlflowClient(tracking_uri).get_run(s["run_id"]).data.tags["nr.scheme"] == "ca"
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from nr_study.errors import ConfigError, FaultError, UserError
+from nr_study.errors import ConfigError, FaultError, Terminated, UserError
 from nr_study.files import check_sqlite_store, read_json
 
 # Before Ray is imported anywhere: the classic CLIReporter table (trimmed to our metrics), no per-checkpoint
@@ -1172,7 +1172,12 @@ _TERMINATED: list = []  # set when SIGTERM arrived: the sweep then exits 143, no
 
 
 def _sigterm_to_interrupt(signum, frame):
-    """SIGTERM is stopped like Ctrl-C: sent on as SIGINT, so Ray Tune ends the sweep the way it does on Ctrl-C
-    (runs KILLED, the resume hint) instead of being cut out of its loop by an exception."""
+    """SIGTERM stops the sweep like Ctrl-C, exit 143. Inside Tuner.fit, where Ray Tune has its own SIGINT handler,
+    it is sent on as SIGINT, so Tune ends the trials as on Ctrl-C (runs KILLED, the resume hint) instead of being
+    cut out of its loop; anywhere else (start-up, the end, or SIGINT inherited ignored) it raises Terminated."""
     _TERMINATED.append(signum)
-    os.kill(os.getpid(), signal.SIGINT)
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not signal.default_int_handler:
+        os.kill(os.getpid(), signal.SIGINT)
+    else:
+        raise Terminated()
