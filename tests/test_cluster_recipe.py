@@ -45,6 +45,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nr_study.mlflow_server import free_port
 from tests.procs import with_signals
 
 pytestmark = pytest.mark.slow
@@ -115,12 +116,6 @@ def _private_or_loopback(ip: str) -> bool:
                                                                             "192.168.0.0/16"))
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _second_loopback_ip() -> str:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -153,8 +148,8 @@ def _ray_node_flags() -> list[str]:
     """What the test adds to a `ray start` line: own the process, stay off other Ray instances' ports."""
     flags = ["--block", "--num-cpus=1",
              "--object-store-memory=100000000", "--disable-usage-stats",
-             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     return flags
 
 
@@ -318,7 +313,7 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
     for h in homes:
         (ray_tmp / h).mkdir()
         envs[h] = dict(base_env, HOME=str(homes[h]), PWD=str(work), RAY_TMPDIR=str(ray_tmp / h))
-    gcs_port, mlflow_port = _free_port(), _free_port()
+    gcs_port, mlflow_port = free_port(), free_port()
     node_b_ip = _second_loopback_ip()
     head_ip = None
     token = None
@@ -351,7 +346,7 @@ def test_readme_cluster_recipe_runs_as_written(tmp_path):
                     env[k] = subst([v])[0]
             elif kind == "head":
                 cmd = [RAY, *_set_flag(argv, "--port", str(gcs_port))[1:], *_ray_node_flags(),
-                       f"--dashboard-port={_free_port()}"]
+                       f"--dashboard-port={free_port()}"]
                 started.start("ray_head", cmd, cwd=work, env=env)
                 _wait_for(lambda: "Ray runtime started" in started.log("ray_head", 100_000), 240,
                           "the head node", started, ["ray_head"])
