@@ -176,6 +176,8 @@ def fit(run: "_Run", tracker, on_epoch_end: Optional[Callable] = None, progress:
         row = {"epoch": run.epoch, **stats.row(time.perf_counter() - t0), "lr": run.lr(max(0, run.step - 1)),
                **run.evaluate(), **run.measure(), **{k: float(v) for k, v in method.metrics().items()},
                "total_epochs": run.end_epoch, "train_flops": run.train_flops}
+        if run.row_extras is not None:
+            row.update(run.row_extras(row))
         run.history.append(row)
         run.checkpoint()
         _fault_kill(tc, run.epoch, "after_checkpoint")
@@ -208,6 +210,7 @@ class _Run:
         self.train_flops, self.image_flops = 0, 0  # multiply-adds trained so far; of one image's forward now
         self.history: list[dict] = []
         self.pending: list[tuple[str, dict]] = []  # artifacts to log after the next checkpoint
+        self.row_extras: Optional[Callable[[dict], dict]] = None  # train(row_extras=...)
         self._graph, self._graph_of = None, None
         self.spe = data.steps_per_epoch(cfg.train.batch_size)
         if cfg.train.max_steps_per_epoch:
@@ -443,13 +446,15 @@ def _fmt(row: dict, epochs: int) -> str:
 def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = None, checkpoint_dir=None,
           resume: bool = False, on_epoch_end: Optional[Callable[[dict, Optional[str]], None]] = None,
           progress: bool = True, tags: Optional[dict] = None, parent_run_id: Optional[str] = None,
-          system_metrics: Optional[bool] = None) -> dict:
+          system_metrics: Optional[bool] = None, row_extras: Optional[Callable[[dict], dict]] = None) -> dict:
     """Train one configuration end to end; returns the final summary (incl. run_id).
 
     cfg: a Config or a nested dict. checkpoint_dir: where state.pt is written each epoch (None: no checkpoints).
     resume: continue from checkpoint_dir/state.pt when it exists (its MLflow run is reopened).
     on_epoch_end(metrics, checkpoint_dir): called after each epoch's checkpoint is written and logged.
     system_metrics: MLflow's system metrics on this run (None: tracking.system_metrics, off when unset).
+    row_extras(row) -> {metric: value}: more metrics for each epoch's row, added before it is checkpointed and
+    logged, so they are kept and logged exactly once like the row (a sweep's paired difference).
     """
     from nr_study.data import build_data
     from nr_study.errors import TrackingError
@@ -482,6 +487,7 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
         if ck is not None:
             check_checkpoint_fits(ck, cfg, data, ckpt_dir / CKPT_NAME)
         run = _Run(cfg, device, data, ckpt_dir, uri)
+        run.row_extras = row_extras
         try:
             run.build(ck)
         except (MemoryError, RuntimeError, OverflowError) as exc:

@@ -254,3 +254,29 @@ def test_pareto_front():
     pts = [{"e": 10, "p": 5}, {"e": 8, "p": 9}, {"e": 12, "p": 6}, {"e": 8, "p": 9.5}, {"e": 20, "p": 1}]
     front = pareto_front(pts, [("e", "min"), ("p", "min")])
     assert front == [{"e": 8, "p": 9}, {"e": 10, "p": 5}, {"e": 20, "p": 1}]
+
+
+# ------------------------------------------------------------------------------------------ paired baselines
+def test_pair_with_is_validated_up_front():
+    ok = parse_search_space(doc(space={"method": ["NR", "NR-CR"]}, pair_with="BL",
+                                search={"type": "optuna", "objectives": ["delta_test_err: min"]}), "x.yaml")
+    assert ok.pair_with == "BL" and ok.objectives == [("delta_test_err", "min")]
+    # the pair itself among the trials (a dimension, or base's method when nothing sweeps it)
+    assert any("pair_with: BL: method BL is the paired baseline itself" in e
+               for e in errors_of(doc(pair_with="BL")))
+    assert any("method BL is the paired baseline" in e
+               for e in errors_of(doc(space={"variant": [{"method": "NR"}, {"method": "BL"}]}, pair_with="BL")))
+    # every variant sets the method: base's BL never trains, so nothing to refuse
+    parse_search_space(doc(space={"variant": [{"method": "NR"}, {"method": "NR-CR", "nr.tr": 0.3}]}, pair_with="BL"),
+                       "x.yaml")
+    # no epoch pairs a reset_epochs run with its baseline
+    errs = errors_of(doc(space={"method": ["NR"], "train.after_rejuvenation": {"choice": ["continue", "reset_epochs"]}},
+                         pair_with="BL", search="random"))
+    assert any("reset_epochs trains more epochs than its baseline" in e for e in errs)
+    assert any("pair_with: 'BLX' is not allowed; allowed: one of BL" in e
+               for e in errors_of(doc(space={"method": ["NR"]}, pair_with="BLX")))
+    # the paired metric needs a pair
+    for kw in ({"search": {"type": "optuna", "objectives": ["delta_test_err: min"]}},
+               {"scheduler": {"type": "asha", "metric": "delta_test_err", "mode": "min"}}):
+        assert any("delta_test_err is only allowed with pair_with" in e
+                   for e in errors_of(doc(space={"method": ["NR"]}, **kw)))

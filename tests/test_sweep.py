@@ -176,6 +176,43 @@ def test_asha_stops_trials_early(mlflow_server, local_ray, runs):
         assert epochs_logged(client, r.info.run_id) == list(range(1, n + 1))
 
 
+def test_paired_sweep_trains_each_baseline_once_and_reports_the_exact_difference(mlflow_server, local_ray, runs):
+    # 4 NR trials on 2 seeds: the two methods of a seed share one BL pair (it reads none of the nr settings),
+    # trained once while the other trial of that seed waits on its lock; delta_test_err is the trial's test_err
+    # minus its pair's, epoch by epoch, and the pair is the BL that `train` gives for that configuration.
+    from nr_study.sweep.pairs import pair_config
+    from nr_study.train import train
+
+    doc = make_doc("paired", space={"method": ["NR", "NR-CR"]}, repeat=2, pair_with="BL",
+                   search={"type": "grid", "objectives": ["delta_test_err: min"]}, tags={"table": "paired"})
+    summary = run(doc, mlflow_server)
+    client = client_for(mlflow_server)
+    kids = children_of(client, summary)
+    pairs = [r for r in kids if r.data.tags.get("nr.paired_baseline") == "true"]
+    trials = [r for r in kids if r not in pairs]
+    assert len(trials) == 4 and len(pairs) == 2, [r.data.tags.get("mlflow.runName") for r in kids]
+    assert all(r.info.status == "FINISHED" for r in kids)
+    assert all("nr.table" not in r.data.tags and r.data.tags["nr.method"] == "BL" for r in pairs)
+    pair_err = {r.info.run_id: {int(m.step): m.value for m in client.get_metric_history(r.info.run_id, "test_err")}
+                for r in pairs}
+    assert all(sorted(h) == [1, 2] for h in pair_err.values())  # each epoch once
+    for r in trials:
+        mine = {int(m.step): m.value for m in client.get_metric_history(r.info.run_id, "test_err")}
+        delta = {int(m.step): m.value for m in client.get_metric_history(r.info.run_id, "delta_test_err")}
+        theirs = pair_err[r.data.tags["nr.pair_run"]]
+        assert sorted(delta) == [1, 2]
+        for e in delta:
+            assert delta[e] == pytest.approx(mine[e] - theirs[e], abs=1e-9)
+        assert client.get_run(r.data.tags["nr.pair_run"]).data.params["seed"] == r.data.params["seed"]
+    assert summary["best"]["delta_test_err"] == min(c["delta_test_err"] for c in summary["configurations"])
+    # the pair of seed 1 is the BL of that configuration, to the digit
+    space = parse_search_space(doc, "paired.yaml")
+    cfg, _, _ = space.resolve_trial({"method": "NR", "__repeat__": 1})
+    direct = train(pair_config(cfg, "BL"), tracking_uri=mlflow_server.url, progress=False)
+    seed1 = next(r for r in pairs if r.data.params["seed"] == "1")
+    assert [row["test_err"] for row in direct["history"]] == [pair_err[seed1.info.run_id][e] for e in (1, 2)]
+
+
 def test_worker_kill_resumes_same_run_after_surgery(mlflow_server, local_ray, runs, tmp_path, caplog):
     marker = tmp_path / "killed_once"
     doc = make_doc("workerkill", space={"method": ["NR-CR"]}, max_failures=2,

@@ -262,6 +262,13 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
             and _status(client, run_id) == FINISHED):
         return  # finished (the driver died before Ray recorded it): nothing to re-run or re-log
 
+    row_extras = None
+    if ctx.space.pair_with:  # the paired baseline first: every epoch row then carries delta_test_err
+        from nr_study.sweep.pairs import TAG_PAIR_RUN, delta_row, train_pair
+
+        pair = train_pair(ctx, cfg, client, _find_child)
+        client.set_tag(run_id, TAG_PAIR_RUN, pair["run_id"])
+        row_extras = lambda row: delta_row(row, pair["history"])  # noqa: E731
     final: dict = {}
 
     def on_epoch_end(row: dict, checkpoint_dir: Optional[str]) -> None:
@@ -277,7 +284,8 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
     # driver, which knows which of the two it was, closes the run at the end of the sweep.
     summary = train(cfg, tracking_uri=ctx.tracking_uri, run_id=run_id, checkpoint_dir=str(work), resume=resume,
                     on_epoch_end=on_epoch_end, progress=False, tags=tags, parent_run_id=ctx.parent_run_id,
-                    system_metrics=cfg.tracking.system_metrics is not False)  # on unless the space turns it off
+                    system_metrics=cfg.tracking.system_metrics is not False,  # on unless the space turns it off
+                    row_extras=row_extras)
     if final:
         extra = {k: summary[k] for k in ("final_test_err", "best_test_err", "final_params", "final_flops")
                  if isinstance(summary.get(k), (int, float))}
@@ -403,6 +411,8 @@ def build_reporter(space: SearchSpace):
     metrics = {"training_iteration": "epoch"}
     metrics.update({m: ("util" if m == "util_params" else "rejuv" if m == "rejuvenations" else m)
                     for m in METRIC_COLUMNS})
+    if space.pair_with:
+        metrics["delta_test_err"] = f"Δ vs {space.pair_with}"
     return CLIReporter(metric_columns=metrics, parameter_columns=params, max_report_frequency=30,
                        total_samples=space.num_trials, max_column_length=16)
 
@@ -444,7 +454,7 @@ def build_tuner(space: SearchSpace, ctx: TrialContext, storage_root: Path, sweep
 def _param_items(space: SearchSpace) -> dict:
     from nr_study.config import flatten
 
-    p: dict[str, Any] = {"sweep.name": space.name, "sweep.search": space.search,
+    p: dict[str, Any] = {"sweep.name": space.name, "sweep.search": space.search, "sweep.pair_with": space.pair_with or "-",
                          "sweep.scheduler": space.scheduler["type"], "sweep.num_samples": space.num_samples,
                          "sweep.num_trials": space.num_trials, "sweep.repeat": space.repeat,
                          "sweep.max_concurrent": space.max_concurrent, "sweep.max_failures": space.max_failures,
@@ -601,7 +611,7 @@ def summarize(space: SearchSpace, results) -> dict:
         m = r.metrics or {}
         tid = m.get("trial_id") or (Path(str(r.path)).name.split("-", 1)[0] if getattr(r, "path", None) else None)
         row = {"trial_id": tid, "name": name, "cell": tags[TAG_CELL], "error": bool(r.error),
-               "epochs": m.get("training_iteration")}
+               "epochs": m.get("training_iteration"), "complete": "final_test_err" in m}
         if r.error:
             row["cause"] = error_cause(r.error)
         row.update({k: values[k] for k in values})
@@ -613,20 +623,23 @@ def summarize(space: SearchSpace, results) -> dict:
     for row in rows:
         if row["error"]:
             continue
-        g = groups.setdefault(row["cell"], {"cell": row["cell"], "n": 0, "_sums": {}})
+        g = groups.setdefault(row["cell"], {"cell": row["cell"], "n": 0, "_sums": {}, "complete": True})
         g["n"] += 1
+        g["complete"] &= row["complete"]
         for metric, _ in space.objectives:
             if isinstance(row.get(metric), (int, float)):
                 g["_sums"].setdefault(metric, []).append(float(row[metric]))
     configs = []
     for g in groups.values():
-        c = {"cell": g["cell"], "n": g["n"]}
+        c = {"cell": g["cell"], "n": g["n"], "complete": g["complete"]}
         for metric, vals in g["_sums"].items():
             c[metric] = sum(vals) / len(vals)
         configs.append(c)
     out = {"trials": rows, "configurations": configs}
     m0, md0 = space.objectives[0]
     ranked = [c for c in configs if isinstance(c.get(m0), float)]
+    if any(c["complete"] for c in ranked):  # a trial a scheduler stopped early is ranked at a shorter training
+        ranked = [c for c in ranked if c["complete"]]
     if ranked:
         out["best"] = (min if md0 == "min" else max)(ranked, key=lambda c: c[m0])
     if space.multi_objective:

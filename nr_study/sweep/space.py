@@ -22,6 +22,9 @@ Schema (every key but `name` and `base` optional):
     resources_per_trial: {cpu: 1, gpu: 0.5} # fractional GPUs allowed; a trial runs torch with `cpu` threads
     max_failures: 1     # retries of a trial whose worker died/errored; it resumes from its last checkpoint
     repeat: 3           # seeds per configuration: base seed + 0..repeat-1 (tag nr.seed)
+    pair_with: BL       # every trial also trains (or reuses) this method on the same configuration and seed
+                        # and reports delta_test_err = its test_err - the pair's, per epoch (an objective,
+                        # an ASHA metric); see nr_study.sweep.pairs
     tags:               # MLflow tags on every child run: `table` -> nr.table, other keys -> nr.<key>
       table: table4
       cell: "{data.name}/{model.name}/{method}"   # per-trial cell name from (swept) config values
@@ -45,13 +48,14 @@ from nr_study.config import INT64, SEED_MAX, mapping_at, mlflow_name_ok, show, s
 from nr_study.errors import ConfigError
 
 TOP_KEYS = ("name", "experiment", "description", "base", "space", "search", "scheduler", "num_samples",
-            "max_concurrent", "resources_per_trial", "max_failures", "repeat", "tags")
+            "max_concurrent", "resources_per_trial", "max_failures", "repeat", "tags", "pair_with")
 SEARCHES = ("grid", "random", "optuna")
 SAMPLERS = ("tpe", "nsga2")
 SCHEDULERS = ("fifo", "asha")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("test_err", "test_err5", "train_err", "train_loss", "util_params", "util_flops", "lambda",
-           "params", "flops", "rejuvenations", "epoch_time", "images_per_s")
+           "params", "flops", "rejuvenations", "epoch_time", "images_per_s", "delta_test_err")
+PAIRED_METRICS = ("delta_test_err",)  # only with pair_with (nr_study.sweep.pairs)
 MODES = ("min", "max")
 ALIASES = {"model.arch": "model.name", "train.seed": "seed", "arch": "model.name", "dataset": "data.name"}
 SHORT = {"method": "", "model.name": "", "seed": "s", "nr.tr": "tr", "nr.delta_r": "dr",
@@ -104,6 +108,7 @@ class SearchSpace:
     cell: str | None = None
     document: dict = field(default_factory=dict)  # the (overridden) YAML document, as loaded
     base_raw: dict = field(default_factory=dict)  # `base` as written (what trials train: robust to new defaults)
+    pair_with: str | None = None     # the method each trial is paired with (nr_study.sweep.pairs)
 
     # -- derived -----------------------------------------------------------------------------------
     @property
@@ -472,6 +477,8 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
                 except ConfigError as exc:
                     errors.append(str(exc))
 
+    pair_with = _parse_pair_with(doc.get("pair_with"), base, dims, objectives, scheduler, err)
+
     if errors:
         raise ConfigError("\n".join(errors))
     return SearchSpace(path=path, name=name, experiment=experiment, description=description, base=base,
@@ -479,7 +486,45 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
                        search_seed=search_seed, scheduler=scheduler, num_samples=num_samples,
                        max_concurrent=max_concurrent, cpu=cpu, gpu=gpu, max_failures=max_failures,
                        repeat=repeat, tags=tags, cell=cell, document=doc,
-                       base_raw=copy.deepcopy(base_raw) if isinstance(base_raw, dict) else {})
+                       base_raw=copy.deepcopy(base_raw) if isinstance(base_raw, dict) else {}, pair_with=pair_with)
+
+
+def _values_of(key: str, base: dict, dims: list[Dim]) -> list:
+    """Every value a config key takes in this space's trials: a dimension's or base's, and each variant's."""
+    plain = next((d for d in dims if d.key == key), None)
+    vals = list(plain.values or []) if plain else [get_dotted(base, key)]
+    for d in dims:
+        if d.variants is not None:
+            sets = [v[key] for v in d.variants.values() if key in v]
+            if plain is None and len(sets) == len(d.variants):
+                vals = []  # every variant sets it: base's value never trains
+            vals += sets
+    return vals
+
+
+def _parse_pair_with(raw, base, dims, objectives, scheduler, err) -> str | None:
+    from nr_study.config import METHODS
+    from nr_study.sweep.pairs import check_pairable
+
+    used = [m for m, _ in objectives] + ([scheduler["metric"]] if scheduler.get("type") == "asha" else [])
+    if raw is None:
+        for m in used:
+            if m in PAIRED_METRICS:
+                err("search.objectives" if m in dict(objectives) else "scheduler.metric",
+                    f"{m} is only allowed with pair_with (a method each trial is compared with, e.g. pair_with: BL)")
+        return None
+    if not isinstance(raw, str) or raw not in METHODS:
+        err("pair_with", f"{show(raw)} is not allowed; allowed: one of {', '.join(METHODS)}")
+        return None
+    for m in sorted({str(v) for v in _values_of("method", base, dims)} if base else ()):
+        why = check_pairable(m, None, raw)
+        if why:
+            err("pair_with", f"{raw}: {why}")
+    for a in sorted({str(v) for v in _values_of("train.after_rejuvenation", base, dims)} if base else ()):
+        why = check_pairable(None, a, raw)
+        if why:
+            err("pair_with", f"{raw}: {why}")
+    return raw
 
 
 def _suggest(key: str, options) -> str:
