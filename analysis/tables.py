@@ -34,6 +34,7 @@ import csv
 import html
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,8 +194,8 @@ def make_cell(paper: PaperValue, runs: list[RunRecord], value: str, mode: str) -
 COMPARE_BASES = ("equal_epochs", "equal_compute")
 COMPUTE_TOLERANCE = 0.10  # equal_compute: the baseline's training multiply-adds within ±10 % of the run's
 BASIS_TEXT = {
-    "equal_epochs": "equal epochs (a baseline run with the same seed and the same train.epochs)",
-    "equal_compute": "equal training compute (a baseline run with the same seed whose logged train_flops are "
+    "equal_epochs": "equal epochs (a baseline run with the same seed, the same data and the same train.epochs)",
+    "equal_compute": "equal training compute (a baseline run with the same seed and data whose logged train_flops are "
                      f"within ±{COMPUTE_TOLERANCE:.0%} of the run's: a baseline trained as long as the run was)",
 }
 
@@ -237,7 +238,18 @@ def _train_flops(run: RunRecord) -> float | None:
     return run.final("train_flops")
 
 
+NOT_DATA = ("data.root", "data.download", "data.num_workers")  # where the data lives, not which data it is
+
+
+def _same_data(run: RunRecord, base: RunRecord) -> bool:
+    """The same images: a seed pairs two runs only on the same dataset, subset sizes and subset seed."""
+    keys = {k for k in (*run.params, *base.params) if k.startswith("data.") and k not in NOT_DATA}
+    return all(run.params.get(k) == base.params.get(k) for k in keys)
+
+
 def _is_pair(run: RunRecord, base: RunRecord, basis: str) -> bool:
+    if not _same_data(run, base):
+        return False
     if basis == "equal_epochs":
         return run.params.get("train.epochs") is not None and run.params.get("train.epochs") == base.params.get("train.epochs")
     a, b = _train_flops(run), _train_flops(base)
@@ -762,28 +774,62 @@ def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final"
                       n_runs=sum(len(v) for v in groups.values()))
 
 
+OWN_PAIR = "delta_test_err"  # a paired sweep's (pair_with) per-run difference to its own baseline, per epoch
+
+
+def own_pair_difference(runs: list[RunRecord]) -> Paired:
+    """The paired difference each run of a paired sweep measured against its own baseline (same seed, data,
+    architecture, epochs): per seed (a seed's runs averaged), mean [95 % t interval] (n seeds)."""
+    by_seed: dict[str, list[float]] = {}
+    for r in runs:
+        d = r.final(OWN_PAIR)
+        if d is not None:
+            by_seed.setdefault(r.get("seed") or r.run_id, []).append(d)
+    return t_interval([sum(v) / len(v) for v in by_seed.values()])
+
+
 def build_cells_table(key: str, store: RunStore, mode: str = "final") -> BuiltTable:
     """A sweep's own table (an `nr.table` tag that is no paper table, e.g. the demo's): a row per cell (its
     `nr.cell` tag, else its method), error / params / FLOPs / rejuvenations as mean ± std (n), and a paired
-    difference column per BL cell (the full BL, a width-scaled BL, ...) at equal epochs."""
-    runs = store.finished({"table": key})
+    difference column per BL cell (the full BL, a width-scaled BL, ...) at equal epochs. A paired sweep's
+    runs (pair_with) add their difference to their own baseline, and the rows are sorted by it. Runs a
+    scheduler stopped early are left out (their error is that of a shorter training), and said so."""
+    finished = store.finished({"table": key})
+    runs = [r for r in finished if r.tags.get("nr.early_stopped") != "true"]
     notes = _status_note(store, key) + budget_note(runs)
+    if len(runs) < len(finished):
+        notes.append(f"{len(finished) - len(runs)} run(s) stopped early by the sweep's scheduler (ASHA) are not in "
+                     f"the table: their error is from fewer epochs")
     by_cell: dict[str, list[RunRecord]] = {}
     for r in runs:
         by_cell.setdefault(r.get("cell") or r.get("method") or "?", []).append(r)
     bases = sorted(c for c, rs in by_cell.items() if all(r.get("method") == "BL" for r in rs))  # e.g. a width-scaled BL too
-    if runs and not bases:
+    own = {c: own_pair_difference(rs) for c, rs in by_cell.items()}
+    own = {c: p for c, p in own.items() if p.n}
+    if runs and not bases and not own:
         notes.append("no BL cell: no paired column")
-    rows = sorted(by_cell, key=lambda c: (c not in bases, c))
+    rows = sorted(by_cell, key=lambda c: (c not in bases, own[c].mean if c in own else math.inf, c))
     values = ["top1", "params", "flops", "rejuvenations"]
-    columns = [Column("", v) for v in values] + [Column(f"Δ vs {b}, paired", f"paired:{b}", single=True) for b in bases]
+    columns = [Column("", v) for v in values]
+    if own:
+        columns.append(Column("Δ vs its own paired BL", "paired:own", single=True))
+    columns += [Column(f"Δ vs {b}, paired", f"paired:{b}", single=True) for b in bases]
     cells = {(row, "", v): make_cell(PaperValue(None, None), by_cell[row], v, mode) for row in rows for v in values}
     built = BuiltTable(key, f"Sweep table {key!r}", "", "Cell", rows, columns, cells, {(r, ""): r for r in rows},
                        with_paper=False, notes=notes + _missing_notes(by_cell, values[:3], mode), metric=mode,
                        n_runs=len(runs))
+    captions = []
+    if own:
+        captions.append("Δ vs its own paired BL is each run's test error minus that of the BL the sweep trained "
+                        "with the same seed, data, architecture and epochs (pair_with), at the last epoch; rows are "
+                        "sorted by it")
     if bases:
-        built.caption = (f"Rows are the sweep's cells; the Δ columns compare each with a BL cell ({', '.join(bases)}) "
-                         f"at {BASIS_TEXT['equal_epochs']}.")
+        captions.append(f"The Δ vs <cell> columns compare each with a BL cell ({', '.join(bases)}) at "
+                        f"{BASIS_TEXT['equal_epochs']}")
+    if captions:
+        built.caption = "Rows are the sweep's cells. " + ". ".join(captions) + "."
+    for c, pr in own.items():
+        built.paired_cells[(c, "paired:own")] = pr
     for b in bases:
         for row in rows:
             if row != b:

@@ -457,7 +457,7 @@ def test_paired_rows_equal_epochs_and_equal_compute(tmp_path):
     assert "training epochs by method: BL 10; NR-CR 10 (after_rejuvenation=restart_schedule); SLIM 10–12" in t4.notes
     md = t4.to_markdown()
     assert f"| Δ vs BL, equal epochs: {row} | — | — | −1.00 (1) · compute 1.00× | — | +1.67 [+0.23, +3.10] (3)" in md
-    assert "equal epochs (a baseline run with the same seed and the same train.epochs)" in t4.caption
+    assert "equal epochs (a baseline run with the same seed, the same data and the same train.epochs)" in t4.caption
     recs = [r for r in csv.DictReader(t4.to_csv().splitlines()) if r["kind"] == "paired" and r["column"] == "NR-CR"]
     assert len(recs) == 1 and float(recs[0]["ci_low"]) == pytest.approx(5 / 3 - half, abs=1e-5)
 
@@ -467,6 +467,42 @@ def test_paired_rows_equal_epochs_and_equal_compute(tmp_path):
     assert epochs[("# of NR 2", "top1")].mean == 2.0 and compute[("# of NR 2", "top1")].n == 0
     assert compute[("# of NR 2", "top1")].text() == "—"
     assert any("no baseline run at equal compute" in n for n in t5.notes)
+
+
+def test_paired_sweep_table_own_pair_column_data_and_early_stops(tmp_path):
+    """A paired sweep's table: each run's own delta_test_err, per seed, rows sorted by it; a baseline on other
+    data is never a partner; runs ASHA stopped early are left out and counted in a note."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    e = c.create_experiment("study")
+
+    def run(cell, method, seed, err, delta=None, n_train=5000, early=False):
+        tags = T("study", cell, method, "vgg_small", "fashion_mnist", "params", seed=seed)
+        if early:
+            tags["nr.early_stopped"] = "true"
+        hist = {"test_err": [30.0, err]}
+        if delta is not None:
+            hist["delta_test_err"] = [9.0, delta]  # the last epoch's counts
+        _log(c, e, tags=tags, params={"method": method, "train.epochs": 2, "data.n_train": n_train,
+                                      "data.root": f"/somewhere/{seed}"}, hist=hist)
+
+    for s, d in enumerate((-1.0, -2.0, -3.0)):
+        run("NR-CR,w16", "NR-CR", s, 10.0, delta=d)
+    run("NR,w8", "NR", 0, 12.0, delta=1.5)
+    run("NR,w8", "NR", 0, 12.0, delta=0.5)  # the same seed twice: averaged, n = 1 seed
+    run("NR,w24", "NR", 0, 15.0, delta=-9.0, early=True)  # stopped at a rung: not in the table
+    run("BL", "BL", 0, 11.0)
+    run("BL", "BL", 1, 11.0, n_train=20000)  # other data: no partner for seed 1
+    t = {t.name: t for t in build_tables(RunStore(uri), "final")}["study"]
+    assert t.rows == ["BL", "NR-CR,w16", "NR,w8"]  # baselines first, then by the own-pair difference
+    own = [col for col in t.columns if col.value == "paired:own"][0]
+    assert t.parts("NR-CR,w16", own) == ["−2.00 [−4.48, +0.48] (3)"]  # t(0.975, 2) · 1 / √3 = 2.484
+    assert t.parts("NR,w8", own) == ["+1.00 (1)"]
+    vs_bl = [col for col in t.columns if col.value == "paired:BL"][0]
+    assert t.parts("NR-CR,w16", vs_bl) == ["−1.00 (1)"]  # seed 0 only: seed 1's BL trained on other data
+    assert any("seed 1): no baseline run at equal epochs" in n for n in t.notes)
+    assert any("1 run(s) stopped early by the sweep's scheduler" in n for n in t.notes)
+    assert "Δ vs its own paired BL is each run's test error minus" in t.caption
 
 
 def test_line_labels_tell_runs_apart():
