@@ -19,9 +19,11 @@ checkpoint intact; Ctrl-C / SIGTERM end it KILLED.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -582,6 +584,15 @@ def _finish(run: _Run, tracker) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+_CONFIG_KEY_LINE = re.compile(r"(?:%s)\b[\w.]*:" % "|".join(f.name for f in dataclasses.fields(Config)))
+
+
+def in_file(path: str, message: str) -> str:
+    """Each line of `message` that starts with a config key ("model: ...", "data.n_train: ...") as
+    '<path>: <line>', so an error found only while building names the file, like load_config's own."""
+    return "\n".join(f"{path}: {line}" if _CONFIG_KEY_LINE.match(line) else line for line in message.splitlines())
+
+
 def _on_sigterm(signum, frame):
     raise Terminated()
 
@@ -616,6 +627,8 @@ def cli_main(argv) -> int:
     except TrainingDivergedError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 1
+    except ConfigError as exc:  # found while building (a model's kwargs, ...): say which file it is in
+        raise ConfigError(in_file(args.config, str(exc))) from None
     except KeyboardInterrupt as exc:
         code, what = (143, "terminated (SIGTERM)") if isinstance(exc, Terminated) else (130, "interrupted")
         again = (f"; continue with: nr-study train {args.config} --resume --checkpoint-dir {ckpt}"

@@ -118,6 +118,10 @@ CONFIG_CASES = [
                                                                        "'optim.schedule'?"]),
     ("set_out_of_range", _deep(TINY), ("--set", "nr.tr=2"), ["nr.tr: 2.0 is out of range"]),
     ("bad_command_line", _deep(TINY), ("--epochs", "3"), ["nr-study train: unrecognized arguments: --epochs 3"]),
+    # found only when the model is built: the line still names the file
+    ("unknown_model", _deep(TINY, model={"name": "nope"}), (), ["cfg.yaml: model: unknown architecture 'nope'"]),
+    ("set_bad_model_kwargs", _deep(TINY), ("--set", "model.kwargs={width: -3}"),
+     ["cfg.yaml: model: vgg_small width must be a positive integer, got -3"]),
 ]
 
 
