@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis.runs import NR_METHODS, RunRecord, RunStore, mean_std, norm, rejuvenation_count, to_float  # noqa: E402
 from nr_study.config import METHODS  # noqa: E402
+from nr_study.names import TAG_PAIRED_BASELINE  # noqa: E402
 from analysis.tables import Paper, parse_common, load_paper  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8, "figure.dpi": 100})
@@ -489,7 +490,7 @@ def plot_pareto(runs: list[RunRecord], out_dir: str | Path, parents: list[RunRec
     by_id = {p.run_id: p for p in parents or []}
     sweeps: dict[str, list[RunRecord]] = {}
     for r in runs:
-        if r.get("sweep"):
+        if r.get("sweep") and r.tags.get(TAG_PAIRED_BASELINE) != "true":  # a pair is no trial of the search
             sweeps.setdefault(r.get("sweep"), []).append(r)
     results = []
     for sweep, members in sorted(sweeps.items()):
@@ -545,7 +546,7 @@ def _sweeps(runs: list[RunRecord], parents: list[RunRecord] | None) -> dict[str,
     by_id = {p.run_id: p for p in parents or []}
     sweeps: dict[str, list[RunRecord]] = {}
     for r in runs:
-        if r.get("sweep"):
+        if r.get("sweep") and r.tags.get(TAG_PAIRED_BASELINE) != "true":  # a pair is no trial of the search
             sweeps.setdefault(r.get("sweep"), []).append(r)
     out = {}
     for sweep, members in sorted(sweeps.items()):

@@ -45,6 +45,7 @@ from analysis.runs import (NR_METHODS, RunRecord, RunStore, default_tracking_uri
 from nr_study.config import METHODS
 from nr_study.errors import ConfigError
 from nr_study.files import read_yaml
+from nr_study.names import DELTA_METRIC
 
 PAPER_YAML = Path(__file__).with_name("paper_results.yaml")
 DASH = "—"
@@ -774,15 +775,12 @@ def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final"
                       n_runs=sum(len(v) for v in groups.values()))
 
 
-OWN_PAIR = "delta_test_err"  # a paired sweep's (pair_with) per-run difference to its own baseline, per epoch
-
-
 def own_pair_difference(runs: list[RunRecord]) -> Paired:
     """The paired difference each run of a paired sweep measured against its own baseline (same seed, data,
     architecture, epochs): per seed (a seed's runs averaged), mean [95 % t interval] (n seeds)."""
     by_seed: dict[str, list[float]] = {}
     for r in runs:
-        d = r.final(OWN_PAIR)
+        d = r.final(DELTA_METRIC)
         if d is not None:
             by_seed.setdefault(r.get("seed") or r.run_id, []).append(d)
     return t_interval([sum(v) / len(v) for v in by_seed.values()])

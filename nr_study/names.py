@@ -23,6 +23,9 @@ TAG_TABLE, TAG_CELL = "nr.table", "nr.cell"  # where a run lands in analysis/tab
 TAG_SWEEP, TAG_TRIAL = "nr.sweep", "nr.trial"  # the sweep's name, the trial's id
 TAG_NODE, TAG_GPUS = "nr.node", "nr.gpus"  # the Ray node a trial ran on, its GPU ids ("-": none)
 TAG_CODE_VERSION, TAG_ERROR = "nr.code_version", "nr.error"
+# A paired sweep (pair_with): "true" on a pair's own run (no trial, in no table); on a trial's run, its pair's id.
+TAG_PAIRED_BASELINE, TAG_PAIR_RUN = "nr.paired_baseline", "nr.pair_run"
+DELTA_METRIC = "delta_test_err"  # a paired trial's test_err − its pair's at the same epoch (points)
 # The code a run ran: MLflow's own git tag (the UI shows it on the run page) and the versions of the stack.
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 VERSION_TAGS = {"torch": "nr.version.torch", "ray": "nr.version.ray", "mlflow": "nr.version.mlflow",

@@ -20,13 +20,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from nr_study.names import FINISHED, TAG_CELL, TAG_SWEEP, TAG_TRIAL
+from nr_study.names import DELTA_METRIC, FINISHED, TAG_CELL, TAG_PAIRED_BASELINE, TAG_SWEEP, TAG_TRIAL
 
 PAIRS_DIR = "pairs"
 RESULT_FILE = "result.json"
-TAG_PAIRED_BASELINE = "nr.paired_baseline"  # "true" on a pair's run: not a trial, never in a table
-TAG_PAIR_RUN = "nr.pair_run"                # on a trial's run: the run it is compared with
-DELTA = "delta_test_err"                    # test_err − the pair's test_err at the same epoch (points)
 
 
 def pair_config(cfg, method: str):
@@ -57,7 +54,7 @@ def delta_row(row: dict, pair_history: list[dict]) -> dict:
     other = by_epoch.get(int(row["epoch"]))
     if other is None:
         return {}
-    return {DELTA: float(row["test_err"]) - float(other["test_err"])}
+    return {DELTA_METRIC: float(row["test_err"]) - float(other["test_err"])}
 
 
 def train_pair(ctx, cfg, client, find_child) -> dict:

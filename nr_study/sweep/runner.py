@@ -55,8 +55,8 @@ from nr_study.sweep.space import REPEAT_KEY, TRIAL_INDEX_KEY, SearchSpace, dump_
 
 SWEEP_FILE = "nr_sweep.json"
 METRIC_COLUMNS = ("test_err", "util_params", "lambda", "rejuvenations", "params")
-from nr_study.names import (FAILED, FINISHED, KILLED, OPTUNA_DB, RUNNING, TAG_CELL, TAG_GPUS, TAG_NODE,  # noqa: E402
-                            TAG_TRIAL)
+from nr_study.names import (DELTA_METRIC, FAILED, FINISHED, KILLED, OPTUNA_DB, RUNNING, TAG_CELL,  # noqa: E402
+                            TAG_GPUS, TAG_NODE, TAG_TRIAL)
 
 
 # --------------------------------------------------------------------------------------------- context
@@ -264,7 +264,8 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
 
     row_extras = None
     if ctx.space.pair_with:  # the paired baseline first: every epoch row then carries delta_test_err
-        from nr_study.sweep.pairs import TAG_PAIR_RUN, delta_row, train_pair
+        from nr_study.names import TAG_PAIR_RUN
+        from nr_study.sweep.pairs import delta_row, train_pair
 
         pair = train_pair(ctx, cfg, client, _find_child)
         client.set_tag(run_id, TAG_PAIR_RUN, pair["run_id"])
@@ -412,7 +413,7 @@ def build_reporter(space: SearchSpace):
     metrics.update({m: ("util" if m == "util_params" else "rejuv" if m == "rejuvenations" else m)
                     for m in METRIC_COLUMNS})
     if space.pair_with:
-        metrics["delta_test_err"] = f"Δ vs {space.pair_with}"
+        metrics[DELTA_METRIC] = f"Δ vs {space.pair_with}"
     return CLIReporter(metric_columns=metrics, parameter_columns=params, max_report_frequency=30,
                        total_samples=space.num_trials, max_column_length=16)
 

@@ -46,6 +46,7 @@ import yaml
 
 from nr_study.config import INT64, SEED_MAX, mapping_at, mlflow_name_ok, show, show_key
 from nr_study.errors import ConfigError
+from nr_study.names import DELTA_METRIC
 
 TOP_KEYS = ("name", "experiment", "description", "base", "space", "search", "scheduler", "num_samples",
             "max_concurrent", "resources_per_trial", "max_failures", "repeat", "tags", "pair_with")
@@ -54,8 +55,8 @@ SAMPLERS = ("tpe", "nsga2")
 SCHEDULERS = ("fifo", "asha")
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("test_err", "test_err5", "train_err", "train_loss", "util_params", "util_flops", "lambda",
-           "params", "flops", "rejuvenations", "epoch_time", "images_per_s", "delta_test_err")
-PAIRED_METRICS = ("delta_test_err",)  # only with pair_with (nr_study.sweep.pairs)
+           "params", "flops", "rejuvenations", "epoch_time", "images_per_s", DELTA_METRIC)
+PAIRED_METRICS = (DELTA_METRIC,)  # only with pair_with (nr_study.sweep.pairs)
 MODES = ("min", "max")
 ALIASES = {"model.arch": "model.name", "train.seed": "seed", "arch": "model.name", "dataset": "data.name"}
 SHORT = {"method": "", "model.name": "", "seed": "s", "nr.tr": "tr", "nr.delta_r": "dr",
