@@ -213,6 +213,25 @@ def test_paired_sweep_trains_each_baseline_once_and_reports_the_exact_difference
     assert [row["test_err"] for row in direct["history"]] == [pair_err[seed1.info.run_id][e] for e in (1, 2)]
 
 
+def test_worker_killed_while_training_the_pair_continues_it(mlflow_server, local_ray, runs, tmp_path):
+    # The pair trains first, so it is what the one-time kill after epoch 1's checkpoint hits; the retried trial
+    # takes the lock again and continues the pair from its checkpoint in the same run, then trains itself.
+    marker = tmp_path / "killed_once"
+    doc = make_doc("pairkill", space={"method": ["NR"]}, pair_with="BL", max_failures=2,
+                   base={"train.fault_kill_at_epoch": 1, "train.fault_kill_once_marker": str(marker),
+                         "train.fault_kill_point": "after_checkpoint"})
+    summary = run(doc, mlflow_server)
+    assert marker.exists()
+    client = client_for(mlflow_server)
+    kids = children_of(client, summary)
+    (pair,) = [r for r in kids if r.data.tags.get("nr.paired_baseline") == "true"]
+    (trial,) = [r for r in kids if r is not pair]
+    assert pair.info.status == trial.info.status == "FINISHED"
+    assert epochs_logged(client, pair.info.run_id) == [1, 2] == epochs_logged(client, trial.info.run_id)
+    assert trial.data.tags["nr.pair_run"] == pair.info.run_id
+    assert epochs_logged(client, trial.info.run_id, "delta_test_err") == [1, 2]
+
+
 def test_worker_kill_resumes_same_run_after_surgery(mlflow_server, local_ray, runs, tmp_path, caplog):
     marker = tmp_path / "killed_once"
     doc = make_doc("workerkill", space={"method": ["NR-CR"]}, max_failures=2,

@@ -57,7 +57,7 @@ def delta_row(row: dict, pair_history: list[dict]) -> dict:
     return {DELTA_METRIC: float(row["test_err"]) - float(other["test_err"])}
 
 
-def train_pair(ctx, cfg, client, find_child) -> dict:
+def train_pair(ctx, cfg, client) -> dict:
     """The trial's pair, trained now or read back: {"run_id", "history": [{"epoch", "test_err"}, ...]}.
 
     One trial trains it under an exclusive lock on <sweep>/pairs/<key>.lock; the others wait on the lock and
@@ -67,6 +67,7 @@ def train_pair(ctx, cfg, client, find_child) -> dict:
 
     from nr_study.checkpoint import load_checkpoint
     from nr_study.files import read_json
+    from nr_study.sweep.runner import _clear_tracking_error, _find_child
     from nr_study.tracking import open_run
     from nr_study.train import train
 
@@ -86,8 +87,10 @@ def train_pair(ctx, cfg, client, find_child) -> dict:
         pcfg = dataclasses.replace(pcfg, tracking=dataclasses.replace(
             pcfg.tracking, run_name=f"{ctx.space.pair_with}-pair-{key[:8]}-s{pcfg.seed}"))
         local = load_checkpoint(folder)
-        run_id = (local or {}).get("run_id") or find_child(client, ctx, trial)
-        if run_id is None:
+        run_id = (local or {}).get("run_id") or _find_child(client, ctx, trial)
+        if run_id is not None:  # a retry: the run a tracking outage ended FAILED continues
+            _clear_tracking_error(client, run_id)
+        else:
             run_id = open_run(ctx.tracking_uri, pcfg, tags=tags, parent_run_id=ctx.parent_run_id).run_id
         if local is not None and int(local.get("epoch", 0)) >= int(local.get("end_epoch", pcfg.train.epochs)) \
                 and client.get_run(run_id).info.status == FINISHED:

@@ -267,7 +267,7 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
         from nr_study.names import TAG_PAIR_RUN
         from nr_study.sweep.pairs import delta_row, train_pair
 
-        pair = train_pair(ctx, cfg, client, _find_child)
+        pair = train_pair(ctx, cfg, client)
         client.set_tag(run_id, TAG_PAIR_RUN, pair["run_id"])
         row_extras = lambda row: delta_row(row, pair["history"])  # noqa: E731
     final: dict = {}
