@@ -17,6 +17,8 @@ Rows (name — what / goal):
   sweep_makespan/ideal   makespan of 8 (--quick: 4) tiny trials / (Σ trial time / concurrent slots)        ≤ 1.05
   mlflow_share           time inside the tracker's calls / wall time of a real train() run                 ≤ 0.02
   run_nr/bl              a short real NR run (monitor + L1 + surgery) / the BL run of the same epochs        ≤ 1.20
+  run_gap_by_part        NR − BL seconds per run, and by part of the loop (train()'s phase_s): setup, data,
+                         steps, method_l1, method_events, adopt, eval, measure, checkpoint, tracking, finish (info)
   images_per_s[M]        (--device cuda) plain training-step throughput at batch 128                       (info)
 
 `--quick` is a ≤ 2-minute version of every row (fewer repetitions, smaller shapes, a 4-trial sweep); `--tiny`
@@ -572,6 +574,7 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
             train(_run_cfg(sz, device, "BL", epochs=1), tracking_uri=uri, progress=False)
             walls: dict[str, list[float]] = {"BL": [], "NR": []}
             shares, per_epoch, fixed, rejuv, flops = [], [], [], [], {}
+            phases: dict[str, list[dict]] = {"BL": [], "NR": []}
             for i in range(pairs):
                 for method in (("BL", "NR") if i % 2 == 0 else ("NR", "BL")):
                     cfg = _run_cfg(sz, device, method)
@@ -580,6 +583,7 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
                         summary = train(cfg, tracking_uri=uri, progress=False)
                         wall = time.perf_counter() - t0
                     walls[method].append(wall)
+                    phases[method].append(dict(summary["phase_s"], rest=wall - sum(summary["phase_s"].values())))
                     shares.append(acc["total"] / wall)
                     ep = cfg["train"]["epochs"]
                     per_epoch.append(acc["by"].get("log_epoch", 0.0) / ep)
@@ -601,10 +605,25 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
                       f"{d}; NR rejuvenations per run {rejuv}, constraint flops (final FLOPs NR/BL "
                       f"{_safe_ratio(flops.get('NR'), flops.get('BL'))}); monitor every "
                       f"{_run_cfg(sz, device, 'NR')['nr']['delta_t']} steps; {what}; tracking included in both")
-        return [share_row, run_row]
+        return [share_row, run_row, breakdown_row(walls, phases)]
     except Exception as exc:
         return [_error_row("mlflow_share", GOALS["mlflow"], "ratio", exc),
-                _error_row("run_nr/bl", GOALS["run"], "ratio", exc)]
+                _error_row("run_nr/bl", GOALS["run"], "ratio", exc),
+                _error_row("run_gap_by_part", None, "s", exc)]
+
+
+def breakdown_row(walls: dict[str, list[float]], phases: dict[str, list[dict]]) -> dict:
+    """Where NR's whole run costs more than BL's: per part of the loop, the median over the alternated pairs of
+    (NR − BL) seconds, largest first, beside the median gap itself (train()'s phase_s; 'rest' = the wall time
+    outside every timed part)."""
+    gap = statistics.median(n - b for n, b in zip(walls["NR"], walls["BL"]))
+    parts = sorted({k for p in phases["NR"] + phases["BL"] for k in p})
+    diffs = {k: statistics.median(n.get(k, 0.0) - b.get(k, 0.0) for n, b in zip(phases["NR"], phases["BL"]))
+             for k in parts}
+    shown = ", ".join(f"{k} {v:+.2f}s" for k, v in sorted(diffs.items(), key=lambda kv: -abs(kv[1])))
+    bl = statistics.median(walls["BL"])
+    return row("run_gap_by_part", gap, None, "s", f"NR − BL wall per run, median of {len(walls['NR'])} pairs "
+               f"({gap / bl:+.1%} of BL's {bl:.2f}s); by part (NR − BL, medians): {shown}")
 
 
 # --------------------------------------------------------------------------------------------- report

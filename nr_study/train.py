@@ -19,6 +19,7 @@ checkpoint intact; Ctrl-C / SIGTERM end it KILLED.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -158,38 +159,79 @@ class _EpochStats:
 
 # ------------------------------------------------------------------------------------------ the loop
 def fit(run: "_Run", tracker, on_epoch_end: Optional[Callable] = None, progress: bool = True) -> None:
-    """Epochs, steps, the method's events, evaluation, checkpoint, log."""
-    tc, method = run.cfg.train, run.method
+    """Epochs, steps, the method's events, evaluation, checkpoint, log. `run.phases` keeps the wall time of each
+    part (what `nr-study bench` breaks a whole run's cost into)."""
+    tc, method, time_in = run.cfg.train, run.method, run.phases.time_in
+    after_backward = run.phases.timed("method_l1", method.after_backward) if method.after_backward else None
     while run.epoch < run.end_epoch:  # train.epochs, more after a reset_epochs rejuvenation
         run.model.train()
         t0 = time.perf_counter()
         with run.epoch_bar(progress) as bar:
             stats = _EpochStats(run, bar)
-            for x, y in bar:
+            batches = iter(bar)
+            while True:
+                with time_in("data"):
+                    x, y = next(batches, (None, None))
+                if x is None:
+                    break
                 run.set_lr()
-                loss, out = train_step(run.model, run.opt, x, y, after_backward=method.after_backward, amp=run.amp)
+                with time_in("steps"):  # forward, backward, optimizer step (less the method's L1, timed apart)
+                    loss, out = train_step(run.model, run.opt, x, y, after_backward=after_backward, amp=run.amp)
                 run.step += 1
                 run.train_flops += 3 * run.image_flops * len(y)  # forward + backward (≈ 2 × forward)
                 stats.add(loss, out, y)  # a NaN/inf loss stops the run here
-                run.adopt(method.end_of_step(), progress)
+                with time_in("method_events"):  # monitoring, λ, the rejuvenation's surgery
+                    event = method.end_of_step()
+                with time_in("adopt"):  # a new model: optimizer rebuilt, cost measured
+                    run.adopt(event, progress)
         stats.check()
-        run.adopt(method.end_of_epoch(), progress)
+        with time_in("method_events"):
+            event = method.end_of_epoch()
+        with time_in("adopt"):
+            run.adopt(event, progress)
         run.epoch += 1
+        with time_in("eval"):
+            evaluated = run.evaluate()
+        with time_in("measure"):
+            measured = run.measure()
         row = {"epoch": run.epoch, **stats.row(time.perf_counter() - t0), "lr": run.lr(max(0, run.step - 1)),
-               **run.evaluate(), **run.measure(), **{k: float(v) for k, v in method.metrics().items()},
+               **evaluated, **measured, **{k: float(v) for k, v in method.metrics().items()},
                "total_epochs": run.end_epoch, "train_flops": run.train_flops}
         if run.row_extras is not None:
             row.update(run.row_extras(row))
         run.history.append(row)
-        run.checkpoint()
+        with time_in("checkpoint"):
+            run.checkpoint()
         _fault_kill(tc, run.epoch, "after_checkpoint")
-        tracker.log_epoch(run.epoch, row)
-        run.log_pending()
+        with time_in("tracking"):
+            tracker.log_epoch(run.epoch, row)
+            run.log_pending()
         if progress:
             print(_fmt(row, run.end_epoch), flush=True)
         if on_epoch_end is not None:
             on_epoch_end(dict(row), str(run.ckpt_dir) if run.ckpt_dir else None)
         _fault_kill(tc, run.epoch, "after_epoch")
+    run.phases["method_l1"] = run.phases.get("method_l1", 0.0)
+    run.phases["steps"] = run.phases.get("steps", 0.0) - run.phases["method_l1"]  # L1 ran inside the steps
+
+
+class Phases(dict):
+    """Wall seconds by part of the loop: {"steps": 12.3, "eval": 1.1, ...} (on CUDA without syncs, kernels still
+    running are counted where the host next waits for them)."""
+
+    @contextlib.contextmanager
+    def time_in(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+    def timed(self, name: str, fn: Callable) -> Callable:
+        def inner(*a, **k):
+            with self.time_in(name):
+                return fn(*a, **k)
+        return inner
 
 
 class _Run:
@@ -213,6 +255,7 @@ class _Run:
         self.history: list[dict] = []
         self.pending: list[tuple[str, dict]] = []  # artifacts to log after the next checkpoint
         self.row_extras: Optional[Callable[[dict], dict]] = None  # train(row_extras=...)
+        self.phases = Phases()
         self._graph, self._graph_of = None, None
         self.spe = data.steps_per_epoch(cfg.train.batch_size)
         if cfg.train.max_steps_per_epoch:
@@ -449,7 +492,9 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
           resume: bool = False, on_epoch_end: Optional[Callable[[dict, Optional[str]], None]] = None,
           progress: bool = True, tags: Optional[dict] = None, parent_run_id: Optional[str] = None,
           system_metrics: Optional[bool] = None, row_extras: Optional[Callable[[dict], dict]] = None) -> dict:
-    """Train one configuration end to end; returns the final summary (incl. run_id).
+    """Train one configuration end to end; returns the final summary (incl. run_id, and phase_s: this process's
+    wall seconds by part — setup, data, steps, method_l1, method_events, adopt, eval, measure, checkpoint,
+    tracking, finish).
 
     cfg: a Config or a nested dict. checkpoint_dir: where state.pt is written each epoch (None: no checkpoints).
     resume: continue from checkpoint_dir/state.pt when it exists (its MLflow run is reopened).
@@ -463,6 +508,7 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
     from nr_study.tracking import (FAILED, FINISHED, KILLED, RunTracker, SystemMetrics, local_store_dir, open_run,
                                    resolve_tracking_uri)
 
+    started = time.perf_counter()
     if not isinstance(cfg, Config):
         cfg = config_from_dict(cfg)
     tc = cfg.train
@@ -529,8 +575,11 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
             if progress:
                 print(f"resumed from {ckpt_dir / CKPT_NAME} at epoch {run.epoch} (run {tracker.run_id})", flush=True)
         set_rng_state(rng)
+        run.phases["setup"] = time.perf_counter() - started  # data, model, run, inputs logged
         fit(run, tracker, on_epoch_end, progress)
-        summary = _finish(run, tracker)
+        with run.phases.time_in("finish"):  # final metrics, the logged model, artifacts
+            summary = _finish(run, tracker)
+        summary["phase_s"] = dict(run.phases)
         if monitor is not None:
             monitor.stop()
         status = FINISHED

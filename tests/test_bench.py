@@ -21,7 +21,7 @@ EXPECTED = {
     "surgery_s[resnet50]": 0.5, "surgery_s[vgg19_bn_cifar]": 0.5,
     "layer_ca_two/plain": 1.3, "layer_ca_four/plain": 1.3, "layer_cr/plain": 1.3, "layer_ca_two/ca_four": None,
     "ca_nest_3/1": None,
-    "sweep_makespan/ideal": 1.05, "mlflow_share": 0.02, "run_nr/bl": 1.20,
+    "sweep_makespan/ideal": 1.05, "mlflow_share": 0.02, "run_nr/bl": 1.20, "run_gap_by_part": None,
 }
 
 
@@ -48,6 +48,10 @@ def test_quick_bench_produces_every_row_and_the_json(tmp_path):
     assert by_name["sweep_makespan/ideal"]["detail"] == "skipped in --tiny"
     assert all(r["value"] is not None for n, r in by_name.items() if n != "sweep_makespan/ideal")
     assert "1 rejuvenation" in by_name["run_nr/bl"]["detail"] or "[1]" in by_name["run_nr/bl"]["detail"]
+    gap = by_name["run_gap_by_part"]["detail"]  # every part of the loop is accounted for
+    for part in ("setup", "steps", "method_l1", "method_events", "adopt", "eval", "checkpoint", "tracking", "finish",
+                 "rest"):
+        assert f" {part} " in gap, (part, gap)
     # the table on stdout has a goal met/missed column and one line per row
     lines = proc.stdout.splitlines()
     assert "goal met" in lines[0]
@@ -106,3 +110,12 @@ def test_kill_channels_makes_thirty_percent_dead():
     dead = sum(int((~m).sum()) for m in masks.values())
     total = sum(g.width for g in graph.free_groups())
     assert dead == n and 0.25 <= n / total <= 0.35
+
+
+def test_breakdown_row_is_medians_of_paired_differences():
+    walls = {"NR": [3.0, 5.0, 4.0], "BL": [2.0, 2.0, 3.0]}  # gaps 1, 3, 1
+    phases = {"NR": [{"steps": 2.0, "adopt": 0.5}, {"steps": 3.0, "adopt": 1.5}, {"steps": 2.5, "adopt": 0.2}],
+              "BL": [{"steps": 1.9}, {"steps": 1.8}, {"steps": 2.4}]}
+    r = bench.breakdown_row(walls, phases)
+    assert r["value"] == 1.0 and r["unit"] == "s"
+    assert "adopt +0.50s, steps +0.10s" in r["detail"] and "+50.0% of BL's 2.00s" in r["detail"]
