@@ -9,6 +9,7 @@ Rows (name — what / goal):
   step_nr/plain[M]       NR training step (fwd, bwd, L1 subgradient, SGD step, end_of_step) / plain step   ≤ 1.03
   util/step[M]           utilization (live masks + params and FLOPs on the hook's cached graph) / one step ≤ 0.01
   surgery_s[M]           rejuvenate(inplace, cached graph) on a copy with ~30% dead channels, seconds       ≤ 0.5
+  step_odd/round8        step time per FLOP, a rejuvenation's odd widths / the same rounded to multiples of 8 (info)
   layer_ca_two/plain     NR-CA layer fwd+bwd (two convolutions, the core's default) / plain conv            ≤ 1.3
   layer_ca_four/plain    NR-CA layer fwd+bwd (four convolutions, the official code's form) / plain conv     ≤ 1.3
   layer_cr/plain         NR-CR layer fwd+bwd / plain conv of equal width                                    ≤ 1.3
@@ -245,6 +246,44 @@ def bench_steps(sz: Sizes, device: torch.device) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- surgery
+ODD_WIDTHS = [19, 21, "M", 37, 43, "M", 79, 83]    # widths as a rejuvenation leaves them (round_to 1)
+ROUND8_WIDTHS = [16, 16, "M", 32, 40, "M", 72, 80]  # the same rounded down to multiples of 8 (round_to 8)
+
+
+def bench_widths(sz: Sizes, device: torch.device) -> list[dict]:
+    """Are odd widths slower per FLOP on this device? The trainer's step on a VGG with a rejuvenation's odd
+    widths against the same net rounded down to multiples of 8, each step time divided by its forward FLOPs
+    (torch's FlopCounterMode). > 1: odd widths cost more per FLOP (the case for nr.round_to 8)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nr_study.models.vgg import VGG, _make_features
+
+    name, goal = "step_odd/round8", None
+    try:
+        _, _, batch, hw, warmup, reps = sz.step_models[0]
+        cuda = device.type == "cuda"
+        x = torch.randn(batch, 3, hw, hw, device=device)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (batch,), device=device)
+        steps, flops = {}, {}
+        for label, widths in (("odd", ODD_WIDTHS), ("round8", ROUND8_WIDTHS)):
+            torch.manual_seed(0)
+            features, c = _make_features(widths, 3)
+            model = _prep_model(VGG(features, c, 10), device, cuda)
+            with FlopCounterMode(display=False) as fc, torch.no_grad():
+                model(x[:1])
+            flops[label] = fc.get_total_flops()
+            steps[label] = Step(model, x, y, device, cuda, nr=False)
+        t = alternate(steps, reps, warmup, device)
+        r, d = ratio_stats(t["odd"], t["round8"])
+        fr = flops["odd"] / flops["round8"]
+        return [row(name, r / fr, goal, "ratio", f"step time odd/round8 {r:.3f} ({d}) / FLOPs ratio {fr:.3f}; widths "
+                    f"{ODD_WIDTHS} vs {ROUND8_WIDTHS}; batch {batch}, {hw}x{hw}, {device.type}")]
+    except Exception as exc:
+        return [_error_row(name, goal, "ratio", exc)]
+
+
 def kill_channels(model: nn.Module, graph, fraction: float = 0.3, seed: int = 0) -> int:
     """Zero γ of a random `fraction` of each free group's channels (dead by the 1% rule); returns how many."""
     g = torch.Generator().manual_seed(seed)
@@ -627,7 +666,8 @@ def breakdown_row(walls: dict[str, list[float]], phases: dict[str, list[dict]]) 
 
 
 # --------------------------------------------------------------------------------------------- report
-SECTIONS = {"steps": bench_steps, "surgery": bench_surgery, "layer": bench_layer, "nesting": bench_nesting,
+SECTIONS = {"steps": bench_steps, "widths": bench_widths, "surgery": bench_surgery, "layer": bench_layer,
+            "nesting": bench_nesting,
             "sweep": bench_sweep, "runs": bench_runs}
 
 

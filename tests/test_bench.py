@@ -20,7 +20,7 @@ EXPECTED = {
     "step_nr/plain[resnet164_cifar]": 1.03, "util/step[resnet164_cifar]": 0.01,
     "surgery_s[resnet50]": 0.5, "surgery_s[vgg19_bn_cifar]": 0.5,
     "layer_ca_two/plain": 1.3, "layer_ca_four/plain": 1.3, "layer_cr/plain": 1.3, "layer_ca_two/ca_four": None,
-    "ca_nest_3/1": None,
+    "ca_nest_3/1": None, "step_odd/round8": None,
     "sweep_makespan/ideal": 1.05, "mlflow_share": 0.02, "run_nr/bl": 1.20, "run_gap_by_part": None,
 }
 

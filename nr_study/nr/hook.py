@@ -82,6 +82,14 @@ class NeuralRejuvenation:
         return graph_utilization(self.model, self.graph, constraint or self.cfg.constraint,
                                  self.cfg.dead_threshold)
 
+    def _round_to(self) -> int:
+        """nr.round_to, or when unset by the device the model trains on: 8 on CUDA (widths its kernels tile
+        well), 1 elsewhere (the exact budget; `nr-study bench` row step_odd/round8 measures the CPU's view)."""
+        if self.cfg.round_to is not None:
+            return self.cfg.round_to
+        p = next(self.model.parameters(), None)
+        return 8 if p is not None and p.device.type == "cuda" else 1
+
     def _monitor(self) -> dict | None:
         if not self.flag_on:
             return None
@@ -93,7 +101,7 @@ class NeuralRejuvenation:
             _, report = rejuvenate(self.model, self.input_shape, self.cfg.target_ratio, self.cfg.constraint,
                                    self.cfg.scheme, self.cfg.rescale, self.cfg.realloc, inplace=True,
                                    threshold=self.cfg.dead_threshold, gamma0=self.cfg.gamma0, graph=self.graph,
-                                   impl=self.cfg.impl, round_to=self.cfg.round_to)
+                                   impl=self.cfg.impl, round_to=self._round_to())
             self.rejuvenations += 1
             self.lam.reset()
             self.last_ratio = {}
