@@ -16,6 +16,7 @@ Rows (name — what / goal):
   layer_ca_two/ca_four   the two CA forms against each other (< 1: "two" is faster)                      (info)
   ca_nest_3/1            NR-CA net fwd+bwd after 3 rejuvenations / after 1 (each nests the last CA layer)  (info)
   sweep_makespan/ideal   makespan of 8 (--quick: 4) tiny trials / (Σ trial time / concurrent slots)        ≤ 1.05
+  sweep_makespan/ideal[reuse_actors]   the same sweep with reuse_actors: true (one process, trial after trial) ≤ 1.05
   mlflow_share           time inside the tracker's calls / wall time of a real train() run                 ≤ 0.02
   run_nr/bl              a short real NR run (monitor + L1 + surgery) / the BL run of the same epochs        ≤ 1.20
   run_gap_by_part        NR − BL seconds per run, and by part of the loop (train()'s phase_s): setup, data,
@@ -433,7 +434,7 @@ def bench_nesting(sz: Sizes, device: torch.device) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- sweep
-def _sweep_doc(device: torch.device, trials: int) -> dict:
+def _sweep_doc(device: torch.device, trials: int, reuse_actors: bool = False) -> dict:
     return {
         "name": "bench-sweep", "experiment": "nr-bench-sweep",
         "base": {"method": "BL", "model": {"name": "vgg_small", "kwargs": {"width": 8}},
@@ -444,26 +445,44 @@ def _sweep_doc(device: torch.device, trials: int) -> dict:
         "space": {"seed": list(range(trials))},
         "resources_per_trial": {"cpu": 1},
         "max_failures": 0,
+        "reuse_actors": reuse_actors,
     }
 
 
 def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
-    name, goal = "sweep_makespan/ideal", GOALS["sweep"]
-    if not sz.sweep:
-        return [row(name, None, goal, "ratio", "skipped in --tiny")]
-    n = sz.sweep
+    """The sweep's makespan against the ideal (Σ trial time / slots), with fresh worker processes per trial
+    (the default) and with reuse_actors, one after the other in this run."""
+    rows, makespans = [], {}
+    for reuse in (False, True):
+        name = "sweep_makespan/ideal" + ("[reuse_actors]" if reuse else "")
+        goal = GOALS["sweep"]
+        if not sz.sweep:
+            rows.append(row(name, None, goal, "ratio", "skipped in --tiny"))
+            continue
+        try:
+            r, makespans[reuse] = _sweep_row(name, goal, sz.sweep, device, reuse)
+            rows.append(r)
+        except Exception as exc:
+            rows.append(_error_row(name, goal, "ratio", exc))
+    if makespans.get(True) and makespans.get(False):  # a reused process also skips the imports a trial pays
+        rows[-1]["detail"] += (f"; makespan vs fresh workers {makespans[True] / makespans[False]:.2f}x (a reused "
+                               f"worker also skips the imports its first trial paid, so the ideal shrinks too)")
+    return rows
+
+
+def _sweep_row(name: str, goal: float, n: int, device: torch.device, reuse: bool) -> tuple[dict, Optional[float]]:
     try:
         import yaml
 
         from nr_study.sweep import load_search_space, run_sweep
     except Exception as exc:  # the sweep engine is optional here: say why, never invent a number
-        return [row(name, None, goal, "ratio", f"sweep engine not usable: {type(exc).__name__}: {exc}")]
+        return row(name, None, goal, "ratio", f"sweep engine not usable: {type(exc).__name__}: {exc}"), None
     try:
         from ray import tune
 
         from nr_study.train import available_cpus
     except Exception as exc:
-        return [row(name, None, goal, "ratio", f"Ray Tune not importable: {type(exc).__name__}: {exc}")]
+        return row(name, None, goal, "ratio", f"Ray Tune not importable: {type(exc).__name__}: {exc}"), None
     captured: dict = {}
     orig_fit = tune.Tuner.fit
 
@@ -479,7 +498,7 @@ def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
     old_env = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         with tempfile.TemporaryDirectory(prefix="nr-bench-sweep-") as td:
-            doc = _sweep_doc(device, n)
+            doc = _sweep_doc(device, n, reuse)
             path = Path(td) / "bench_sweep.yaml"
             text = yaml.safe_dump(doc, sort_keys=False)
             path.write_text(text)
@@ -504,29 +523,28 @@ def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
             wall = time.perf_counter() - t0
         results = captured.get("results")
         if results is None:
-            return [row(name, None, goal, "ratio", "the sweep ran no Tuner.fit (nothing to time)")]
-        times, errors = [], 0
+            return row(name, None, goal, "ratio", "the sweep ran no Tuner.fit (nothing to time)"), None
+        times, errors, pids = [], 0, set()
         for r in results:
             if r.error:
                 errors += 1
             tt = (r.metrics or {}).get("time_total_s")
             if isinstance(tt, (int, float)):
                 times.append(float(tt))
+            pids.add((r.metrics or {}).get("pid"))
         if errors or len(times) != n:
-            return [row(name, None, goal, "ratio", f"{errors} of {n} trials errored / {len(times)} "
-                                                   f"reported a time; no ratio")]
+            return row(name, None, goal, "ratio", f"{errors} of {n} trials errored / {len(times)} reported a "
+                                                  f"time; no ratio"), None
         cpu = float(doc["resources_per_trial"]["cpu"])
-        slots = max(1, min(n, doc.get("max_concurrent") or n,
-                           int(available_cpus() // cpu)))
+        slots = max(1, min(n, doc.get("max_concurrent") or n, int(available_cpus() // cpu)))
         ideal = sum(times) / slots
         makespan = captured["makespan"]
-        return [row(name, makespan / ideal, goal, "ratio",
-                    f"makespan (Tuner.fit) {makespan:.1f}s vs Σ trial time {sum(times):.1f}s / {slots} slots = "
-                    f"{ideal:.1f}s; trials {min(times):.1f}–{max(times):.1f}s (Ray time_total_s); whole "
-                    f"run_sweep incl. MLflow server start {wall:.1f}s; {n} trials vgg_small w8 "
-                    f"16x16 synthetic, 3 epochs, embedded Ray, cpu")]
-    except Exception as exc:
-        return [_error_row(name, goal, "ratio", exc)]
+        return row(name, makespan / ideal, goal, "ratio",
+                   f"makespan (Tuner.fit) {makespan:.1f}s vs Σ trial time {sum(times):.1f}s / {slots} slots = "
+                   f"{ideal:.1f}s; trials {min(times):.1f}–{max(times):.1f}s (Ray time_total_s) in {len(pids)} "
+                   f"worker process(es); whole run_sweep incl. MLflow server start {wall:.1f}s; {n} trials "
+                   f"vgg_small w8 16x16 synthetic, 3 epochs, embedded Ray, reuse_actors {str(reuse).lower()}, "
+                   f"cpu"), makespan
     finally:
         if old_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)

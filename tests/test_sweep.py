@@ -232,6 +232,29 @@ def test_worker_killed_while_training_the_pair_continues_it(mlflow_server, local
     assert epochs_logged(client, trial.info.run_id, "delta_test_err") == [1, 2]
 
 
+def test_reuse_actors_runs_trials_in_one_worker_each_in_its_own_run(mlflow_server, local_ray, runs):
+    # reuse_actors: the next trial runs in the worker process the last one finished in; each trial still gets
+    # its own MLflow run, each epoch once, its own seed and threads, and NR's surgery starts from a fresh model.
+    doc = make_doc("reuse", space={"method": ["BL", "NR-CR", "NR"]}, repeat=1, max_concurrent=1, reuse_actors=True)
+    summary = run(doc, mlflow_server)
+    client = client_for(mlflow_server)
+    kids = children_of(client, summary)
+    assert len(kids) == 3 and all(r.info.status == "FINISHED" for r in kids)
+    assert client.get_run(summary["parent_run_id"]).data.params["sweep.reuse_actors"] == "True"
+    for r in kids:
+        assert epochs_logged(client, r.info.run_id) == [1, 2]
+    from ray.tune import ExperimentAnalysis  # the workers' pids, as Ray recorded them per result
+
+    pids = {t.last_result["pid"] for t in ExperimentAnalysis(summary["sweep_dir"]).trials}
+    assert len(pids) == 1, pids
+    # the same trial without reuse trains to the digit the same (nothing leaks from the trial before it)
+    alone = run(make_doc("reuse_ref", space={"method": ["NR"]}, max_concurrent=1), mlflow_server)
+    (ref,) = children_of(client, alone)
+    (nr,) = [r for r in kids if r.data.tags["nr.method"] == "NR"]
+    hist = lambda r: [m.value for m in sorted(client.get_metric_history(r.info.run_id, "test_err"), key=lambda m: m.step)]  # noqa: E731
+    assert hist(nr) == hist(ref)
+
+
 def test_worker_kill_resumes_same_run_after_surgery(mlflow_server, local_ray, runs, tmp_path, caplog):
     marker = tmp_path / "killed_once"
     doc = make_doc("workerkill", space={"method": ["NR-CR"]}, max_failures=2,

@@ -21,6 +21,8 @@ Schema (every key but `name` and `base` optional):
     max_concurrent: 2   # trials at once (default: as many as the resources allow)
     resources_per_trial: {cpu: 1, gpu: 0.5} # fractional GPUs allowed; a trial runs torch with `cpu` threads
     max_failures: 1     # retries of a trial whose worker died/errored; it resumes from its last checkpoint
+    reuse_actors: false # true: a finished trial's worker process runs the next trial (no process start-up,
+                        # torch and MLflow already imported: for trials of seconds; see nr-study bench)
     repeat: 3           # seeds per configuration: base seed + 0..repeat-1 (tag nr.seed)
     pair_with: BL       # every trial also trains (or reuses) this method on the same configuration and seed
                         # and reports delta_test_err = its test_err - the pair's, per epoch (an objective,
@@ -49,7 +51,7 @@ from nr_study.errors import ConfigError
 from nr_study.names import DELTA_METRIC
 
 TOP_KEYS = ("name", "experiment", "description", "base", "space", "search", "scheduler", "num_samples",
-            "max_concurrent", "resources_per_trial", "max_failures", "repeat", "tags", "pair_with")
+            "max_concurrent", "resources_per_trial", "max_failures", "repeat", "tags", "pair_with", "reuse_actors")
 SEARCHES = ("grid", "random", "optuna")
 SAMPLERS = ("tpe", "nsga2")
 SCHEDULERS = ("fifo", "asha")
@@ -110,6 +112,7 @@ class SearchSpace:
     document: dict = field(default_factory=dict)  # the (overridden) YAML document, as loaded
     base_raw: dict = field(default_factory=dict)  # `base` as written (what trials train: robust to new defaults)
     pair_with: str | None = None     # the method each trial is paired with (nr_study.sweep.pairs)
+    reuse_actors: bool = False       # Ray Tune's: one worker process runs trial after trial
 
     # -- derived -----------------------------------------------------------------------------------
     @property
@@ -428,6 +431,10 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
         max_concurrent = _int(doc, "max_concurrent", None, 1, err)
     max_failures = _int(doc, "max_failures", 1, 0, err)
     repeat = _int(doc, "repeat", 1, 1, err)
+    reuse_actors = doc.get("reuse_actors", False)
+    if not isinstance(reuse_actors, bool):
+        err("reuse_actors", f"{show(reuse_actors)} is not allowed; allowed: true, false")
+        reuse_actors = False
     if search == "grid" and num_samples not in (None, 1):
         err("num_samples", f"{show(num_samples)} is not allowed with search: grid; allowed: 1 (use repeat for seeds)")
     if repeat and repeat > 1 and "seed" in seen:
@@ -487,7 +494,8 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
                        search_seed=search_seed, scheduler=scheduler, num_samples=num_samples,
                        max_concurrent=max_concurrent, cpu=cpu, gpu=gpu, max_failures=max_failures,
                        repeat=repeat, tags=tags, cell=cell, document=doc,
-                       base_raw=copy.deepcopy(base_raw) if isinstance(base_raw, dict) else {}, pair_with=pair_with)
+                       base_raw=copy.deepcopy(base_raw) if isinstance(base_raw, dict) else {}, pair_with=pair_with,
+                       reuse_actors=reuse_actors)
 
 
 def _values_of(key: str, base: dict, dims: list[Dim]) -> list:
