@@ -456,8 +456,8 @@ def build_tuner(space: SearchSpace, ctx: TrialContext, storage_root: Path, sweep
 def _param_items(space: SearchSpace) -> dict:
     from nr_study.config import flatten
 
-    p: dict[str, Any] = {"sweep.name": space.name, "sweep.search": space.search, "sweep.pair_with": space.pair_with or "-",
-                         "sweep.reuse_actors": space.reuse_actors,
+    p: dict[str, Any] = {"sweep.name": space.name, "sweep.search": space.search,
+                         "sweep.pair_with": space.pair_with or "-", "sweep.reuse_actors": space.reuse_actors,
                          "sweep.scheduler": space.scheduler["type"], "sweep.num_samples": space.num_samples,
                          "sweep.num_trials": space.num_trials, "sweep.repeat": space.repeat,
                          "sweep.max_concurrent": space.max_concurrent, "sweep.max_failures": space.max_failures,
