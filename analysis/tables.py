@@ -786,6 +786,44 @@ def own_pair_difference(runs: list[RunRecord]) -> Paired:
     return t_interval([sum(v) / len(v) for v in by_seed.values()])
 
 
+NOT_CONFIG = ("seed", "data.root", "name")  # what runs of one configuration may differ in (and tracking.*)
+
+
+def _configuration(r: RunRecord) -> tuple:
+    return tuple(sorted((k, v) for k, v in r.params.items() if k not in NOT_CONFIG and not k.startswith("tracking.")))
+
+
+def _short(value: str) -> str:
+    x = to_float(value)
+    return f"{x:.4g}" if x is not None and not str(value).strip().isdigit() else str(value)
+
+
+def split_mixed_cells(by_cell: dict[str, list[RunRecord]]) -> tuple[dict[str, list[RunRecord]], list[str]]:
+    """A cell's runs are averaged as seeds of one configuration; a cell name that several configurations share
+    (a template naming fewer keys than the sweep varies, e.g. an Optuna search) is split into one row per
+    configuration, labelled by the keys they differ in, and said so — never averaged together."""
+    from nr_study.sweep.space import short_key
+
+    out: dict[str, list[RunRecord]] = {}
+    notes = []
+    for cell, rs in by_cell.items():
+        groups: dict[tuple, list[RunRecord]] = {}
+        for r in rs:
+            groups.setdefault(_configuration(r), []).append(r)
+        if len(groups) == 1:
+            out[cell] = rs
+            continue
+        dicts = [dict(g) for g in groups]
+        varying = sorted(k for k in set().union(*dicts) if len({d.get(k) for d in dicts}) > 1)
+        for i, (d, members) in enumerate(zip(dicts, groups.values())):
+            label = ", ".join(f"{short_key(k) or k}={_short(d.get(k, '-'))}" for k in varying[:4])
+            name = f"{cell} [{label}{', ...' if len(varying) > 4 else ''}]"
+            out[name if name not in out else f"{name} #{i + 1}"] = members
+        notes.append(f"cell {cell!r} holds {len(groups)} configurations (they differ in {', '.join(varying)}): one row "
+                     f"each, never averaged")
+    return out, notes
+
+
 def build_cells_table(key: str, store: RunStore, mode: str = "final") -> BuiltTable:
     """A sweep's own table (an `nr.table` tag that is no paper table, e.g. the demo's): a row per cell (its
     `nr.cell` tag, else its method), error / params / FLOPs / rejuvenations as mean ± std (n), and a paired
@@ -801,6 +839,8 @@ def build_cells_table(key: str, store: RunStore, mode: str = "final") -> BuiltTa
     by_cell: dict[str, list[RunRecord]] = {}
     for r in runs:
         by_cell.setdefault(r.get("cell") or r.get("method") or "?", []).append(r)
+    by_cell, mixed = split_mixed_cells(by_cell)
+    notes += mixed
     bases = sorted(c for c, rs in by_cell.items() if all(r.get("method") == "BL" for r in rs))  # e.g. a width-scaled BL too
     own = {c: own_pair_difference(rs) for c, rs in by_cell.items()}
     own = {c: p for c, p in own.items() if p.n}

@@ -476,29 +476,38 @@ def test_paired_sweep_table_own_pair_column_data_and_early_stops(tmp_path):
     c = MlflowClient(tracking_uri=uri)
     e = c.create_experiment("study")
 
-    def run(cell, method, seed, err, delta=None, n_train=5000, early=False):
+    def run(cell, method, seed, err, delta=None, n_train=5000, early=False, tr=None):
         tags = T("study", cell, method, "vgg_small", "fashion_mnist", "params", seed=seed)
         if early:
             tags["nr.early_stopped"] = "true"
         hist = {"test_err": [30.0, err]}
         if delta is not None:
             hist["delta_test_err"] = [9.0, delta]  # the last epoch's counts
-        _log(c, e, tags=tags, params={"method": method, "train.epochs": 2, "data.n_train": n_train,
-                                      "data.root": f"/somewhere/{seed}"}, hist=hist)
+        params = {"method": method, "train.epochs": 2, "data.n_train": n_train, "data.root": f"/somewhere/{seed}",
+                  "seed": seed}
+        if tr is not None:
+            params["nr.tr"] = tr
+        _log(c, e, tags=tags, params=params, hist=hist)
 
     for s, d in enumerate((-1.0, -2.0, -3.0)):
         run("NR-CR,w16", "NR-CR", s, 10.0, delta=d)
     run("NR,w8", "NR", 0, 12.0, delta=1.5)
     run("NR,w8", "NR", 0, 12.0, delta=0.5)  # the same seed twice: averaged, n = 1 seed
     run("NR,w24", "NR", 0, 15.0, delta=-9.0, early=True)  # stopped at a rung: not in the table
+    run("NR-CA", "NR-CA", 0, 12.0, delta=4.0, tr=0.3)  # one cell name, two configurations: two rows
+    run("NR-CA", "NR-CA", 0, 12.0, delta=3.0, tr=0.6123456)
     run("BL", "BL", 0, 11.0)
     run("BL", "BL", 1, 11.0, n_train=20000)  # other data: no partner for seed 1
     t = {t.name: t for t in build_tables(RunStore(uri), "final")}["study"]
-    assert t.rows == ["BL", "NR-CR,w16", "NR,w8"]  # baselines first, then by the own-pair difference
+    # baselines first, then by the own-pair difference
+    assert t.rows == ["BL [n_train=20000]", "BL [n_train=5000]", "NR-CR,w16", "NR,w8", "NR-CA [tr=0.6123]",
+                      "NR-CA [tr=0.3]"], t.rows
+    assert any("cell 'NR-CA' holds 2 configurations (they differ in nr.tr): one row each, never averaged" in n
+               for n in t.notes)
     own = [col for col in t.columns if col.value == "paired:own"][0]
     assert t.parts("NR-CR,w16", own) == ["−2.00 [−4.48, +0.48] (3)"]  # t(0.975, 2) · 1 / √3 = 2.484
     assert t.parts("NR,w8", own) == ["+1.00 (1)"]
-    vs_bl = [col for col in t.columns if col.value == "paired:BL"][0]
+    vs_bl = [col for col in t.columns if col.value == "paired:BL [n_train=5000]"][0]
     assert t.parts("NR-CR,w16", vs_bl) == ["−1.00 (1)"]  # seed 0 only: seed 1's BL trained on other data
     assert any("seed 1): no baseline run at equal epochs" in n for n in t.notes)
     assert any("1 run(s) stopped early by the sweep's scheduler" in n for n in t.notes)
