@@ -793,34 +793,24 @@ def _configuration(r: RunRecord) -> tuple:
     return tuple(sorted((k, v) for k, v in r.params.items() if k not in NOT_CONFIG and not k.startswith("tracking.")))
 
 
-def _short(value: str) -> str:
-    x = to_float(value)
-    return f"{x:.4g}" if x is not None and not str(value).strip().isdigit() else str(value)
-
-
 def split_mixed_cells(by_cell: dict[str, list[RunRecord]]) -> tuple[dict[str, list[RunRecord]], list[str]]:
     """A cell's runs are averaged as seeds of one configuration; a cell name that several configurations share
-    (a template naming fewer keys than the sweep varies, e.g. an Optuna search) is split into one row per
-    configuration, labelled by the keys they differ in, and said so — never averaged together."""
-    from nr_study.sweep.space import short_key
+    is split into one row per configuration (nr_study.sweep.space.distinct_labels), and said so."""
+    from nr_study.sweep.space import distinct_labels
 
+    runs = [r for rs in by_cell.values() for r in rs]
+    items = [(cell, dict(_configuration(r))) for cell, rs in by_cell.items() for r in rs]
     out: dict[str, list[RunRecord]] = {}
+    for r, label in zip(runs, distinct_labels(items)):
+        out.setdefault(label, []).append(r)
     notes = []
     for cell, rs in by_cell.items():
-        groups: dict[tuple, list[RunRecord]] = {}
-        for r in rs:
-            groups.setdefault(_configuration(r), []).append(r)
-        if len(groups) == 1:
-            out[cell] = rs
-            continue
-        dicts = [dict(g) for g in groups]
-        varying = sorted(k for k in set().union(*dicts) if len({d.get(k) for d in dicts}) > 1)
-        for i, (d, members) in enumerate(zip(dicts, groups.values())):
-            label = ", ".join(f"{short_key(k) or k}={_short(d.get(k, '-'))}" for k in varying[:4])
-            name = f"{cell} [{label}{', ...' if len(varying) > 4 else ''}]"
-            out[name if name not in out else f"{name} #{i + 1}"] = members
-        notes.append(f"cell {cell!r} holds {len(groups)} configurations (they differ in {', '.join(varying)}): one row "
-                     f"each, never averaged")
+        confs = {_configuration(r) for r in rs}
+        if len(confs) > 1:
+            dicts = [dict(c) for c in confs]
+            varying = sorted(k for k in set().union(*dicts) if len({d.get(k) for d in dicts}) > 1)
+            notes.append(f"cell {cell!r} holds {len(confs)} configurations (they differ in {', '.join(varying)}): "
+                         f"one row each, never averaged")
     return out, notes
 
 

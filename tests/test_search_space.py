@@ -280,3 +280,15 @@ def test_pair_with_is_validated_up_front():
                {"scheduler": {"type": "asha", "metric": "delta_test_err", "mode": "min"}}):
         assert any("delta_test_err is only allowed with pair_with" in e
                    for e in errors_of(doc(space={"method": ["NR"]}, **kw)))
+
+
+def test_distinct_labels_never_merge_configurations():
+    from nr_study.sweep.space import distinct_labels
+
+    items = [("NR", {"nr.tr": 0.5, "w": 8}), ("NR", {"nr.tr": 0.5, "w": 8}),  # one configuration, two seeds
+             ("NR", {"nr.tr": 0.123456, "w": 8}), ("BL", {"w": 8}), ("BL", {"w": 16})]
+    assert distinct_labels(items) == ["NR [tr=0.5]", "NR [tr=0.5]", "NR [tr=0.1235]", "BL [w=8]", "BL [w=16]"]
+    # more keys than the label shows: still one label per configuration
+    many = [("c", {f"k{i}": int(i == j) for i in range(6)}) for j in range(6)]
+    labels = distinct_labels(many)
+    assert len(set(labels)) == 6 and all(lab.endswith(("...]", "#5", "#6")) for lab in labels), labels

@@ -51,7 +51,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 _WORKER_ENV = ("RAY_AIR_NEW_OUTPUT", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_DISABLE_TELEMETRY",
                "NR_STUDY_DATA")
-from nr_study.sweep.space import REPEAT_KEY, TRIAL_INDEX_KEY, SearchSpace, dump_document, fmt_value
+from nr_study.sweep.space import REPEAT_KEY, TRIAL_INDEX_KEY, SearchSpace, distinct_labels, dump_document, fmt_value
 
 SWEEP_FILE = "nr_sweep.json"
 METRIC_COLUMNS = ("test_err", "util_params", "lambda", "rejuvenations", "params")
@@ -606,10 +606,11 @@ def error_cause(err) -> str:
 
 def summarize(space: SearchSpace, results) -> dict:
     """Rows per trial, configurations averaged over seeds, best configuration, Pareto set."""
-    rows = []
+    rows, confs = [], []
     for r in results:
         cfg = r.config or {}
         values = space.trial_values(cfg)
+        confs.append({k: v for k, v in values.items() if k != "seed"})
         _, name, tags = space.resolve_trial(cfg)
         m = r.metrics or {}
         tid = m.get("trial_id") or (Path(str(r.path)).name.split("-", 1)[0] if getattr(r, "path", None) else None)
@@ -622,11 +623,13 @@ def summarize(space: SearchSpace, results) -> dict:
             if metric in m:
                 row[metric] = m[metric]
         rows.append(row)
+    # a configuration's seeds are one row; configurations that share a cell name are never averaged together
+    labels = distinct_labels([(row["cell"], conf) for row, conf in zip(rows, confs)])
     groups: dict[str, dict] = {}
-    for row in rows:
+    for row, label in zip(rows, labels):
         if row["error"]:
             continue
-        g = groups.setdefault(row["cell"], {"cell": row["cell"], "n": 0, "_sums": {}, "complete": True})
+        g = groups.setdefault(label, {"cell": label, "n": 0, "_sums": {}, "complete": True})
         g["n"] += 1
         g["complete"] &= row["complete"]
         for metric, _ in space.objectives:

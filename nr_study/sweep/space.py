@@ -254,6 +254,40 @@ def short_key(key: str) -> str:
     return SHORT.get(key, key.rsplit(".", 1)[-1])
 
 
+def distinct_labels(items: list[tuple[str, dict]]) -> list[str]:
+    """The row label of each (cell name, configuration) item: the cell name, or where configurations that differ
+    share one cell name (a tags.cell template naming fewer keys than the sweep varies, an Optuna search), the
+    name with the first keys they differ in, so that different configurations are never one row."""
+    by_cell: dict[str, list[dict]] = {}
+    for cell, conf in items:
+        if conf not in by_cell.setdefault(cell, []):
+            by_cell[cell].append(conf)
+    labels = {}
+    for cell, confs in by_cell.items():
+        varying = sorted(k for k in set().union(*confs) if len({repr(c.get(k)) for c in confs}) > 1)
+        for i, conf in enumerate(confs):
+            if len(confs) == 1:
+                label = cell
+            else:
+                label = f"{cell} [" + ", ".join(f"{short_key(k) or k}={fmt_value(_num(conf.get(k, '-')))}"
+                                                for k in varying[:4]) + (", ...]" if len(varying) > 4 else "]")
+            labels[(cell, i)] = label if label not in labels.values() else f"{label} #{i + 1}"
+    return [labels[(cell, by_cell[cell].index(conf))] for cell, conf in items]
+
+
+def _num(v):
+    """A number in its own type (params come back from MLflow as strings), for fmt_value."""
+    if isinstance(v, str):
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+    return v
+
+
 _FIELD_RE = re.compile(r"\{([^{}:!]+)(?::([^{}]*))?\}")
 
 
