@@ -129,6 +129,9 @@ def test_variants():
     rows = expand_trials(space)
     assert [r["name"] for r in rows] == ["BL-vgg_small-s0", "NR-CR-vgg_small-tr0.3-s0"]
     assert space.trial_config({"variant": "cr"})["nr"]["tr"] == 0.3
+    # a named variant is the trial's cell; an unnamed one is labelled by its settings
+    assert space.resolve_trial({"variant": "cr"})[2]["nr.cell"] == "cr"
+    assert space.resolve_trial({"variant": "BL"})[2]["nr.cell"] == "BL"
     assert errors_of(doc(space={"variant": [{"method": "XX"}]}))[0].startswith("x.yaml: space.variant[0]: method")
 
 

@@ -208,18 +208,28 @@ class SearchSpace:
         set_dotted(d, "tracking.experiment", self.experiment)
         cfg = config_from_dict(d)
         full = config_to_dict(cfg)
+        variant = config.get(VARIANT_KEY) if any(d.key == VARIANT_KEY for d in self.dims) else None
         name = self.run_name(full, values)
         R = dataclasses.replace
         cfg = R(cfg, tracking=R(cfg.tracking, run_name=name),
                 train=R(cfg.train, threads=cfg.train.threads or max(1, int(self.cpu))),
                 data=R(cfg.data, root=cfg.data.root or data_root))
-        return cfg, name, self.trial_tags(full, values)
+        return cfg, name, self.trial_tags(full, values, variant)
 
-    def cell_name(self, full: dict, values: dict) -> str:
+    def _outside_variant(self, values: dict, variant) -> dict:
+        """The swept values a trial's variant label does not already say (all of them without a variant)."""
+        if variant is None:
+            return values
+        inside = next(d for d in self.dims if d.key == VARIANT_KEY).variants.get(variant, {})
+        return {k: v for k, v in values.items() if k not in inside}
+
+    def cell_name(self, full: dict, values: dict, variant=None) -> str:
+        """tags.cell's template, else the variant's label (its `name`) and the other swept values."""
         if self.cell:
             return format_template(self.cell, full, where=f"{self.path}: tags.cell")
-        parts = [f"{short_key(k)}={fmt_value(v)}" if short_key(k) else fmt_value(v)
-                 for k, v in values.items() if k != "seed"]
+        parts = [str(variant)] if variant is not None else []
+        parts += [f"{short_key(k)}={fmt_value(v)}" if short_key(k) else fmt_value(v)
+                  for k, v in self._outside_variant(values, variant).items() if k != "seed"]
         return ",".join(parts) or self.name
 
     def run_name(self, full: dict, values: dict) -> str:
@@ -232,13 +242,13 @@ class SearchSpace:
         parts.append(f"s{values.get('seed', full.get('seed', 0))}")
         return "-".join(parts)
 
-    def trial_tags(self, full: dict, values: dict) -> dict:
+    def trial_tags(self, full: dict, values: dict, variant=None) -> dict:
         tags = {}
         for k, v in self.tags.items():
             if k == "cell":
                 continue
             tags[k if k.startswith(("nr.", "mlflow.")) else f"nr.{k}"] = str(v)
-        tags["nr.cell"] = self.cell_name(full, values)
+        tags["nr.cell"] = self.cell_name(full, values, variant)
         tags["nr.sweep"] = self.name
         return tags
 
@@ -864,9 +874,10 @@ def expand_trials(space: SearchSpace) -> list[dict]:
                 full = space.trial_config(cfg)
                 shown = {d.key: cfg[d.key] if d.key in cfg else "~" + d.describe() for d in space.dims}
                 shown["seed"] = values["seed"]
+                variant = cfg.get(VARIANT_KEY)
                 try:
-                    cell = space.cell_name(full, values) if not space.sampled_dims or not space.cell else \
-                        space.cell_name(full, values) + " (+ sampled values)"
+                    cell = space.cell_name(full, values, variant) if not space.sampled_dims or not space.cell else \
+                        space.cell_name(full, values, variant) + " (+ sampled values)"
                 except ConfigError:
                     cell = "?"
                 rows.append({"name": space.run_name(full, values), "values": shown, "cell": cell,
