@@ -19,6 +19,7 @@ Rows (name — what / goal):
   sweep_makespan/ideal[reuse_actors]   the same sweep with reuse_actors: true (one process, trial after trial) ≤ 1.05
   mlflow_share           time inside the tracker's calls / wall time of a real train() run                 ≤ 0.02
   run_nr/bl              a short real NR run (monitor + L1 + surgery) / the BL run of the same epochs        ≤ 1.20
+  run_nr_round8/bl       the same NR run with nr.round_to 8 / the BL run (widths rounded down: less than the budget) (info)
   run_gap_by_part        NR − BL seconds per run, and by part of the loop (train()'s phase_s): setup, data,
                          steps, method_l1, method_events, adopt, eval, measure, checkpoint, tracking, finish (info)
   images_per_s[M]        (--device cuda) plain training-step throughput at batch 128                       (info)
@@ -629,15 +630,27 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
             uri = f"sqlite:///{Path(td) / 'mlflow.db'}"
             # warm-up: creates the store and the experiment (a sweep's trial finds them made), loads mlflow
             train(_run_cfg(sz, device, "BL", epochs=1), tracking_uri=uri, progress=False)
-            walls: dict[str, list[float]] = {"BL": [], "NR": []}
+            arms = ["BL", "NR", "NR_round8"]  # NR_round8: NR with nr.round_to 8 (the CUDA default) on any device
+            walls: dict[str, list[float]] = {a: [] for a in arms}
             shares, per_epoch, fixed, rejuv, flops = [], [], [], [], {}
-            phases: dict[str, list[dict]] = {"BL": [], "NR": []}
+            phases: dict[str, list[dict]] = {a: [] for a in arms}
+            round8_refused = None  # a net too narrow for widths in multiples of 8 (--tiny): the core refuses
             for i in range(pairs):
-                for method in (("BL", "NR") if i % 2 == 0 else ("NR", "BL")):
-                    cfg = _run_cfg(sz, device, method)
+                for method in arms[i % 3:] + arms[:i % 3]:  # the order rotates
+                    if method == "NR_round8" and round8_refused:
+                        continue
+                    cfg = _run_cfg(sz, device, "BL" if method == "BL" else "NR")
+                    if method == "NR_round8":
+                        cfg["nr"]["round_to"] = 8
                     with instrument_tracker() as acc:
                         t0 = time.perf_counter()
-                        summary = train(cfg, tracking_uri=uri, progress=False)
+                        try:
+                            summary = train(cfg, tracking_uri=uri, progress=False)
+                        except Exception as exc:
+                            if method != "NR_round8":
+                                raise
+                            round8_refused = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                            continue
                         wall = time.perf_counter() - t0
                     walls[method].append(wall)
                     phases[method].append(dict(summary["phase_s"], rest=wall - sum(summary["phase_s"].values())))
@@ -662,10 +675,20 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
                       f"{d}; NR rejuvenations per run {rejuv}, constraint flops (final FLOPs NR/BL "
                       f"{_safe_ratio(flops.get('NR'), flops.get('BL'))}); monitor every "
                       f"{_run_cfg(sz, device, 'NR')['nr']['delta_t']} steps; {what}; tracking included in both")
-        return [share_row, run_row, breakdown_row(walls, phases)]
+        if round8_refused:
+            round8_row = row("run_nr_round8/bl", None, None, "ratio", f"not measured: NR with nr.round_to 8 does not "
+                             f"run on this net ({round8_refused}); {what}")
+        else:
+            r8, d8 = ratio_stats(walls["NR_round8"], walls["BL"])
+            round8_row = row("run_nr_round8/bl", r8, None, "ratio",
+                             f"{d8}; the same NR run with nr.round_to 8: final FLOPs NR_round8/BL "
+                             f"{_safe_ratio(flops.get('NR_round8'), flops.get('BL'))} (rounded down: the budget is "
+                             f"not filled); {what}")
+        return [share_row, run_row, round8_row, breakdown_row(walls, phases)]
     except Exception as exc:
         return [_error_row("mlflow_share", GOALS["mlflow"], "ratio", exc),
                 _error_row("run_nr/bl", GOALS["run"], "ratio", exc),
+                _error_row("run_nr_round8/bl", None, "ratio", exc),
                 _error_row("run_gap_by_part", None, "s", exc)]
 
 
