@@ -796,7 +796,7 @@ def _configuration(r: RunRecord) -> tuple:
 def split_mixed_cells(by_cell: dict[str, list[RunRecord]]) -> tuple[dict[str, list[RunRecord]], list[str]]:
     """A cell's runs are averaged as seeds of one configuration; a cell name that several configurations share
     is split into one row per configuration (nr_study.sweep.space.distinct_labels), and said so."""
-    from nr_study.sweep.space import distinct_labels
+    from nr_study.sweep.space import distinct_labels, varying_keys
 
     runs = [r for rs in by_cell.values() for r in rs]
     items = [(cell, dict(_configuration(r))) for cell, rs in by_cell.items() for r in rs]
@@ -807,8 +807,7 @@ def split_mixed_cells(by_cell: dict[str, list[RunRecord]]) -> tuple[dict[str, li
     for cell, rs in by_cell.items():
         confs = {_configuration(r) for r in rs}
         if len(confs) > 1:
-            dicts = [dict(c) for c in confs]
-            varying = sorted(k for k in set().union(*dicts) if len({d.get(k) for d in dicts}) > 1)
+            varying = varying_keys([dict(c) for c in confs])
             notes.append(f"cell {cell!r} holds {len(confs)} configurations (they differ in {', '.join(varying)}): "
                          f"one row each, never averaged")
     return out, notes

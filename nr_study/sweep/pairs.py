@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 from nr_study.names import DELTA_METRIC, FINISHED, TAG_CELL, TAG_PAIRED_BASELINE, TAG_SWEEP, TAG_TRIAL
 
@@ -106,12 +105,3 @@ def train_pair(ctx, cfg, client) -> dict:
         os.replace(tmp, result)
         return out
 
-
-def check_pairable(method: Optional[str], after_rejuvenation: Optional[str], pair_with: str) -> Optional[str]:
-    """Why a trial cannot be paired with `pair_with` at equal epochs (None: it can)."""
-    if method == pair_with:
-        return f"method {method} is the paired baseline itself; sweep the methods compared with it"
-    if after_rejuvenation == "reset_epochs":
-        return ("train.after_rejuvenation reset_epochs trains more epochs than its baseline, so no epoch pairs "
-                "them; allowed with pair_with: continue, restart_schedule")
-    return None

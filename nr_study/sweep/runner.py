@@ -26,6 +26,7 @@ checkpoint in the same process instead of spending one of Ray's retries.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
@@ -269,7 +270,7 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
 
         pair = train_pair(ctx, cfg, client)
         client.set_tag(run_id, TAG_PAIR_RUN, pair["run_id"])
-        row_extras = lambda row: delta_row(row, pair["history"])  # noqa: E731
+        row_extras = functools.partial(delta_row, pair_history=pair["history"])
     final: dict = {}
 
     def on_epoch_end(row: dict, checkpoint_dir: Optional[str]) -> None:

@@ -208,7 +208,7 @@ class SearchSpace:
         set_dotted(d, "tracking.experiment", self.experiment)
         cfg = config_from_dict(d)
         full = config_to_dict(cfg)
-        variant = config.get(VARIANT_KEY) if any(d.key == VARIANT_KEY for d in self.dims) else None
+        variant = config.get(VARIANT_KEY) if any(dim.key == VARIANT_KEY for dim in self.dims) else None
         name = self.run_name(full, values)
         R = dataclasses.replace
         cfg = R(cfg, tracking=R(cfg.tracking, run_name=name),
@@ -274,7 +274,7 @@ def distinct_labels(items: list[tuple[str, dict]]) -> list[str]:
             by_cell[cell].append(conf)
     labels = {}
     for cell, confs in by_cell.items():
-        varying = sorted(k for k in set().union(*confs) if len({repr(c.get(k)) for c in confs}) > 1)
+        varying = varying_keys(confs)
         for i, conf in enumerate(confs):
             if len(confs) == 1:
                 label = cell
@@ -283,6 +283,11 @@ def distinct_labels(items: list[tuple[str, dict]]) -> list[str]:
                                                 for k in varying[:4]) + (", ...]" if len(varying) > 4 else "]")
             labels[(cell, i)] = label if label not in labels.values() else f"{label} #{i + 1}"
     return [labels[(cell, by_cell[cell].index(conf))] for cell, conf in items]
+
+
+def varying_keys(confs: list[dict]) -> list[str]:
+    """The keys whose values differ between these configurations (a key one of them lacks counts)."""
+    return sorted(k for k in set().union(*confs) if len({repr(c.get(k)) for c in confs}) > 1)
 
 
 def _num(v):
@@ -557,7 +562,6 @@ def _values_of(key: str, base: dict, dims: list[Dim]) -> list:
 
 def _parse_pair_with(raw, base, dims, objectives, scheduler, err) -> str | None:
     from nr_study.config import METHODS
-    from nr_study.sweep.pairs import check_pairable
 
     used = [m for m, _ in objectives] + ([scheduler["metric"]] if scheduler.get("type") == "asha" else [])
     if raw is None:
@@ -569,14 +573,11 @@ def _parse_pair_with(raw, base, dims, objectives, scheduler, err) -> str | None:
     if not isinstance(raw, str) or raw not in METHODS:
         err("pair_with", f"{show(raw)} is not allowed; allowed: one of {', '.join(METHODS)}")
         return None
-    for m in sorted({str(v) for v in _values_of("method", base, dims)} if base else ()):
-        why = check_pairable(m, None, raw)
-        if why:
-            err("pair_with", f"{raw}: {why}")
-    for a in sorted({str(v) for v in _values_of("train.after_rejuvenation", base, dims)} if base else ()):
-        why = check_pairable(None, a, raw)
-        if why:
-            err("pair_with", f"{raw}: {why}")
+    if base and raw in {str(v) for v in _values_of("method", base, dims)}:
+        err("pair_with", f"{raw}: method {raw} is the paired baseline itself; sweep the methods compared with it")
+    if base and "reset_epochs" in {str(v) for v in _values_of("train.after_rejuvenation", base, dims)}:
+        err("pair_with", f"{raw}: train.after_rejuvenation reset_epochs trains more epochs than its baseline, so no "
+                         f"epoch pairs them; allowed with pair_with: continue, restart_schedule")
     return raw
 
 
