@@ -18,8 +18,9 @@ Rows (name — what / goal):
   sweep_makespan/ideal   makespan of 8 (--quick: 4) tiny trials / (Σ trial time / concurrent slots)        ≤ 1.05
   sweep_makespan/ideal[reuse_actors]   the same sweep with reuse_actors: true (one process, trial after trial) ≤ 1.05
   mlflow_share           time inside the tracker's calls / wall time of a real train() run                 ≤ 0.02
-  run_nr/bl              a short real NR run (monitor + L1 + surgery) / the BL run of the same epochs        ≤ 1.20
-  run_nr_round8/bl       the same NR run with nr.round_to 8 / the BL run (widths rounded down: less than the budget) (info)
+  run_nr/bl              a short real NR run (monitor + L1 + surgery) / the BL run of the same epochs        ≤ 1.10
+  run_nr_round8/bl       the same NR run with nr.round_to 8 (widths in multiples of 8) / the BL run           (info)
+  step_rejuvenated/bl    the trainer's step on the network NR grew (round_to 8 where it ran) / on BL's, per FLOP too (info)
   run_gap_by_part        NR − BL seconds per run, and by part of the loop (train()'s phase_s): setup, data,
                          steps, method_l1, method_events, adopt, eval, measure, checkpoint, tracking, finish (info)
   images_per_s[M]        (--device cuda) plain training-step throughput at batch 128                       (info)
@@ -51,7 +52,7 @@ import torch.nn as nn
 
 from nr_study.errors import UserError
 
-GOALS = {"step": 1.03, "util": 0.01, "surgery": 0.5, "layer": 1.3, "sweep": 1.05, "mlflow": 0.02, "run": 1.20}
+GOALS = {"step": 1.03, "util": 0.01, "surgery": 0.5, "layer": 1.3, "sweep": 1.05, "mlflow": 0.02, "run": 1.10}
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -632,7 +633,7 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
             train(_run_cfg(sz, device, "BL", epochs=1), tracking_uri=uri, progress=False)
             arms = ["BL", "NR", "NR_round8"]  # NR_round8: NR with nr.round_to 8 (the CUDA default) on any device
             walls: dict[str, list[float]] = {a: [] for a in arms}
-            shares, per_epoch, fixed, rejuv, flops = [], [], [], [], {}
+            shares, per_epoch, fixed, rejuv, flops, runs = [], [], [], [], {}, {}
             phases: dict[str, list[dict]] = {a: [] for a in arms}
             round8_refused = None  # a net too narrow for widths in multiples of 8 (--tiny): the core refuses
             for i in range(pairs):
@@ -659,8 +660,11 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
                     per_epoch.append(acc["by"].get("log_epoch", 0.0) / ep)
                     fixed.append(acc["total"] - acc["by"].get("log_epoch", 0.0))
                     flops[method] = summary.get("final_flops")
+                    runs[method] = summary["run_id"]
                     if method == "NR":
                         rejuv.append(int(summary.get("rejuvenations", 0)))
+            grown = "NR_round8" if "NR_round8" in runs else "NR"  # round8: the allocation alone, not odd widths
+            arch_row = _grown_step_row(sz, device, uri, runs[grown], runs["BL"], grown)
         width, hw, n_train, batch, ep, _ = sz.run
         what = (f"vgg_small w{width}, synthetic 3x{hw}x{hw}, {n_train} train images, batch {batch}, {ep} epochs, "
                 f"{device.type}")
@@ -682,14 +686,45 @@ def bench_runs(sz: Sizes, device: torch.device) -> list[dict]:
             r8, d8 = ratio_stats(walls["NR_round8"], walls["BL"])
             round8_row = row("run_nr_round8/bl", r8, None, "ratio",
                              f"{d8}; the same NR run with nr.round_to 8: final FLOPs NR_round8/BL "
-                             f"{_safe_ratio(flops.get('NR_round8'), flops.get('BL'))} (rounded down: the budget is "
-                             f"not filled); {what}")
-        return [share_row, run_row, round8_row, breakdown_row(walls, phases)]
+                             f"{_safe_ratio(flops.get('NR_round8'), flops.get('BL'))}; {what}")
+        return [share_row, run_row, round8_row, arch_row, breakdown_row(walls, phases)]
     except Exception as exc:
         return [_error_row("mlflow_share", GOALS["mlflow"], "ratio", exc),
                 _error_row("run_nr/bl", GOALS["run"], "ratio", exc),
                 _error_row("run_nr_round8/bl", None, "ratio", exc),
+                _error_row("step_rejuvenated/bl", None, "ratio", exc),
                 _error_row("run_gap_by_part", None, "s", exc)]
+
+
+def _grown_step_row(sz: Sizes, device: torch.device, uri: str, nr_run: str, bl_run: str, arm: str) -> dict:
+    """Is the gap NR's own work or the network it grew? The trainer's step on an NR run's final network (its
+    logged model) against BL's, on the run's batch, alternated; also per forward FLOP. NR moves width where
+    the budget is cheapest, which at equal FLOPs need not be equally fast."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nr_study.tracking import load_model
+
+    _, hw, _, batch, _, _ = sz.run
+    cuda = device.type == "cuda"
+    x = torch.randn(batch, 3, hw, hw, device=device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    steps, flops, widths = {}, {}, {}
+    for name, run_id in ((arm, nr_run), ("BL", bl_run)):
+        model = _prep_model(load_model(run_id, uri), device, cuda)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model.eval()(x[:1])
+        flops[name] = fc.get_total_flops()
+        widths[name] = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+        steps[name] = Step(model.train(), x, y, device, cuda, nr=False)
+    _, _, _, _, warmup, reps = sz.step_models[0]
+    t = alternate(steps, reps, warmup, device)
+    r, d = ratio_stats(t[arm], t["BL"])
+    fr = flops[arm] / flops["BL"]
+    return row("step_rejuvenated/bl", r, None, "ratio", f"{d}; the final network of the {arm} run; FLOPs {fr:.3f}, "
+               f"per FLOP {r / fr:.3f}; conv widths {widths[arm]} vs BL {widths['BL']}; batch {batch}, {hw}x{hw}, "
+               f"{device.type}")
 
 
 def breakdown_row(walls: dict[str, list[float]], phases: dict[str, list[dict]]) -> dict:

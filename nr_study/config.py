@@ -226,8 +226,9 @@ class NRCfg:
     gamma0: float = F(1.0, _rng(0.0, lo_open=True), doc="γ of a rejuvenated channel (a fresh BN's)")
     dead_threshold: float = F(0.01, _rng(0.0, 1.0, True, True))
     impl: str = F("two", _choice(("two", "four")), doc="CA convolutions: two or four per layer")
-    round_to: Optional[int] = F(None, _rng(1), doc="round rejuvenated widths down to multiples of this; null: 8 "
-                                "when the model trains on CUDA, 1 on CPU")
+    round_to: Optional[int] = F(None, _rng(1), doc="rejuvenated widths in multiples of this, filling the budget "
+                                "(refused where they cannot meet it); 1: the paper's exact floor(α·w'); null: on "
+                                "CUDA 8 where they meet the budget, else exact; on CPU exact")
 
     def __post_init__(self):
         errors = _check_section(self, "nr.")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from nr_study.errors import UnsupportedGraphError
 from nr_study.nr import (CAConv, CRConv, LambdaController, NeuralRejuvenation, NRConfig, apply_architecture,
                          architecture_spec, build_graph, prune, rejuvenate, split_to_ca, utilization)
-from nr_study.nr.cost import widths_cost
-from nr_study.nr.surgery import expansion_widths, split_counts
+from nr_study.nr.cost import live_masks, widths_cost
+from nr_study.nr.surgery import expansion_widths, rounded_widths, solve_alpha, split_counts
 from tests.nets import INPUT, TINY_NETS, ShuffleNet, kill_channels, randomize_bn, weight_params
 
 NETS = sorted(TINY_NETS)
@@ -341,14 +342,65 @@ def test_config_errors_name_the_field():
         rejuvenate(make("plain_vgg"), INPUT, scheme="xx")
 
 
-def test_round_to_multiples():
-    model = make("plain_vgg")
-    graph = build_graph(model, INPUT)
-    kill_channels(model, graph, 0.3, seed=12)
-    base = utilization(model, INPUT).total
-    _, rep = rejuvenate(model, INPUT, 1.0, round_to=4)
-    assert all(w % 4 == 0 for w in rep.widths_after.values())
-    assert rep.cost_after <= base
+@pytest.mark.parametrize("name", NETS)
+@pytest.mark.parametrize("constraint", ["params", "flops"])
+@pytest.mark.parametrize("scheme", ["nr", "cr"])
+def test_rounded_widths_fill_the_budget_in_multiples(name, constraint, scheme):
+    """Over random dead sets, targets and multiples: widths in multiples of m, within one multiple of the exact
+    α·w', under the target, and maximal (no width below its ceiling can take m more); None only where even the
+    floors exceed the target; rejuvenate builds exactly these widths and says the multiple."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}/{constraint}/{scheme}".encode()))
+    filled = 0
+    for case in range(8):
+        model = make(name, seed=case)
+        graph = build_graph(model, INPUT)
+        kill_channels(model, graph, float(torch.rand(1, generator=gen)) * 0.7, seed=case)
+        ratio = float(torch.rand(1, generator=gen)) * 0.4 + 0.6
+        m = (2, 3, 4, 8)[int(torch.randint(0, 4, (1,), generator=gen))]
+        target = ratio * utilization(model, INPUT, constraint).total
+        masks = live_masks(model, graph, 0.01)
+        w_prime = {g.id: int(masks[g.id].sum()) for g in graph.free_groups()}
+        alpha = solve_alpha(graph, w_prime, target, constraint, scheme)
+        widths = rounded_widths(graph, w_prime, alpha, m, target, constraint, scheme)
+        floors = expansion_widths(w_prime, alpha, m)
+        cost = lambda w: widths_cost(graph, *split_counts(w_prime, w), constraint, scheme)  # noqa: E731
+        if widths is None:
+            assert cost(floors) > target
+            with pytest.raises(ValueError, match=f"round_to: {m}: widths in multiples of {m}"):
+                rejuvenate(model, INPUT, ratio, constraint, scheme=scheme, round_to=m)
+            continue
+        filled += 1
+        assert cost(widths) <= target
+        for g, w in widths.items():
+            assert w % m == 0 and w in (floors[g], floors[g] + m)
+            if w < alpha * w_prime[g]:  # below its ceiling: one more multiple breaks the budget
+                assert cost({**widths, g: w + m}) > target, (case, g)
+        _, rep = rejuvenate(model, INPUT, ratio, constraint, scheme=scheme, round_to=m)
+        if not graph.sides:  # split convs may keep one survivor per side beyond the width
+            assert rep.widths_after == {g.producer: widths[g.id] for g in graph.free_groups()}
+        assert rep.round_to == m and rep.cost_after <= target
+    assert filled >= 3  # most cases fit: the properties above were checked, not skipped
+
+
+def test_round_to_null_is_eight_where_it_fits_else_exact():
+    """The hook's default (nr.round_to null): multiples of 8 where they meet the budget, exact widths where the
+    net is too narrow for them; the report says which. An explicit multiple that cannot fit is refused."""
+    def net(a, b):
+        return nn.Sequential(nn.Conv2d(3, a, 3, padding=1, bias=False), nn.BatchNorm2d(a), nn.ReLU(),
+                             nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(b, 10))
+
+    for model, multiple in ((net(32, 48), 8), (net(4, 6), 1)):  # 8 + 8 channels cost more than 4 + 6
+        graph = build_graph(model, INPUT)
+        kill_channels(model, graph, 0.3, seed=3)
+        _, rep = rejuvenate(model, INPUT, 1.0, round_to=None)
+        assert rep.round_to == multiple
+        assert all(w % multiple == 0 for w in rep.widths_after.values())
+        assert rep.cost_after <= rep.target
+    model = make("tiny_mobile")
+    kill_channels(model, build_graph(model, INPUT), 0.5, seed=1)
+    with pytest.raises(ValueError, match=r"round_to: 64: .*allowed: a smaller round_to"):
+        rejuvenate(model, INPUT, 1.0, round_to=64)
 
 
 @pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])

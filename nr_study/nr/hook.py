@@ -82,13 +82,15 @@ class NeuralRejuvenation:
         return graph_utilization(self.model, self.graph, constraint or self.cfg.constraint,
                                  self.cfg.dead_threshold)
 
-    def _round_to(self) -> int:
-        """nr.round_to, or when unset by the device the model trains on: 8 on CUDA (widths its kernels tile
-        well), 1 elsewhere (the exact budget; `nr-study bench` row step_odd/round8 measures the CPU's view)."""
+    def _round_to(self) -> int | None:
+        """nr.round_to, or when unset by the device the model trains on: on CUDA None (multiples of 8 where they
+        fit the budget: its kernels tile by 8), elsewhere 1, the paper's exact widths (on CPU multiples of 8 run
+        faster too, `nr-study bench` step_odd/round8, but on the small nets CPU studies train they are a coarse
+        grid: a 16-channel layer could only become 8, 16 or 24, which changes where NR regrows)."""
         if self.cfg.round_to is not None:
             return self.cfg.round_to
         p = next(self.model.parameters(), None)
-        return 8 if p is not None and p.device.type == "cuda" else 1
+        return None if p is not None and p.device.type == "cuda" else 1
 
     def _monitor(self) -> dict | None:
         if not self.flag_on:

@@ -48,6 +48,7 @@ class RejuvenationReport:
     rejuvenated: dict[str, int] = field(default_factory=dict)  # |R| per layer
     rescaled_channels: int = 0
     rescale_skipped: dict[str, str] = field(default_factory=dict)
+    round_to: int = 1  # the multiple the new widths are in (1: exact floor(α·w'))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -65,7 +66,7 @@ def base_cost(model: nn.Module, graph: ChannelGraph) -> dict[str, int]:
 
 
 def expansion_widths(w_prime: dict[int, int], alpha: float, multiple: int = 1) -> dict[int, int]:
-    """w'' = floor(α·w'), or floor(α·w'/m)·m when widths are rounded to multiples of m (fast kernels like them)."""
+    """w'' = floor(α·w'), or floor(α·w'/m)·m (at least m) in multiples of m."""
     return {g: multiple * max(1, math.floor(alpha * w / multiple)) for g, w in w_prime.items()}
 
 
@@ -76,12 +77,11 @@ def split_counts(w_prime: dict[int, int], widths: dict[int, int]) -> tuple[dict[
 
 
 def solve_alpha(graph: ChannelGraph, w_prime: dict[int, int], target: float, constraint: str,
-                scheme: str = "nr", multiple: int = 1) -> float:
+                scheme: str = "nr") -> float:
     """Largest α with cost(floor(α·w')) <= target, by bisection on the step function of α."""
 
     def cost(alpha: float) -> int:
-        widths = expansion_widths(w_prime, alpha, multiple)
-        return widths_cost(graph, *split_counts(w_prime, widths), constraint, scheme)
+        return widths_cost(graph, *split_counts(w_prime, expansion_widths(w_prime, alpha)), constraint, scheme)
 
     if cost(0.0) > target:
         raise ValueError(f"target_ratio: the fixed layers alone cost {cost(0.0)} {constraint}, more than the "
@@ -100,6 +100,31 @@ def solve_alpha(graph: ChannelGraph, w_prime: dict[int, int], target: float, con
     return lo
 
 
+def rounded_widths(graph: ChannelGraph, w_prime: dict[int, int], alpha: float, multiple: int, target: float,
+                   constraint: str, scheme: str = "nr") -> dict[int, int] | None:
+    """α·w' in multiples of m, as close to the budget as multiples allow: floor(α·w'/m)·m (at least m), then
+    one m more per group, largest remainder first, wherever the budget still allows it. Each width stays within
+    one multiple of the exact α·w' (so the layers keep the exact solution's proportions; a plain floor loses up
+    to m−1 channels per layer, 17 % of the budget on a small VGG). None: even the floors exceed the budget."""
+    widths = expansion_widths(w_prime, alpha, multiple)
+
+    def cost(w: dict[int, int]) -> int:
+        return widths_cost(graph, *split_counts(w_prime, w), constraint, scheme)
+
+    if cost(widths) > target:
+        return None
+    by_remainder = sorted(widths, key=lambda g: (-(alpha * w_prime[g] / multiple % 1), g))
+    for g in by_remainder:
+        if alpha * w_prime[g] > widths[g]:
+            widths[g] += multiple
+            if cost(widths) > target:
+                widths[g] -= multiple
+    return widths
+
+
+AUTO_ROUND_TO = 8  # round_to None: GPU kernels tile by 8 (and oneDNN on CPU blocks channels by 8 or 16)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the public entry points
 
@@ -107,10 +132,11 @@ def solve_alpha(graph: ChannelGraph, w_prime: dict[int, int], target: float, con
 def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constraint: str = "params",
                scheme: str = "nr", rescale: bool = True, realloc: bool = True, inplace: bool = False,
                threshold: float = 0.01, gamma0: float = 1.0, graph: ChannelGraph | None = None,
-               impl: str = "two", round_to: int = 1) -> tuple[nn.Module, RejuvenationReport]:
+               impl: str = "two", round_to: int | None = 1) -> tuple[nn.Module, RejuvenationReport]:
     """Rejuvenate ``model``'s dead channels under target_ratio · c(A as first built); returns (model, report).
 
-    ``round_to`` > 1 rounds the new widths down to multiples of it (GPU kernels run faster on them)."""
+    ``round_to`` m > 1 puts the new widths in multiples of m (:func:`rounded_widths`; refused where they cannot
+    meet the budget); None: multiples of 8 where they meet it, else the exact widths (the report says which)."""
     if constraint not in CONSTRAINTS:
         raise ValueError(f"constraint: {constraint!r} is not allowed; allowed: {', '.join(CONSTRAINTS)}")
     if scheme not in SCHEMES:
@@ -130,9 +156,18 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
     gammas = {g.id: modules[g.bn].weight.detach().abs() for g in free}
     live_idx = {g.id: torch.nonzero(masks[g.id]).flatten() for g in free}
     w_prime = {gid: len(idx) for gid, idx in live_idx.items()}
+    multiple = 1
     if realloc:
-        alpha = solve_alpha(graph, w_prime, target, constraint, scheme, round_to)
-        widths = expansion_widths(w_prime, alpha, round_to)
+        alpha = solve_alpha(graph, w_prime, target, constraint, scheme)
+        widths = expansion_widths(w_prime, alpha)
+        if round_to != 1:
+            rounded = rounded_widths(graph, w_prime, alpha, round_to or AUTO_ROUND_TO, target, constraint, scheme)
+            if rounded is None and round_to is not None:
+                raise ValueError(f"round_to: {round_to}: widths in multiples of {round_to} (at least {round_to} per "
+                                 f"layer) cost more than the target {int(target)} {constraint} on this model; "
+                                 "allowed: a smaller round_to, or 1 (exact widths)")
+            if rounded is not None:
+                multiple, widths = round_to or AUTO_ROUND_TO, rounded
     else:  # NR-IP: widths unchanged, dead channels reborn in place
         alpha, widths = 1.0, {g.id: g.width for g in free}
     s_count, r_count = split_counts(w_prime, widths)
@@ -142,7 +177,7 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
     widths = {gid: s_count[gid] + r_count[gid] for gid in keep}
 
     report = RejuvenationReport(alpha, constraint, scheme, rescale, realloc, target_ratio, int(target),
-                                util.total, util.live, 0)
+                                util.total, util.live, 0, round_to=multiple)
     for g in free:
         report.widths_before[g.producer] = g.width
         report.widths_live[g.producer] = w_prime[g.id]
