@@ -25,6 +25,7 @@ checkpoint in the same process instead of spending one of Ray's retries.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -762,6 +763,47 @@ def sweep_command(path: str, folder: Path, resume_dir: Optional[Path] = None, tr
     return " ".join(shlex.quote(p) for p in parts)
 
 
+@contextlib.contextmanager
+def _one_line_node_losses():
+    """A lost node makes Ray print, through the driver's error listener, the dead raylet's last 20 log lines and
+    a heartbeat explanation (~50 lines in all) for a fault Tune then handles (the trial continues from its
+    checkpoint elsewhere; _OneLineTrialErrors says so). While a sweep runs, each such message becomes its first
+    sentence; other messages pass unchanged. Ray's printer is a private function: where it is missing, nothing
+    is changed."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        yield
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None:
+        yield
+        return
+
+    def condensed(data, ignore_prefix):
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and lines and isinstance(lines[0], str) and _NODE_LOST.search(lines[0]):
+            data = dict(data, lines=[_first_sentences(lines[0])])
+        return original(data, ignore_prefix)
+
+    ray_worker.print_to_stdstream = condensed
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = original
+
+
+_NODE_LOST = re.compile(r"^Raylet is terminated|has been marked dead because")
+
+
+def _first_sentences(message: str) -> str:
+    """A message's first sentence on one line, and the next one too when the first is short ('Raylet is
+    terminated. Termination is unexpected.')."""
+    parts = re.split(r"(?<=\.)\s+(?=[A-Z])", " ".join(message.split()))
+    return " ".join(parts[:2] if len(parts[0]) < 40 else parts[:1])[:300]
+
+
+@_one_line_node_losses()
 def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = None,
               tracking_uri: Optional[str] = None, resume: Optional[str | bool] = None,
               runs: Optional[str] = None, verbose: int = 1, out=None) -> dict:
