@@ -295,3 +295,10 @@ def test_distinct_labels_never_merge_configurations():
     many = [("c", {f"k{i}": int(i == j) for i in range(6)}) for j in range(6)]
     labels = distinct_labels(many)
     assert len(set(labels)) == 6 and all(lab.endswith(("...]", "#5", "#6")) for lab in labels), labels
+
+
+def test_reuse_actors_defaults_to_true_and_takes_only_booleans():
+    assert parse_search_space(doc(), "x.yaml").reuse_actors is True
+    assert parse_search_space(doc(reuse_actors=False), "x.yaml").reuse_actors is False
+    assert any(line.startswith("x.yaml: reuse_actors: ") and "allowed: true, false" in line
+               for line in errors_of(doc(reuse_actors="yes")))

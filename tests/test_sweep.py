@@ -232,10 +232,10 @@ def test_worker_killed_while_training_the_pair_continues_it(mlflow_server, local
     assert epochs_logged(client, trial.info.run_id, "delta_test_err") == [1, 2]
 
 
-def test_reuse_actors_runs_trials_in_one_worker_each_in_its_own_run(mlflow_server, local_ray, runs):
+def test_reuse_actors_default_runs_trials_in_one_worker_each_in_its_own_run(mlflow_server, local_ray, runs):
     # reuse_actors: the next trial runs in the worker process the last one finished in; each trial still gets
     # its own MLflow run, each epoch once, its own seed and threads, and NR's surgery starts from a fresh model.
-    doc = make_doc("reuse", space={"method": ["BL", "NR-CR", "NR"]}, repeat=1, max_concurrent=1, reuse_actors=True)
+    doc = make_doc("reuse", space={"method": ["BL", "NR-CR", "NR"]}, repeat=1, max_concurrent=1)  # the default
     summary = run(doc, mlflow_server)
     client = client_for(mlflow_server)
     kids = children_of(client, summary)
@@ -247,9 +247,12 @@ def test_reuse_actors_runs_trials_in_one_worker_each_in_its_own_run(mlflow_serve
 
     pids = {t.last_result["pid"] for t in ExperimentAnalysis(summary["sweep_dir"]).trials}
     assert len(pids) == 1, pids
-    # the same trial without reuse trains to the digit the same (nothing leaks from the trial before it)
-    alone = run(make_doc("reuse_ref", space={"method": ["NR"]}, max_concurrent=1), mlflow_server)
-    (ref,) = children_of(client, alone)
+    # reuse_actors: false, a fresh process per trial; its NR trains to the digit the same as the one that ran
+    # after two other trials in one process (nothing leaks from the trials before it)
+    fresh = run(make_doc("reuse_ref", space={"method": ["BL", "NR"]}, max_concurrent=1, reuse_actors=False),
+                mlflow_server)
+    assert len({t.last_result["pid"] for t in ExperimentAnalysis(fresh["sweep_dir"]).trials}) == 2
+    (ref,) = [r for r in children_of(client, fresh) if r.data.tags["nr.method"] == "NR"]
     (nr,) = [r for r in kids if r.data.tags["nr.method"] == "NR"]
     hist = lambda r: [m.value for m in sorted(client.get_metric_history(r.info.run_id, "test_err"), key=lambda m: m.step)]  # noqa: E731
     assert hist(nr) == hist(ref)

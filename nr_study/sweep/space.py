@@ -21,8 +21,9 @@ Schema (every key but `name` and `base` optional):
     max_concurrent: 2   # trials at once (default: as many as the resources allow)
     resources_per_trial: {cpu: 1, gpu: 0.5} # fractional GPUs allowed; a trial runs torch with `cpu` threads
     max_failures: 1     # retries of a trial whose worker died/errored; it resumes from its last checkpoint
-    reuse_actors: false # true: a finished trial's worker process runs the next trial (no process start-up,
-                        # torch and MLflow already imported: for trials of seconds; see nr-study bench)
+    reuse_actors: true  # the default: a finished trial's worker process runs the next trial (no process
+                        # start-up, torch and MLflow already imported; see nr-study bench); false: a fresh
+                        # process per trial
     repeat: 3           # seeds per configuration: base seed + 0..repeat-1 (tag nr.seed)
     pair_with: BL       # every trial also trains (or reuses) this method on the same configuration and seed
                         # and reports delta_test_err = its test_err - the pair's, per epoch (an objective,
@@ -112,7 +113,7 @@ class SearchSpace:
     document: dict = field(default_factory=dict)  # the (overridden) YAML document, as loaded
     base_raw: dict = field(default_factory=dict)  # `base` as written (what trials train: robust to new defaults)
     pair_with: str | None = None     # the method each trial is paired with (nr_study.sweep.pairs)
-    reuse_actors: bool = False       # Ray Tune's: one worker process runs trial after trial
+    reuse_actors: bool = True        # Ray Tune's: one worker process runs trial after trial
 
     # -- derived -----------------------------------------------------------------------------------
     @property
@@ -480,10 +481,10 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
         max_concurrent = _int(doc, "max_concurrent", None, 1, err)
     max_failures = _int(doc, "max_failures", 1, 0, err)
     repeat = _int(doc, "repeat", 1, 1, err)
-    reuse_actors = doc.get("reuse_actors", False)
+    reuse_actors = doc.get("reuse_actors", True)
     if not isinstance(reuse_actors, bool):
         err("reuse_actors", f"{show(reuse_actors)} is not allowed; allowed: true, false")
-        reuse_actors = False
+        reuse_actors = True
     if search == "grid" and num_samples not in (None, 1):
         err("num_samples", f"{show(num_samples)} is not allowed with search: grid; allowed: 1 (use repeat for seeds)")
     if repeat and repeat > 1 and "seed" in seen:
