@@ -401,6 +401,10 @@ def test_round_to_null_is_eight_where_it_fits_else_exact():
     kill_channels(model, build_graph(model, INPUT), 0.5, seed=1)
     with pytest.raises(ValueError, match=r"round_to: 64: .*allowed: a smaller round_to"):
         rejuvenate(model, INPUT, 1.0, round_to=64)
+    # the hook refuses it up front where no rejuvenation could meet it (every layer at 8 is over the budget)
+    with pytest.raises(ValueError, match=r"nr\.round_to: 8: with every layer at its least \(8 channels\)"):
+        NeuralRejuvenation(net(4, 6), INPUT, NRConfig(round_to=8))
+    NeuralRejuvenation(net(32, 48), INPUT, NRConfig(round_to=8))
 
 
 @pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])

@@ -12,10 +12,10 @@ import warnings
 import torch.nn as nn
 
 from nr_study.config import NRCfg
-from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks, min_reachable_ratio
+from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks, min_reachable_ratio, widths_cost
 from nr_study.nr.graph import build_graph
 from nr_study.nr.sparsity import LambdaController, l1_subgradient_
-from nr_study.nr.surgery import base_cost, rejuvenate
+from nr_study.nr.surgery import base_cost, rejuvenate, split_counts
 
 
 # NR's settings have one definition, torch-free: the `nr:` section of a config (nr_study.config.NRCfg).
@@ -31,6 +31,8 @@ class NeuralRejuvenation:
         base_cost(model, self.graph)
         if self.cfg.max_rejuvenations > 0:
             self._check_reachable()
+            if (self.cfg.round_to or 1) > 1 and self.cfg.realloc:
+                self._check_round_to(self.cfg.round_to)
         self.lam = LambdaController(self.cfg.delta_r, self.cfg.delta_lambda, self.cfg.lambda_mode,
                                     self.cfg.lambda_fixed, self.cfg.lambda_max)
         self.step = 0
@@ -53,6 +55,19 @@ class NeuralRejuvenation:
         if r_min > 0.8 * self.cfg.tr:
             warnings.warn(f"nr.tr: {self.cfg.tr} is close to the smallest reachable r({c}) = {r_min:.3f} on "
                           f"model {name}: λ may grow large before r gets there", stacklevel=3)
+
+    def _check_round_to(self, m: int) -> None:
+        """Refuse an nr.round_to no rejuvenation could meet: every free layer at its least, m channels, already
+        costs more than the budget (found here, not at the first rejuvenation mid-run)."""
+        c = self.cfg.constraint
+        free = self.graph.free_groups()
+        s, r = split_counts({g.id: g.width for g in free}, {g.id: m for g in free})
+        least = widths_cost(self.graph, s, r, c, self.cfg.scheme)
+        budget = self.cfg.target_ratio * base_cost(self.model, self.graph)[c]
+        if least > budget:
+            raise ValueError(f"nr.round_to: {m}: with every layer at its least ({m} channels) model "
+                             f"{type(self.model).__name__} costs {least} {c}, more than the budget {int(budget)} "
+                             f"(nr.target_ratio {self.cfg.target_ratio}); allowed: a smaller round_to, or 1 (exact)")
 
     # -- events -----------------------------------------------------------------------------------------
     def after_backward(self) -> None:
