@@ -255,32 +255,42 @@ ODD_WIDTHS = [19, 21, "M", 37, 43, "M", 79, 83]    # widths as a rejuvenation le
 ROUND8_WIDTHS = [16, 16, "M", 32, 40, "M", 72, 80]  # the same rounded down to multiples of 8 (round_to 8)
 
 
+def time_steps(models: dict[str, nn.Module], batch: int, hw: int, warmup: int, reps: int, device: torch.device
+               ) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """The trainer's plain step on each model, alternated on one random batch, and each model's forward FLOPs
+    of one image (torch's FlopCounterMode): what a per-FLOP comparison of two networks needs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cuda = device.type == "cuda"
+    x = torch.randn(batch, 3, hw, hw, device=device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    steps, flops = {}, {}
+    for label, model in models.items():
+        model = _prep_model(model, device, cuda)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model.eval()(x[:1])
+        flops[label] = fc.get_total_flops()
+        steps[label] = Step(model, x, y, device, cuda, nr=False)  # Step puts it back in train mode
+    return alternate(steps, reps, warmup, device), flops
+
+
 def bench_widths(sz: Sizes, device: torch.device) -> list[dict]:
     """Are odd widths slower per FLOP on this device? The trainer's step on a VGG with a rejuvenation's odd
     widths against the same net rounded down to multiples of 8, each step time divided by its forward FLOPs
     (torch's FlopCounterMode). > 1: odd widths cost more per FLOP (the case for nr.round_to 8)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from nr_study.models.vgg import VGG, _make_features
 
     name, goal = "step_odd/round8", None
     try:
         _, _, batch, hw, warmup, reps = sz.step_models[0]
-        cuda = device.type == "cuda"
-        x = torch.randn(batch, 3, hw, hw, device=device)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 10, (batch,), device=device)
-        steps, flops = {}, {}
+        models = {}
         for label, widths in (("odd", ODD_WIDTHS), ("round8", ROUND8_WIDTHS)):
             torch.manual_seed(0)
             features, c = _make_features(widths, 3)
-            model = _prep_model(VGG(features, c, 10), device, cuda)
-            with FlopCounterMode(display=False) as fc, torch.no_grad():
-                model(x[:1])
-            flops[label] = fc.get_total_flops()
-            steps[label] = Step(model, x, y, device, cuda, nr=False)
-        t = alternate(steps, reps, warmup, device)
+            models[label] = VGG(features, c, 10)
+        t, flops = time_steps(models, batch, hw, warmup, reps, device)
         r, d = ratio_stats(t["odd"], t["round8"])
         fr = flops["odd"] / flops["round8"]
         return [row(name, r / fr, goal, "ratio", f"step time odd/round8 {r:.3f} ({d}) / FLOPs ratio {fr:.3f}; widths "
@@ -704,26 +714,14 @@ def _grown_step_row(sz: Sizes, device: torch.device, uri: str, nr_run: str, bl_r
     """Is the gap NR's own work or the network it grew? The trainer's step on an NR run's final network (its
     logged model) against BL's, on the run's batch, alternated; also per forward FLOP. NR moves width where
     the budget is cheapest, which at equal FLOPs need not be equally fast."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from nr_study.tracking import load_model
 
     _, hw, _, batch, _, _ = sz.run
-    cuda = device.type == "cuda"
-    x = torch.randn(batch, 3, hw, hw, device=device)
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
-    steps, flops, widths = {}, {}, {}
-    for name, run_id in ((arm, nr_run), ("BL", bl_run)):
-        model = _prep_model(load_model(run_id, uri), device, cuda)
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            model.eval()(x[:1])
-        flops[name] = fc.get_total_flops()
-        widths[name] = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
-        steps[name] = Step(model.train(), x, y, device, cuda, nr=False)
     _, _, _, _, warmup, reps = sz.step_models[0]
-    t = alternate(steps, reps, warmup, device)
+    models = {name: load_model(run_id, uri) for name, run_id in ((arm, nr_run), ("BL", bl_run))}
+    widths = {name: [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+              for name, model in models.items()}
+    t, flops = time_steps(models, batch, hw, warmup, reps, device)
     r, d = ratio_stats(t[arm], t["BL"])
     fr = flops[arm] / flops["BL"]
     return row("step_rejuvenated/bl", r, None, "ratio", f"{d}; the final network of the {arm} run; FLOPs {fr:.3f}, "

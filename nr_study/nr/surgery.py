@@ -160,14 +160,14 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
     if realloc:
         alpha = solve_alpha(graph, w_prime, target, constraint, scheme)
         widths = expansion_widths(w_prime, alpha)
-        if round_to != 1:
-            rounded = rounded_widths(graph, w_prime, alpha, round_to or AUTO_ROUND_TO, target, constraint, scheme)
-            if rounded is None and round_to is not None:
-                raise ValueError(f"round_to: {round_to}: widths in multiples of {round_to} (at least {round_to} per "
-                                 f"layer) cost more than the target {int(target)} {constraint} on this model; "
-                                 "allowed: a smaller round_to, or 1 (exact widths)")
-            if rounded is not None:
-                multiple, widths = round_to or AUTO_ROUND_TO, rounded
+        m = round_to or AUTO_ROUND_TO
+        rounded = rounded_widths(graph, w_prime, alpha, m, target, constraint, scheme) if m > 1 else None
+        if rounded is None and round_to is not None and round_to > 1:
+            raise ValueError(f"round_to: {m}: widths in multiples of {m} (at least {m} per layer) cost more than "
+                             f"the target {int(target)} {constraint} on this model; allowed: a smaller round_to, "
+                             "or 1 (exact widths)")
+        if rounded is not None:
+            multiple, widths = m, rounded
     else:  # NR-IP: widths unchanged, dead channels reborn in place
         alpha, widths = 1.0, {g.id: g.width for g in free}
     s_count, r_count = split_counts(w_prime, widths)

@@ -878,8 +878,9 @@ def expand_trials(space: SearchSpace) -> list[dict]:
                 shown["seed"] = values["seed"]
                 variant = cfg.get(VARIANT_KEY)
                 try:
-                    cell = space.cell_name(full, values, variant) if not space.sampled_dims or not space.cell else \
-                        space.cell_name(full, values, variant) + " (+ sampled values)"
+                    cell = space.cell_name(full, values, variant)
+                    if space.sampled_dims and space.cell:
+                        cell += " (+ sampled values)"
                 except ConfigError:
                     cell = "?"
                 rows.append({"name": space.run_name(full, values), "values": shown, "cell": cell,
