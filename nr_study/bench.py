@@ -7,6 +7,7 @@ same load, so their ratio is far steadier than either time. Speed goals live her
 
 Rows (name — what / goal):
   step_nr/plain[M]       NR training step (fwd, bwd, L1 subgradient, SGD step, end_of_step) / plain step   ≤ 1.03
+  step_channels_last/contiguous[M]   the plain step in channels_last / contiguous layout (train.channels_last) (info)
   util/step[M]           utilization (live masks + params and FLOPs on the hook's cached graph) / one step ≤ 0.01
   surgery_s[M]           rejuvenate(inplace, cached graph) on a copy with ~30% dead channels, seconds       ≤ 0.5
   step_odd/round8        step time per FLOP, a rejuvenation's odd widths / the same rounded to multiples of 8 (info)
@@ -15,8 +16,9 @@ Rows (name — what / goal):
   layer_cr/plain         NR-CR layer fwd+bwd / plain conv of equal width                                    ≤ 1.3
   layer_ca_two/ca_four   the two CA forms against each other (< 1: "two" is faster)                      (info)
   ca_nest_3/1            NR-CA net fwd+bwd after 3 rejuvenations / after 1 (each nests the last CA layer)  (info)
-  sweep_makespan/ideal   makespan of 8 trials of 10-20 s (--quick: 4 of a few s) / (Σ trial time / slots)  ≤ 1.10
-  sweep_makespan/ideal[reuse_actors]   the same sweep with reuse_actors: true (one process, trial after trial) ≤ 1.10
+  sweep_makespan/ideal   makespan of 8 trials of 10-20 s (--quick: 4 of a few s) / (Σ trial time / slots),
+                         reuse_actors false (a fresh process per trial); median of 3 sweeps (--quick: 1)    ≤ 1.10
+  sweep_makespan/ideal[reuse_actors]   the same with reuse_actors true (the default), alternated with it  ≤ 1.10
   mlflow_share           time inside the tracker's calls / wall time of a real train() run                 ≤ 0.02
   run_nr/bl              a short real NR run (monitor + L1 + surgery) / the BL run of the same epochs        ≤ 1.10
   run_nr_round8/bl       the same NR run with nr.round_to 8 (widths in multiples of 8) / the BL run           (info)
@@ -90,6 +92,7 @@ class Sizes:
         if cuda:
             self.run = (32, 32, 8192, 128, 4, 2) if full else (32, 32, 4096, 128, 2, 1)
         self.sweep = {"full": 8, "quick": 4, "tiny": 0}[mode]  # trials of the sweep row; tiny (tests): skipped
+        self.sweep_reps = 3 if full else 1  # sweeps per arm, alternated
         # each sweep trial's (training images, epochs): full mode's trials take 10-20 s, as the goal's do
         self.sweep_trial = (4096, 8) if mode == "full" else (512, 3)
         # CA nesting: vgg_small width, input hw, batch, warmup, reps
@@ -224,8 +227,12 @@ def bench_steps(sz: Sizes, device: torch.device) -> list[dict]:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, 10, (batch,), device=device)
             plain, nr = Step(plain_m, x, y, device, cuda, nr=False), Step(nr_m, x, y, device, cuda, nr=True)
+            # the plain step in the other memory layout (CPU runs contiguous, CUDA channels_last)
+            other = Step(_prep_model(copy.deepcopy(base), device, not cuda),
+                         x.contiguous(memory_format=torch.contiguous_format if cuda else torch.channels_last),
+                         y, device, cuda, nr=False)
             util = _utilization_fn(nr.hook)
-            t = alternate({"plain": plain, "nr": nr, "util": util}, reps, warmup, device)
+            t = alternate({"plain": plain, "nr": nr, "util": util, "other": other}, reps, warmup, device)
             shape = f"batch {batch}, {hw}x{hw}{', ' + str(kw) if kw else ''}, {device.type}"
             if cuda:
                 shape += ", channels_last + bf16 autocast"
@@ -236,6 +243,11 @@ def bench_steps(sz: Sizes, device: torch.device) -> list[dict]:
             n_layers = len(nr.hook.graph.layers)
             rows.append(row(f"util/step[{name}]", r, GOALS["util"], "ratio",
                             f"{d}; params+FLOPs over {n_layers} layers, cached graph"))
+            r, d = ratio_stats(*((t["plain"], t["other"]) if cuda else (t["other"], t["plain"])))
+            rows.append(row(f"step_channels_last/contiguous[{name}]", r, None, "ratio",
+                            f"{d}; the plain step with model and batch in channels_last (train.channels_last) / "
+                            f"contiguous; batch {batch}, {hw}x{hw}{', ' + str(kw) if kw else ''}, {device.type}"
+                            f"{', bf16 autocast' if cuda else ''}"))
             if cuda and name in ("vgg19_bn_cifar", "resnet164_cifar"):
                 ips = batch / statistics.median(t["plain"])
                 ips_nr = batch / statistics.median(t["nr"])
@@ -243,10 +255,11 @@ def bench_steps(sz: Sizes, device: torch.device) -> list[dict]:
                 rows.append(row(f"images_per_s[{name}]", ips, None, "img/s",
                                 f"plain training step, batch {batch}, channels_last + bf16 autocast; {kind} "
                                 f"{lo:.0f}–{hi:.0f}; NR step {ips_nr:.0f} img/s"))
-            del plain, nr, plain_m, nr_m, base
+            del plain, nr, other, plain_m, nr_m, base
         except Exception as exc:  # one failing model must not hide the other rows
             rows.append(_error_row(f"step_nr/plain[{name}]", GOALS["step"], "ratio", exc))
             rows.append(_error_row(f"util/step[{name}]", GOALS["util"], "ratio", exc))
+            rows.append(_error_row(f"step_channels_last/contiguous[{name}]", None, "ratio", exc))
     return rows
 
 
@@ -464,40 +477,69 @@ def _sweep_doc(device: torch.device, trials: int, reuse_actors: bool, n_train: i
 
 
 def bench_sweep(sz: Sizes, device: torch.device) -> list[dict]:
-    """The sweep's makespan against the ideal (Σ trial time / slots), with fresh worker processes per trial
-    (the default) and with reuse_actors, one after the other in this run."""
-    rows, makespans = [], {}
+    """The sweep's makespan against the ideal (Σ trial time / slots), with fresh worker processes per trial and
+    with reuse_actors (the default), alternated over sz.sweep_reps repetitions (the order rotates), each row
+    the median of its repetitions with their spread: one sweep's makespan moves with the machine's load."""
+    names = {False: "sweep_makespan/ideal", True: "sweep_makespan/ideal[reuse_actors]"}
+    goal = GOALS["sweep"]
+    if not sz.sweep:
+        return [row(names[r], None, goal, "ratio", "skipped in --tiny") for r in (False, True)]
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    failed: dict[bool, str] = {}
+    for i in range(sz.sweep_reps):
+        for reuse in ((False, True) if i % 2 == 0 else (True, False)):
+            if reuse in failed:
+                continue
+            try:
+                runs[reuse].append(_sweep_once(sz.sweep, device, reuse, *sz.sweep_trial))
+            except _NoSweep as exc:
+                failed[reuse] = str(exc)
+            except Exception as exc:
+                failed[reuse] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+    rows = []
     for reuse in (False, True):
-        name = "sweep_makespan/ideal" + ("[reuse_actors]" if reuse else "")
-        goal = GOALS["sweep"]
-        if not sz.sweep:
-            rows.append(row(name, None, goal, "ratio", "skipped in --tiny"))
+        if reuse in failed:
+            rows.append(row(names[reuse], None, goal, "ratio", failed[reuse]))
             continue
-        try:
-            r, makespans[reuse] = _sweep_row(name, goal, sz.sweep, device, reuse, *sz.sweep_trial)
-            rows.append(r)
-        except Exception as exc:
-            rows.append(_error_row(name, goal, "ratio", exc))
-    if makespans.get(True) and makespans.get(False):  # a reused process also skips the imports a trial pays
-        rows[-1]["detail"] += (f"; makespan vs fresh workers {makespans[True] / makespans[False]:.2f}x (a reused "
-                               f"worker also skips the imports its first trial paid, so the ideal shrinks too)")
+        rs = runs[reuse]
+        med, lo, hi, kind = spread([r["makespan"] / r["ideal"] for r in rs])
+        mid = sorted(rs, key=lambda r: r["makespan"] / r["ideal"])[(len(rs) - 1) // 2]  # the median repetition
+        times = mid["times"]
+        n_train, epochs = sz.sweep_trial
+        rows.append(row(names[reuse], med, goal, "ratio",
+                        f"{kind} {lo:.3f}–{hi:.3f}, n={len(rs)} sweeps; the median one: makespan (Tuner.fit) "
+                        f"{mid['makespan']:.1f}s vs Σ trial time {sum(times):.1f}s / {mid['slots']} slots = "
+                        f"{mid['ideal']:.1f}s, trials {min(times):.1f}–{max(times):.1f}s (Ray time_total_s) in "
+                        f"{mid['processes']} worker process(es), whole run_sweep incl. MLflow server start "
+                        f"{mid['wall']:.1f}s; {sz.sweep} trials vgg_small w8 16x16 synthetic, {n_train} images, "
+                        f"{epochs} epochs, embedded Ray, reuse_actors {str(reuse).lower()}, cpu"))
+    if runs[True] and runs[False] and not failed:  # a reused process also skips the imports a trial pays
+        fresh = statistics.median(r["makespan"] for r in runs[False])
+        reused = statistics.median(r["makespan"] for r in runs[True])
+        rows[-1]["detail"] += (f"; median makespan vs fresh workers {reused / fresh:.2f}x (a reused worker also "
+                               f"skips the imports its first trial paid, so the ideal shrinks too)")
     return rows
 
 
-def _sweep_row(name: str, goal: float, n: int, device: torch.device, reuse: bool, n_train: int, epochs: int
-               ) -> tuple[dict, Optional[float]]:
+class _NoSweep(Exception):
+    """The sweep engine cannot run here (an optional part missing): the row says why, with no number."""
+
+
+def _sweep_once(n: int, device: torch.device, reuse: bool, n_train: int, epochs: int) -> dict:
+    """One real sweep of n trials on an embedded Ray: its Tuner.fit makespan, each trial's time, the slots."""
     try:
         import yaml
 
         from nr_study.sweep import load_search_space, run_sweep
     except Exception as exc:  # the sweep engine is optional here: say why, never invent a number
-        return row(name, None, goal, "ratio", f"sweep engine not usable: {type(exc).__name__}: {exc}"), None
+        raise _NoSweep(f"sweep engine not usable: {type(exc).__name__}: {exc}") from exc
     try:
+        import ray
         from ray import tune
 
         from nr_study.train import available_cpus
     except Exception as exc:
-        return row(name, None, goal, "ratio", f"Ray Tune not importable: {type(exc).__name__}: {exc}"), None
+        raise _NoSweep(f"Ray Tune not importable: {type(exc).__name__}: {exc}") from exc
     captured: dict = {}
     orig_fit = tune.Tuner.fit
 
@@ -518,8 +560,6 @@ def _sweep_row(name: str, goal: float, n: int, device: torch.device, reuse: bool
             text = yaml.safe_dump(doc, sort_keys=False)
             path.write_text(text)
             space = load_search_space(path)
-            import ray
-
             # the embedded default, always a fresh local instance: a bare ray.init() joins any Ray cluster
             # already running on this machine (someone else's sweep or tests), which would skew the makespan
             own_ray = not ray.is_initialized()
@@ -527,45 +567,35 @@ def _sweep_row(name: str, goal: float, n: int, device: torch.device, reuse: bool
                 ray.init(address="local", num_cpus=available_cpus(), include_dashboard=False,
                          _node_ip_address="127.0.0.1", log_to_driver=False)
             tune.Tuner.fit = timed_fit
-            out = io.StringIO()
             t0 = time.perf_counter()
             try:
-                run_sweep(space, source_text=text, runs=str(Path(td) / "runs"), verbose=0, out=out)
+                run_sweep(space, source_text=text, runs=str(Path(td) / "runs"), verbose=0, out=io.StringIO())
             finally:
                 tune.Tuner.fit = orig_fit
                 if own_ray:
                     ray.shutdown()
             wall = time.perf_counter() - t0
-        results = captured.get("results")
-        if results is None:
-            return row(name, None, goal, "ratio", "the sweep ran no Tuner.fit (nothing to time)"), None
-        times, errors, pids = [], 0, set()
-        for r in results:
-            if r.error:
-                errors += 1
-            tt = (r.metrics or {}).get("time_total_s")
-            if isinstance(tt, (int, float)):
-                times.append(float(tt))
-            pids.add((r.metrics or {}).get("pid"))
-        if errors or len(times) != n:
-            return row(name, None, goal, "ratio", f"{errors} of {n} trials errored / {len(times)} reported a "
-                                                  f"time; no ratio"), None
-        cpu = float(doc["resources_per_trial"]["cpu"])
-        slots = max(1, min(n, doc.get("max_concurrent") or n, int(available_cpus() // cpu)))
-        ideal = sum(times) / slots
-        makespan = captured["makespan"]
-        return row(name, makespan / ideal, goal, "ratio",
-                   f"makespan (Tuner.fit) {makespan:.1f}s vs Σ trial time {sum(times):.1f}s / {slots} slots = "
-                   f"{ideal:.1f}s; trials {min(times):.1f}–{max(times):.1f}s (Ray time_total_s) in {len(pids)} "
-                   f"worker process(es); whole run_sweep incl. MLflow server start {wall:.1f}s; {n} trials "
-                   f"vgg_small w8 16x16 synthetic, {n_train} images, {epochs} epochs, embedded Ray, reuse_actors "
-                   f"{str(reuse).lower()}, "
-                   f"cpu"), makespan
     finally:
         if old_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old_env
+    results = captured.get("results")
+    if results is None:
+        raise _NoSweep("the sweep ran no Tuner.fit (nothing to time)")
+    times, errors, pids = [], 0, set()
+    for r in results:
+        errors += bool(r.error)
+        tt = (r.metrics or {}).get("time_total_s")
+        if isinstance(tt, (int, float)):
+            times.append(float(tt))
+        pids.add((r.metrics or {}).get("pid"))
+    if errors or len(times) != n:
+        raise _NoSweep(f"{errors} of {n} trials errored / {len(times)} reported a time; no ratio")
+    cpu = float(doc["resources_per_trial"]["cpu"])
+    slots = max(1, min(n, doc.get("max_concurrent") or n, int(available_cpus() // cpu)))
+    return {"makespan": captured["makespan"], "ideal": sum(times) / slots, "times": times, "slots": slots,
+            "processes": len(pids), "wall": wall}
 
 
 # ---------------------------------------------------------------------------- whole runs + MLflow share

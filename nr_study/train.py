@@ -244,7 +244,7 @@ class _Run:
                          num_classes=int(data.num_classes), in_channels=int(data.input_shape[0]),
                          input_shape=list(data.input_shape))
         self.amp = device.type == "cuda" and cfg.train.bf16
-        self.channels_last = device.type == "cuda" and cfg.train.channels_last
+        self.channels_last = cfg.train.channels_last
         self.model: nn.Module = None
         self.method = None
         self.opt: torch.optim.Optimizer = None

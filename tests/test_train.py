@@ -215,6 +215,35 @@ def test_after_rejuvenation_protocols(after, tracking_uri, tmp_path):
             [{x: v for x, v in row.items() if x not in drop} for row in h]
 
 
+@pytest.mark.parametrize("method", ["NR", "NR-CA"])
+def test_channels_last_on_cpu_survives_surgery_and_resumes_exactly(method, tracking_uri, tmp_path, monkeypatch):
+    """train.channels_last on CPU: the network built and every network a rejuvenation hands back train in NHWC
+    (surgery returns new tensors; the trainer lays them out again), and a resume after the rejuvenation is exact."""
+    from nr_study.train import _Run
+
+    def nhwc(model) -> bool:  # 3x3 kernels over several channels: the two layouts differ there
+        ws = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+        return bool(ws) and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                                for p in ws)
+
+    seen, real_build, real_adopt = [], _Run.build, _Run.adopt
+    monkeypatch.setattr(_Run, "build", lambda self, ck: (real_build(self, ck), seen.append(("build", nhwc(self.model)))))
+    monkeypatch.setattr(_Run, "adopt", lambda self, ev, progress: (
+        real_adopt(self, ev, progress), ev is not None and seen.append(("adopt", nhwc(self.model)))))
+    c = cfg(NR, method=method, train={"channels_last": True})
+    ref = train(copy.deepcopy(c), tracking_uri=tracking_uri, progress=False)
+    assert ref["rejuvenations"] == 1 and seen == [("build", True), ("adopt", True)], seen
+    k = next(r["epoch"] for r in ref["history"] if r["rejuvenations"] == 1)
+    with pytest.raises(KeyboardInterrupt):
+        train(copy.deepcopy(c), tracking_uri=tracking_uri, checkpoint_dir=tmp_path, progress=False,
+              on_epoch_end=lambda row, ck: (_ for _ in ()).throw(KeyboardInterrupt) if row["epoch"] == k else None)
+    r = train(copy.deepcopy(c), tracking_uri=tracking_uri, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert seen[-1] == ("build", True)  # the grown network, rebuilt from the checkpoint
+    drop = ("epoch_time", "images_per_s")
+    assert [{x: v for x, v in row.items() if x not in drop} for row in r["history"]] == \
+        [{x: v for x, v in row.items() if x not in drop} for row in ref["history"]]
+
+
 def test_nr_fs_rebuilds_found_widths(nr_run, tracking_uri, tmp_path):
     src = nr_run["run_id"]
     fw = json.loads(Path(T.download_artifact(src, "final_widths.json", tracking_uri, str(tmp_path))).read_text())
