@@ -8,6 +8,7 @@ same load, so their ratio is far steadier than either time. Speed goals live her
 Rows (name — what / goal):
   step_nr/plain[M]       NR training step (fwd, bwd, L1 subgradient, SGD step, end_of_step) / plain step   ≤ 1.03
   step_channels_last/contiguous[M]   the plain step in channels_last / contiguous layout (train.channels_last) (info)
+  step_bf16/fp32[M]      the plain step under bf16 autocast (train.bf16) / in fp32                        (info)
   util/step[M]           utilization (live masks + params and FLOPs on the hook's cached graph) / one step ≤ 0.01
   surgery_s[M]           rejuvenate(inplace, cached graph) on a copy with ~30% dead channels, seconds       ≤ 0.5
   step_odd/round8        step time per FLOP, a rejuvenation's odd widths / the same rounded to multiples of 8 (info)
@@ -227,12 +228,15 @@ def bench_steps(sz: Sizes, device: torch.device) -> list[dict]:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, 10, (batch,), device=device)
             plain, nr = Step(plain_m, x, y, device, cuda, nr=False), Step(nr_m, x, y, device, cuda, nr=True)
-            # the plain step in the other memory layout (CPU runs contiguous, CUDA channels_last)
-            other = Step(_prep_model(copy.deepcopy(base), device, not cuda),
-                         x.contiguous(memory_format=torch.contiguous_format if cuda else torch.channels_last),
-                         y, device, cuda, nr=False)
+            # the plain step in the other memory layout and in the other precision (the CPU's plain step is
+            # contiguous fp32, CUDA's channels_last bf16)
+            layout = Step(_prep_model(copy.deepcopy(base), device, not cuda),
+                          x.contiguous(memory_format=torch.contiguous_format if cuda else torch.channels_last),
+                          y, device, cuda, nr=False)
+            precision = Step(_prep_model(copy.deepcopy(base), device, cuda), x, y, device, not cuda, nr=False)
             util = _utilization_fn(nr.hook)
-            t = alternate({"plain": plain, "nr": nr, "util": util, "other": other}, reps, warmup, device)
+            t = alternate({"plain": plain, "nr": nr, "util": util, "layout": layout, "precision": precision}, reps,
+                          warmup, device)
             shape = f"batch {batch}, {hw}x{hw}{', ' + str(kw) if kw else ''}, {device.type}"
             if cuda:
                 shape += ", channels_last + bf16 autocast"
@@ -243,11 +247,11 @@ def bench_steps(sz: Sizes, device: torch.device) -> list[dict]:
             n_layers = len(nr.hook.graph.layers)
             rows.append(row(f"util/step[{name}]", r, GOALS["util"], "ratio",
                             f"{d}; params+FLOPs over {n_layers} layers, cached graph"))
-            r, d = ratio_stats(*((t["plain"], t["other"]) if cuda else (t["other"], t["plain"])))
-            rows.append(row(f"step_channels_last/contiguous[{name}]", r, None, "ratio",
-                            f"{d}; the plain step with model and batch in channels_last (train.channels_last) / "
-                            f"contiguous; batch {batch}, {hw}x{hw}{', ' + str(kw) if kw else ''}, {device.type}"
-                            f"{', bf16 autocast' if cuda else ''}"))
+            for variant, label, what in (("layout", "step_channels_last/contiguous",
+                                          "model and batch in channels_last (train.channels_last) / contiguous"),
+                                         ("precision", "step_bf16/fp32", "bf16 autocast (train.bf16) / fp32")):
+                r, d = ratio_stats(*((t["plain"], t[variant]) if cuda else (t[variant], t["plain"])))
+                rows.append(row(f"{label}[{name}]", r, None, "ratio", f"{d}; the plain step, {what}; {shape}"))
             if cuda and name in ("vgg19_bn_cifar", "resnet164_cifar"):
                 ips = batch / statistics.median(t["plain"])
                 ips_nr = batch / statistics.median(t["nr"])
@@ -255,11 +259,12 @@ def bench_steps(sz: Sizes, device: torch.device) -> list[dict]:
                 rows.append(row(f"images_per_s[{name}]", ips, None, "img/s",
                                 f"plain training step, batch {batch}, channels_last + bf16 autocast; {kind} "
                                 f"{lo:.0f}–{hi:.0f}; NR step {ips_nr:.0f} img/s"))
-            del plain, nr, other, plain_m, nr_m, base
+            del plain, nr, layout, precision, plain_m, nr_m, base
         except Exception as exc:  # one failing model must not hide the other rows
             rows.append(_error_row(f"step_nr/plain[{name}]", GOALS["step"], "ratio", exc))
             rows.append(_error_row(f"util/step[{name}]", GOALS["util"], "ratio", exc))
             rows.append(_error_row(f"step_channels_last/contiguous[{name}]", None, "ratio", exc))
+            rows.append(_error_row(f"step_bf16/fp32[{name}]", None, "ratio", exc))
     return rows
 
 

@@ -188,7 +188,8 @@ class TrainCfg:
     threads: Optional[int] = F(None, _rng(1, MAX_THREADS), doc="torch threads; default: CPUs available to the process")
     channels_last: bool = F(False, doc="NHWC layout of the model and its inputs, on any device "
                                          "(faster on CPU too: nr-study bench's step_channels_last rows)")
-    bf16: bool = F(False, doc="CUDA only: bf16 autocast")
+    bf16: bool = F(False, doc="bf16 autocast, on any device (on a CPU without native bf16 it can be slower: "
+                                "nr-study bench's step_bf16 rows)")
     cuda_deterministic: bool = F(False, doc="CUDA: deterministic cuDNN, no cudnn.benchmark (CPU is always)")
     after_rejuvenation: str = F("continue", _choice(AFTER_REJUVENATION),
                                 doc="the lr schedule after a rejuvenation: continue it; restart_schedule: start it "

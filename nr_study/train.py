@@ -243,7 +243,7 @@ class _Run:
         self.meta = dict(model_name=cfg.model.name, model_kwargs_json=json.dumps(cfg.model.kwargs, sort_keys=True),
                          num_classes=int(data.num_classes), in_channels=int(data.input_shape[0]),
                          input_shape=list(data.input_shape))
-        self.amp = device.type == "cuda" and cfg.train.bf16
+        self.amp = cfg.train.bf16
         self.channels_last = cfg.train.channels_last
         self.model: nn.Module = None
         self.method = None

@@ -19,6 +19,7 @@ EXPECTED = {
     "step_nr/plain[vgg_small]": 1.03, "util/step[vgg_small]": 0.01,
     "step_nr/plain[resnet164_cifar]": 1.03, "util/step[resnet164_cifar]": 0.01,
     "step_channels_last/contiguous[vgg_small]": None, "step_channels_last/contiguous[resnet164_cifar]": None,
+    "step_bf16/fp32[vgg_small]": None, "step_bf16/fp32[resnet164_cifar]": None,
     "surgery_s[resnet50]": 0.5, "surgery_s[vgg19_bn_cifar]": 0.5,
     "layer_ca_two/plain": 1.3, "layer_ca_four/plain": 1.3, "layer_cr/plain": 1.3, "layer_ca_two/ca_four": None,
     "ca_nest_3/1": None, "step_odd/round8": None,

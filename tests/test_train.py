@@ -215,10 +215,11 @@ def test_after_rejuvenation_protocols(after, tracking_uri, tmp_path):
             [{x: v for x, v in row.items() if x not in drop} for row in h]
 
 
-@pytest.mark.parametrize("method", ["NR", "NR-CA"])
-def test_channels_last_on_cpu_survives_surgery_and_resumes_exactly(method, tracking_uri, tmp_path, monkeypatch):
-    """train.channels_last on CPU: the network built and every network a rejuvenation hands back train in NHWC
-    (surgery returns new tensors; the trainer lays them out again), and a resume after the rejuvenation is exact."""
+@pytest.mark.parametrize("method, bf16", [("NR", False), ("NR-CA", True)])
+def test_channels_last_on_cpu_survives_surgery_and_resumes_exactly(method, bf16, tracking_uri, tmp_path, monkeypatch):
+    """train.channels_last (and bf16) on CPU: the network built and every network a rejuvenation hands back train
+    in NHWC (surgery returns new tensors; the trainer lays them out again), and a resume after the rejuvenation is
+    exact."""
     from nr_study.train import _Run
 
     def nhwc(model) -> bool:  # 3x3 kernels over several channels: the two layouts differ there
@@ -230,7 +231,7 @@ def test_channels_last_on_cpu_survives_surgery_and_resumes_exactly(method, track
     monkeypatch.setattr(_Run, "build", lambda self, ck: (real_build(self, ck), seen.append(("build", nhwc(self.model)))))
     monkeypatch.setattr(_Run, "adopt", lambda self, ev, progress: (
         real_adopt(self, ev, progress), ev is not None and seen.append(("adopt", nhwc(self.model)))))
-    c = cfg(NR, method=method, train={"channels_last": True})
+    c = cfg(NR, method=method, train={"channels_last": True, "bf16": bf16})
     ref = train(copy.deepcopy(c), tracking_uri=tracking_uri, progress=False)
     assert ref["rejuvenations"] == 1 and seen == [("build", True), ("adopt", True)], seen
     k = next(r["epoch"] for r in ref["history"] if r["rejuvenations"] == 1)
@@ -242,6 +243,21 @@ def test_channels_last_on_cpu_survives_surgery_and_resumes_exactly(method, track
     drop = ("epoch_time", "images_per_s")
     assert [{x: v for x, v in row.items() if x not in drop} for row in r["history"]] == \
         [{x: v for x, v in row.items() if x not in drop} for row in ref["history"]]
+
+
+def test_bf16_applies_on_cpu(tracking_uri, monkeypatch):
+    """train.bf16 is what runs on every device: on CPU the steps run under bf16 autocast (the loss differs from
+    fp32's), never a logged `true` over an fp32 run."""
+    import nr_study.train as train_mod
+
+    seen, real_step = [], train_mod.train_step
+    monkeypatch.setattr(train_mod, "train_step", lambda *a, **k: (seen.append(k["amp"]), real_step(*a, **k))[1])
+    one = {"epochs": 1, "max_steps_per_epoch": 4}
+    fp32 = train(cfg(train=one), tracking_uri=tracking_uri, progress=False)
+    bf16 = train(cfg(train=dict(one, bf16=True)), tracking_uri=tracking_uri, progress=False)
+    assert seen == [False] * 4 + [True] * 4
+    assert bf16["history"][0]["train_loss"] != fp32["history"][0]["train_loss"]
+    assert MlflowClient(tracking_uri).get_run(bf16["run_id"]).data.params["train.bf16"] == "True"
 
 
 def test_nr_fs_rebuilds_found_widths(nr_run, tracking_uri, tmp_path):
