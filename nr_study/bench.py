@@ -53,6 +53,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from nr_study.config import MAX_THREADS
 from nr_study.errors import UserError
 
 GOALS = {"step": 1.03, "util": 0.01, "surgery": 0.5, "layer": 1.3, "sweep": 1.10, "mlflow": 0.02, "run": 1.10}
@@ -859,6 +860,9 @@ def cli_main(argv) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the CPUs available, or "
                     "1 on a CPU run when the load average already reaches half the CPU count)")
     args = ap.parse_args(list(argv))
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise UserError(f"--threads {args.threads}: not allowed; allowed: an integer from 1 to {MAX_THREADS}")
+    json_path = _json_target(args.json_path) if args.json_path else None  # refused now, not after the bench
     tiny = args.tiny or os.environ.get("NR_STUDY_BENCH_TINY") == "1"
     mode = "tiny" if tiny else "quick" if args.quick else "full"
     t0 = time.perf_counter()
@@ -869,11 +873,26 @@ def cli_main(argv) -> int:
     print(f"\n{met} goal(s) met, {len(missed)} missed{': ' + ', '.join(missed) if missed else ''}; "
           f"mode {mode}, device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.perf_counter() - t0:.0f}s")
-    if args.json_path:
-        p = Path(args.json_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(rows, indent=1) + "\n")
+    if json_path:  # whole or not at all: a temp file beside it, then renamed over it
+        tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        os.replace(tmp, json_path)
     return 0
+
+
+def _json_target(path: str) -> Path:
+    """The --json file, checked before a bench of several minutes: its folder made and writable, not a folder."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--json {path}: is a folder; allowed: a file path (its folder is made if missing)")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--json {path}: cannot make its folder {p.parent} ({exc.strerror or exc}); allowed: a "
+                        f"path in a writable folder") from None
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise UserError(f"--json {path}: folder {p.parent} is not writable; allowed: a path in a writable folder")
+    return p
 
 
 __all__ = ["cli_main", "run_bench", "format_table", "alternate", "ratio_stats", "GOALS"]

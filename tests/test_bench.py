@@ -65,6 +65,24 @@ def test_quick_bench_produces_every_row_and_the_json(tmp_path):
         assert any(ln.startswith(name + " ") for ln in lines), name
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--threads", "0"], "error: --threads 0: not allowed; allowed: an integer from 1 to"),
+    (["--threads", "-3"], "error: --threads -3: not allowed; allowed: an integer from 1 to"),
+    (["--json", "{tmp}"], "error: --json {tmp}: is a folder; allowed: a file path"),
+    (["--json", "{tmp}/file.txt/rows.json"], "error: --json {tmp}/file.txt/rows.json: cannot make its folder"),
+])
+def test_bad_arguments_are_refused_before_any_measurement(args, says, tmp_path):
+    (tmp_path / "file.txt").write_text("a file where a folder is asked for")
+    args = [a.format(tmp=tmp_path) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "nr_study.cli", "bench", "--tiny", "--only", "layer", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(says.format(tmp=tmp_path)), proc.stderr
+    assert "[bench]" not in proc.stdout + proc.stderr  # nothing was measured
+
+
 def test_alternate_rotates_the_order_and_times_every_rep():
     calls = []
     fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
