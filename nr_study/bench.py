@@ -882,16 +882,13 @@ def cli_main(argv) -> int:
 
 def _json_target(path: str) -> Path:
     """The --json file, checked before a bench of several minutes: its folder made and writable, not a folder."""
+    from nr_study.files import check_writable_dir
+
     p = Path(path)
     if p.is_dir():
         raise UserError(f"--json {path}: is a folder; allowed: a file path (its folder is made if missing)")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--json {path}: cannot make its folder {p.parent} ({exc.strerror or exc}); allowed: a "
-                        f"path in a writable folder") from None
-    if not os.access(p.parent, os.W_OK | os.X_OK):
-        raise UserError(f"--json {path}: folder {p.parent} is not writable; allowed: a path in a writable folder")
+    check_writable_dir(p.parent, f"--json {path}: its folder")
+    p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
 

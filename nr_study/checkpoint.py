@@ -127,22 +127,6 @@ def check_checkpoint_fits(ck: dict, cfg: Config, data, path) -> None:
                                   f"resume with the config that wrote it or use another --checkpoint-dir")
 
 
-def check_writable_dir(path, what: str) -> Path:
-    """Raise ConfigError unless `path` is a writable folder or can be created as one. Creates nothing;
-    returns the nearest existing folder (for the free-space check)."""
-    p = Path(path).absolute()
-    probe = p
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{what} {p}: exists but is not a folder")
-    if not probe.is_dir():
-        raise ConfigError(f"{what} {p}: cannot be created, {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {p}: {probe} is not writable (read-only file system or permissions)")
-    return probe
-
-
 def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
     try:
         free = shutil.disk_usage(folder).free

@@ -7,6 +7,7 @@ run. No torch or MLflow import here: `analysis/` uses it too.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,19 @@ def check_sqlite_store(uri: str) -> None:
     if head != SQLITE_MAGIC:
         raise ConfigError(f"{path}: not an SQLite database; allowed: an MLflow database (mlflow.db) or a path "
                           f"where none exists yet")
+
+
+def check_writable_dir(path, what: str) -> Path:
+    """Raise ConfigError unless `path` is a writable folder or can be created as one. Creates nothing;
+    returns the nearest existing folder (for the free-space check)."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what} {p}: exists but is not a folder")
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {p}: cannot be created, {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {p}: {probe} is not writable (read-only file system or permissions)")
+    return probe

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from nr_study.errors import UserError
-from nr_study.files import check_sqlite_store
+from nr_study.files import check_sqlite_store, check_writable_dir
 from nr_study.names import DB_NAME
 from nr_study.names import runs_dir as _runs_dir
 
@@ -35,8 +35,10 @@ LOG_NAME = "mlflow_server.log"
 
 
 def runs_dir(path: str | os.PathLike | None = None) -> Path:
-    """The run folder (nr_study.names.runs_dir: `path`, else $NR_STUDY_RUNS, else ./runs), created if missing."""
+    """The run folder (nr_study.names.runs_dir: `path`, else $NR_STUDY_RUNS, else ./runs), created if missing;
+    one that cannot be (a file there or above it, no write access) is refused with one line."""
     p = _runs_dir(path)
+    check_writable_dir(p, "run folder (--runs / $NR_STUDY_RUNS)")
     p.mkdir(parents=True, exist_ok=True)
     return p
 

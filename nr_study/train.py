@@ -38,10 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nr_study.checkpoint import (CKPT_FORMAT, CKPT_NAME, atomic_save, check_checkpoint_fits, check_free_space,
-                                 check_writable_dir, load_checkpoint, model_from_payload, model_payload, rng_state,
-                                 seed_everything, set_rng_state)
+                                 load_checkpoint, model_from_payload, model_payload, rng_state, seed_everything,
+                                 set_rng_state)
 from nr_study.config import Config, config_from_dict, config_to_dict, load_config
 from nr_study.errors import ConfigError, Terminated, UnsupportedGraphError, one_line
+from nr_study.files import check_writable_dir
 from nr_study.files import check_sqlite_store
 from nr_study.methods import Event, make_method
 

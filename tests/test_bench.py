@@ -69,7 +69,7 @@ def test_quick_bench_produces_every_row_and_the_json(tmp_path):
     (["--threads", "0"], "error: --threads 0: not allowed; allowed: an integer from 1 to"),
     (["--threads", "-3"], "error: --threads -3: not allowed; allowed: an integer from 1 to"),
     (["--json", "{tmp}"], "error: --json {tmp}: is a folder; allowed: a file path"),
-    (["--json", "{tmp}/file.txt/rows.json"], "error: --json {tmp}/file.txt/rows.json: cannot make its folder"),
+    (["--json", "{tmp}/file.txt/rows.json"], "error: --json {tmp}/file.txt/rows.json: its folder {tmp}/file.txt: exists but is not a folder"),
 ])
 def test_bad_arguments_are_refused_before_any_measurement(args, says, tmp_path):
     (tmp_path / "file.txt").write_text("a file where a folder is asked for")

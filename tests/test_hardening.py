@@ -308,6 +308,30 @@ def test_runs_folder_cannot_be_created(sandbox, capsys, monkeypatch):
     assert "afile" in line
 
 
+@pytest.mark.parametrize("where", ["afile", "afile/sub"])
+def test_sweep_runs_folder_that_cannot_be_made(where, sandbox, capsys):
+    """`nr-study sweep --runs X` where X is a file, or lies under one: one line naming the run folder, exit 2,
+    before Ray or MLflow start (it was an 'internal error' FileExistsError / NotADirectoryError)."""
+    (sandbox / "afile").write_text("x")
+    space = sandbox / "space.yaml"
+    space.write_text(yaml.safe_dump({"name": "s", "base": TINY, "space": {"seed": [0]}}))
+    before = _files(sandbox)
+    rc = cli.main(["sweep", str(space), "--runs", str(sandbox / where)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error: run folder (--runs / $NR_STUDY_RUNS)") and str(sandbox / where) in err[0], err
+    assert _files(sandbox) == before
+
+
+@pytest.mark.parametrize("verbose", ["-1", "4"])
+def test_sweep_verbose_out_of_range(verbose, sandbox, capsys):
+    space = sandbox / "space.yaml"
+    space.write_text(yaml.safe_dump({"name": "s", "base": TINY, "space": {"seed": [0]}}))
+    rc = cli.main(["sweep", str(space), "--dry-run", "--verbose", verbose])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and err == [f"error: --verbose {verbose}: not allowed; allowed: 0, 1, 2 or 3 (Ray Tune's verbosity)"]
+
+
 def test_disk_too_full_for_a_checkpoint(sandbox, capsys, monkeypatch):
     import collections
 

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv) -> int:
     args = build_parser().parse_args(list(argv))
+    if not 0 <= args.verbose <= 3:
+        raise UserError(f"--verbose {args.verbose}: not allowed; allowed: 0, 1, 2 or 3 (Ray Tune's verbosity)")
     from nr_study.sweep.space import dry_run_text, load_search_space
 
     path = Path(args.file)
