@@ -6,6 +6,8 @@ checkpoint intact. Ctrl-C: the run ends KILLED, exit 130. docs/reliability.md li
 """
 from __future__ import annotations
 
+import contextlib
+
 import errno
 import os
 import re
@@ -321,6 +323,49 @@ def test_sweep_runs_folder_that_cannot_be_made(where, sandbox, capsys):
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("error: run folder (--runs / $NR_STUDY_RUNS)") and str(sandbox / where) in err[0], err
     assert _files(sandbox) == before
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--address", "notaport", "not a Ray address; allowed: auto"),
+    ("--address", "127.0.0.1:99999", "not a Ray address; allowed: auto"),
+    ("--address", "127.0.0.1:{free}", "nothing answers at 127.0.0.1:{free} (Connection refused)"),
+    ("--address", "no-such-host.invalid:6379", "nothing answers at no-such-host.invalid:6379"),
+    ("--address", "auto", ""),  # no cluster here: says so; a stale one from another test: nothing answers
+    ("--tracking-uri", "ftp://x", "not an MLflow server address; allowed: http://HOST:PORT"),
+    ("--tracking-uri", "http://", "not an MLflow server address"),
+    ("--tracking-uri", "sqlite:///x.db", "SQLite takes one writer"),
+])
+def test_sweep_address_and_tracking_uri_refused_before_anything_is_written(flag, value, says, sandbox, capsys):
+    """A Ray address nothing answers at used to hang in ray.init for minutes (a wrong host) or end in an
+    'internal error' after the sweep folder, the MLflow server and the parent run existed (auto, no cluster)."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    space = sandbox / "space.yaml"
+    space.write_text(yaml.safe_dump({"name": "s", "base": TINY, "space": {"seed": [0]}}))
+    before = _files(sandbox)
+    rc = cli.main(["sweep", str(space), flag, value.format(free=free)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {flag} {value.format(free=free)}: {says.format(free=free)}"), err
+    assert _files(sandbox) == before
+
+
+def test_sweep_address_check_passes_a_listening_head():
+    from nr_study.sweep.runner import check_address
+
+    with socket_listening() as port:
+        check_address(f"127.0.0.1:{port}")
+        check_address(f"ray://localhost:{port}")
+    check_address(None)
+
+
+@contextlib.contextmanager
+def socket_listening():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
 
 
 @pytest.mark.parametrize("verbose", ["-1", "4"])

@@ -690,6 +690,43 @@ def _check_tracking_uri(uri: str) -> None:
         raise ConfigError(f"--tracking-uri {uri}: SQLite takes one writer and trials log concurrently; omit "
                           "--tracking-uri (a local mlflow server is started on the run folder's SQLite file) or "
                           "pass an http:// server")
+    if not re.match(r"https?://[^/\s]+", uri):
+        raise ConfigError(f"--tracking-uri {uri}: not an MLflow server address; allowed: http://HOST:PORT or "
+                          f"https://HOST[:PORT], or omit it (a local mlflow server is started)")
+
+
+_ADDRESS_HELP = ("allowed: auto (the cluster this machine is a node of), HOST:PORT of a running Ray head (e.g. "
+                 "10.0.0.5:6379) or ray://HOST:PORT; omit --address for an embedded local Ray")
+
+
+def check_address(address: Optional[str], timeout: float = 5.0) -> None:
+    """Refuse a Ray address nothing answers at, in one line and before anything is written: ray.init would
+    otherwise retry for minutes (a wrong host) or fail after the sweep's folder and parent run exist."""
+    if not address:
+        return
+    target = address
+    if address == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment
+
+            target = get_ray_address_from_environment("auto", None)
+        except Exception:  # Ray says no cluster is running here (ConnectionError), or it cannot tell
+            target = None
+        if not target:
+            raise ConfigError("--address auto: no Ray cluster runs on this machine (none started with `ray start "
+                              "--head`, $RAY_ADDRESS unset); start one, or omit --address for an embedded local Ray")
+    m = re.fullmatch(r"(?:ray://)?(\[[0-9a-fA-F:]+\]|[^\s:/\[\]]+):(\d{1,5})", target)
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ConfigError(f"--address {address}: not a Ray address; {_ADDRESS_HELP}")
+    host, port = m.group(1).strip("[]"), int(m.group(2))
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise ConfigError(f"--address {address}: nothing answers at {host}:{port} ({why}); start the Ray head "
+                          f"there (ray start --head), or {_ADDRESS_HELP.split('; ')[1]}") from None
 
 
 def init_ray(address: Optional[str]):
@@ -814,6 +851,9 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
     from nr_study.mlflow_server import DB_NAME, MlflowServer, runs_dir
     from nr_study.tracking import get_or_create_experiment
 
+    if tracking_uri:  # flags first: a bad one is refused before any folder, server or run exists
+        _check_tracking_uri(tracking_uri)
+    check_address(address)
     folder = runs_dir(runs)
     if not tracking_uri:  # the local server's store: a garbage mlflow.db is one line, before any sweep folder
         check_sqlite_store(f"sqlite:///{folder / DB_NAME}")
@@ -878,7 +918,6 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     try:
         if tracking_uri:
-            _check_tracking_uri(tracking_uri)
             uri = tracking_uri
         else:
             server = MlflowServer.start(folder, quiet=False).supervise(out=sys.stderr)  # restarted if it dies
