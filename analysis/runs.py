@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nr_study import names as N
-from nr_study.config import METHODS
+from nr_study.config import METHODS, check_tracking_uri_scheme
 from nr_study.errors import ConfigError
 from nr_study.files import check_sqlite_store
 
@@ -55,7 +55,9 @@ def default_tracking_uri() -> str:
 
 
 def check_tracking_uri(uri: str) -> str:
-    """Refuse a sqlite or file store that does not exist (MLflow would silently create an empty one)."""
+    """Refuse a sqlite or file store that does not exist (MLflow would silently create an empty one), and a
+    scheme MLflow lacks."""
+    check_tracking_uri_scheme(uri, "--tracking-uri")
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():

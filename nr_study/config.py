@@ -124,6 +124,17 @@ def _uri_ok(v) -> bool:
         return False
 
 
+URI_ALLOWED = "a path or a URI whose scheme is one of " + ", ".join(s for s in TRACKING_URI_SCHEMES if s)
+
+
+def check_tracking_uri_scheme(uri: str, source: str) -> str:
+    """A tracking URI from the command line or the environment gets the config's check (`tracking.uri`): MLflow
+    raised an internal error deep in its client on a scheme it lacks (ftp://)."""
+    if not _uri_ok(uri):
+        raise ConfigError(f"{source} {uri}: not a tracking store MLflow can use; allowed: {URI_ALLOWED}")
+    return uri
+
+
 def _choice(options):
     return (lambda v: v is None or v in options), "one of " + ", ".join(map(str, options))
 
@@ -261,8 +272,7 @@ class SlimCfg:
 
 @dataclass(frozen=True)
 class TrackingCfg:
-    uri: Optional[str] = F(None, (_uri_ok, "a path or a URI whose scheme is one of "
-                                         + ", ".join(s for s in TRACKING_URI_SCHEMES if s)), doc="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db")
+    uri: Optional[str] = F(None, (_uri_ok, URI_ALLOWED), doc="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db")
     experiment: str = F("nr_study", ((lambda v: v is None or 0 < len(v.strip()) and len(v) <= 500),
                                      "a non-empty name of at most 500 characters (MLflow's limit)"))
     run_name: Optional[str] = F(None)

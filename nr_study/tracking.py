@@ -66,8 +66,15 @@ def default_tracking_uri(create: bool = True) -> str:
 
 
 def resolve_tracking_uri(uri: Optional[str] = None, cfg_uri: Optional[str] = None, create: bool = True) -> str:
-    """The URI to use; `create=False` computes the default without creating the runs folder (preflight)."""
-    return uri or cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(create)
+    """The URI to use (the flag, the config, $MLFLOW_TRACKING_URI, the runs folder's store), its scheme checked;
+    `create=False` computes the default without creating the runs folder (preflight)."""
+    from nr_study.config import check_tracking_uri_scheme
+
+    for value, source in ((uri, "--tracking-uri"), (cfg_uri, "tracking.uri"),
+                          (os.environ.get("MLFLOW_TRACKING_URI"), "$MLFLOW_TRACKING_URI")):
+        if value:
+            return check_tracking_uri_scheme(value, source)
+    return default_tracking_uri(create)
 
 
 def local_store_dir(uri: str) -> Optional[Path]:

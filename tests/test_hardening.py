@@ -351,6 +351,29 @@ def test_sweep_address_and_tracking_uri_refused_before_anything_is_written(flag,
     assert _files(sandbox) == before
 
 
+@pytest.mark.parametrize("argv, env", [
+    (["train", "{cfg}", "--tracking-uri", "ftp://x"], None),
+    (["train", "{cfg}"], "ftp://x"),
+    (["tables", "--experiment", "e", "--tracking-uri", "ftp://x"], None),
+    (["plots", "--experiment", "e", "--tracking-uri", "ftp://x"], None),
+    (["export", "abc", "{sandbox}/out", "--tracking-uri", "ftp://x"], None),
+], ids=["train_flag", "train_env", "tables", "plots", "export"])
+def test_tracking_uri_of_a_scheme_mlflow_lacks(argv, env, sandbox, capsys, monkeypatch):
+    """--tracking-uri / $MLFLOW_TRACKING_URI get the check the config's tracking.uri has (an ftp:// one was an
+    internal error from deep inside MLflow's client)."""
+    (sandbox / "cfg.yaml").write_text(yaml.safe_dump(TINY))
+    if env:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    before = _files(sandbox)
+    rc = cli.main([a.format(cfg=sandbox / "cfg.yaml", sandbox=sandbox) for a in argv])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    source = "$MLFLOW_TRACKING_URI" if env else "--tracking-uri"
+    assert rc == 2 and err == [f"error: {source} ftp://x: not a tracking store MLflow can use; allowed: a path or a "
+                               f"URI whose scheme is one of file, sqlite, http, https, postgresql, mysql, mssql, "
+                               f"databricks"], err
+    assert _files(sandbox) == before
+
+
 def test_sweep_address_check_passes_a_listening_head():
     from nr_study.sweep.runner import check_address
 
