@@ -695,8 +695,9 @@ def _check_tracking_uri(uri: str) -> None:
                           f"https://HOST[:PORT], or omit it (a local mlflow server is started)")
 
 
+_NO_ADDRESS = "omit --address for an embedded local Ray"
 _ADDRESS_HELP = ("allowed: auto (the cluster this machine is a node of), HOST:PORT of a running Ray head (e.g. "
-                 "10.0.0.5:6379) or ray://HOST:PORT; omit --address for an embedded local Ray")
+                 f"10.0.0.5:6379) or ray://HOST:PORT; {_NO_ADDRESS}")
 
 
 def check_address(address: Optional[str], timeout: float = 5.0) -> None:
@@ -714,7 +715,7 @@ def check_address(address: Optional[str], timeout: float = 5.0) -> None:
             target = None
         if not target:
             raise ConfigError("--address auto: no Ray cluster runs on this machine (none started with `ray start "
-                              "--head`, $RAY_ADDRESS unset); start one, or omit --address for an embedded local Ray")
+                              f"--head`, $RAY_ADDRESS unset); start one, or {_NO_ADDRESS}")
     m = re.fullmatch(r"(?:ray://)?(\[[0-9a-fA-F:]+\]|[^\s:/\[\]]+):(\d{1,5})", target)
     if not m or not 1 <= int(m.group(2)) <= 65535:
         raise ConfigError(f"--address {address}: not a Ray address; {_ADDRESS_HELP}")
@@ -726,7 +727,7 @@ def check_address(address: Optional[str], timeout: float = 5.0) -> None:
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
         raise ConfigError(f"--address {address}: nothing answers at {host}:{port} ({why}); start the Ray head "
-                          f"there (ray start --head), or {_ADDRESS_HELP.split('; ')[1]}") from None
+                          f"there (ray start --head), or {_NO_ADDRESS}") from None
 
 
 def init_ray(address: Optional[str]):
