@@ -330,7 +330,6 @@ def test_sweep_runs_folder_that_cannot_be_made(where, sandbox, capsys):
     ("--address", "127.0.0.1:99999", "not a Ray address; allowed: auto"),
     ("--address", "127.0.0.1:{free}", "nothing answers at 127.0.0.1:{free} (Connection refused)"),
     ("--address", "no-such-host.invalid:6379", "nothing answers at no-such-host.invalid:6379"),
-    ("--address", "auto", ""),  # no cluster here: says so; a stale one from another test: nothing answers
     ("--tracking-uri", "ftp://x", "not an MLflow server address; allowed: http://HOST:PORT"),
     ("--tracking-uri", "http://", "not an MLflow server address"),
     ("--tracking-uri", "sqlite:///x.db", "SQLite takes one writer"),
@@ -381,6 +380,27 @@ def test_sweep_address_check_passes_a_listening_head():
         check_address(f"127.0.0.1:{port}")
         check_address(f"ray://localhost:{port}")
     check_address(None)
+
+
+def test_sweep_address_auto_asks_ray_then_probes(monkeypatch):
+    """--address auto: Ray's own discovery says where the cluster is (or that there is none); what it names is
+    probed like any address. Ray's answer is fixed here: this machine may run anyone's Ray."""
+    import ray._private.services as services
+
+    from nr_study.errors import ConfigError
+    from nr_study.sweep.runner import check_address
+
+    def none_here(addr, temp_dir):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(services, "get_ray_address_from_environment", none_here)
+    with pytest.raises(ConfigError, match=r"^--address auto: no Ray cluster runs on this machine"):
+        check_address("auto")
+    with socket_listening() as port:
+        monkeypatch.setattr(services, "get_ray_address_from_environment", lambda addr, temp_dir: f"127.0.0.1:{port}")
+        check_address("auto")
+    with pytest.raises(ConfigError, match=rf"^--address auto: nothing answers at 127.0.0.1:{port} "):
+        check_address("auto")  # the same address, its head gone
 
 
 @contextlib.contextmanager
