@@ -330,7 +330,7 @@ def test_sweep_runs_folder_that_cannot_be_made(where, sandbox, capsys):
     ("--address", "127.0.0.1:99999", "not a Ray address; allowed: auto"),
     ("--address", "127.0.0.1:{free}", "nothing answers at 127.0.0.1:{free} (Connection refused)"),
     ("--address", "no-such-host.invalid:6379", "nothing answers at no-such-host.invalid:6379"),
-    ("--tracking-uri", "ftp://x", "not an MLflow server address; allowed: http://HOST:PORT"),
+    ("--tracking-uri", "ftp://x", "not an MLflow server address; allowed: http://host:port"),
     ("--tracking-uri", "http://", "not an MLflow server address"),
     ("--tracking-uri", "sqlite:///x.db", "SQLite takes one writer"),
 ])

@@ -691,8 +691,8 @@ def _check_tracking_uri(uri: str) -> None:
                           "--tracking-uri (a local mlflow server is started on the run folder's SQLite file) or "
                           "pass an http:// server")
     if not re.match(r"https?://[^/\s]+", uri):
-        raise ConfigError(f"--tracking-uri {uri}: not an MLflow server address; allowed: http://HOST:PORT or "
-                          f"https://HOST[:PORT], or omit it (a local mlflow server is started)")
+        raise ConfigError(f"--tracking-uri {uri}: not an MLflow server address; allowed: http://host:port or "
+                          f"https://host[:port], or omit it (a local mlflow server is started)")
 
 
 _NO_ADDRESS = "omit --address for an embedded local Ray"
