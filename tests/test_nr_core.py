@@ -1,6 +1,8 @@
 """Invariants of the method (DESIGN.md §3/§5) on small nets covering every graph pattern."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 import zlib
 
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from nr_study.errors import UnsupportedGraphError
+from nr_study.models import create_model
 from nr_study.nr import (CAConv, CRConv, LambdaController, NeuralRejuvenation, NRConfig, apply_architecture,
                          architecture_spec, build_graph, prune, rejuvenate, split_to_ca, utilization)
 from nr_study.nr.cost import live_masks, widths_cost
@@ -404,6 +407,18 @@ def test_round_to_null_is_eight_where_it_fits_else_exact():
     with pytest.raises(ValueError, match=r"nr\.round_to: 8: with every layer at its least \(8 channels\)"):
         NeuralRejuvenation(net(4, 6), INPUT, NRConfig(round_to=8))
     NeuralRejuvenation(net(32, 48), INPUT, NRConfig(round_to=8))
+    # under NR-CR new channels drop their cross blocks, so m channels can cost less than m dense ones: no
+    # refusal up front where a rejuvenation meets the budget (one live channel per layer, 7 new ones)
+    cfg = NRConfig(round_to=8, scheme="cr", target_ratio=0.4, constraint="flops", tr=0.5)
+    model = create_model("vgg_small", num_classes=10, in_channels=3, width=8)
+    with pytest.raises(ValueError, match=r"nr\.round_to: 8: with every layer at its least"):
+        NeuralRejuvenation(copy.deepcopy(model), (1, 3, 16, 16), dataclasses.replace(cfg, scheme="nr"))
+    NeuralRejuvenation(copy.deepcopy(model), (1, 3, 16, 16), cfg)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        with torch.no_grad():
+            bn.weight[1:] = 0.0
+    _, rep = rejuvenate(model, (1, 3, 16, 16), 0.4, "flops", scheme="cr", round_to=8)
+    assert rep.round_to == 8 and rep.cost_after <= rep.target
 
 
 @pytest.mark.parametrize("scheme", ["nr", "cr", "ca"])

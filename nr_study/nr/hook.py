@@ -31,7 +31,7 @@ class NeuralRejuvenation:
         base_cost(model, self.graph)
         if self.cfg.max_rejuvenations > 0:
             self._check_reachable()
-            if (self.cfg.round_to or 1) > 1 and self.cfg.realloc:
+            if (self.cfg.round_to or 1) > 1 and self.cfg.realloc and self.cfg.scheme != "cr":
                 self._check_round_to(self.cfg.round_to)
         self.lam = LambdaController(self.cfg.delta_r, self.cfg.delta_lambda, self.cfg.lambda_mode,
                                     self.cfg.lambda_fixed, self.cfg.lambda_max)
@@ -58,7 +58,9 @@ class NeuralRejuvenation:
 
     def _check_round_to(self, m: int) -> None:
         """Refuse an nr.round_to no rejuvenation could meet: every free layer at its least, m channels, already
-        costs more than the budget (found here, not at the first rejuvenation mid-run)."""
+        costs more than the budget (found here, not at the first rejuvenation mid-run). Exact where a layer's
+        cost depends on its width alone; under NR-CR it also depends on how many of its channels are new (no
+        cross blocks), which only a rejuvenation knows, so there rejuvenate() refuses instead."""
         c = self.cfg.constraint
         free = self.graph.free_groups()
         s, r = split_counts({g.id: g.width for g in free}, {g.id: m for g in free})
