@@ -700,11 +700,9 @@ _ADDRESS_HELP = ("allowed: auto (the cluster this machine is a node of), HOST:PO
                  f"10.0.0.5:6379) or ray://HOST:PORT; {_NO_ADDRESS}")
 
 
-def check_address(address: Optional[str], timeout: float = 5.0) -> None:
-    """Refuse a Ray address nothing answers at, in one line and before anything is written: ray.init would
-    otherwise retry for minutes (a wrong host) or fail after the sweep's folder and parent run exist."""
-    if not address:
-        return
+def _ray_host_port(address: str) -> tuple[str, int]:
+    """(host, port) of a Ray address: `auto` as Ray's own discovery resolves it ($RAY_ADDRESS, the last `ray
+    start`, a running GCS), then HOST:PORT or ray://HOST:PORT; ConfigError for anything else."""
     target = address
     if address == "auto":
         try:
@@ -719,7 +717,15 @@ def check_address(address: Optional[str], timeout: float = 5.0) -> None:
     m = re.fullmatch(r"(?:ray://)?(\[[0-9a-fA-F:]+\]|[^\s:/\[\]]+):(\d{1,5})", target)
     if not m or not 1 <= int(m.group(2)) <= 65535:
         raise ConfigError(f"--address {address}: not a Ray address; {_ADDRESS_HELP}")
-    host, port = m.group(1).strip("[]"), int(m.group(2))
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+def check_address(address: Optional[str], timeout: float = 5.0) -> None:
+    """Refuse a Ray address nothing answers at, in one line and before anything is written: ray.init would
+    otherwise retry for minutes (a wrong host) or fail after the sweep's folder and parent run exist."""
+    if not address:
+        return
+    host, port = _ray_host_port(address)
     import socket
 
     try:
@@ -759,14 +765,10 @@ def init_ray(address: Optional[str]):
 def _loopback_cluster(address: str) -> bool:
     if address.startswith("ray://"):
         return False
-    if address == "auto":
-        try:
-            from ray._private.services import get_ray_address_from_environment
-
-            address = get_ray_address_from_environment("auto", None) or ""
-        except Exception:
-            return False
-    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        host, _ = _ray_host_port(address)
+    except ConfigError:
+        return False
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
