@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import math
 import os
 import statistics
@@ -55,6 +54,7 @@ import torch.nn as nn
 
 from nr_study.config import MAX_THREADS
 from nr_study.errors import UserError
+from nr_study.files import check_writable_dir, write_json_atomic
 
 GOALS = {"step": 1.03, "util": 0.01, "surgery": 0.5, "layer": 1.3, "sweep": 1.10, "mlflow": 0.02, "run": 1.10}
 
@@ -873,17 +873,13 @@ def cli_main(argv) -> int:
     print(f"\n{met} goal(s) met, {len(missed)} missed{': ' + ', '.join(missed) if missed else ''}; "
           f"mode {mode}, device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.perf_counter() - t0:.0f}s")
-    if json_path:  # whole or not at all: a temp file beside it, then renamed over it
-        tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(rows, indent=1) + "\n")
-        os.replace(tmp, json_path)
+    if json_path:
+        write_json_atomic(json_path, rows, indent=1)
     return 0
 
 
 def _json_target(path: str) -> Path:
     """The --json file, checked before a bench of several minutes: its folder made and writable, not a folder."""
-    from nr_study.files import check_writable_dir
-
     p = Path(path)
     if p.is_dir():
         raise UserError(f"--json {path}: is a folder; allowed: a file path (its folder is made if missing)")

@@ -158,3 +158,12 @@ def check_writable_dir(path, what: str) -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {p}: {probe} is not writable (read-only file system or permissions)")
     return probe
+
+
+def write_json_atomic(path, obj, **dumps_kw) -> None:
+    """`obj` as JSON at `path`, whole or not at all: a temp file beside it, then renamed over it (a full disk or
+    a kill mid-write leaves the previous file, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, **dumps_kw))
+    os.replace(tmp, path)

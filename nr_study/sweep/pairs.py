@@ -16,9 +16,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from nr_study.files import write_json_atomic
 from nr_study.names import DELTA_METRIC, FINISHED, TAG_CELL, TAG_PAIRED_BASELINE, TAG_SWEEP, TAG_TRIAL
 
 PAIRS_DIR = "pairs"
@@ -100,8 +100,6 @@ def train_pair(ctx, cfg, client) -> dict:
                             system_metrics=False)["history"]
         out = {"run_id": run_id, "key": key,
                "history": [{"epoch": int(r["epoch"]), "test_err": float(r["test_err"])} for r in history]}
-        tmp = result.with_name(f".{RESULT_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(out))
-        os.replace(tmp, result)
+        write_json_atomic(result, out)
         return out
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nr_study.errors import ConfigError, FaultError, Terminated, UserError
-from nr_study.files import check_sqlite_store, read_json
+from nr_study.files import check_sqlite_store, read_json, write_json_atomic
 
 # Before Ray is imported anywhere: the classic CLIReporter table (trimmed to our metrics), no per-checkpoint
 # snapshot warnings, no MLflow "View run" lines from every trial.
@@ -304,9 +304,7 @@ def _write_trial_config(work: Path, config: dict) -> None:
     if path.is_file():
         return
     try:
-        tmp = path.with_name(f".{TRIAL_CONFIG}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(config, sort_keys=True, default=str))
-        os.replace(tmp, path)
+        write_json_atomic(path, config, sort_keys=True, default=str)
     except OSError:  # a full disk: the checkpoint write right after says so; params.json is the fallback
         pass
 
@@ -1136,10 +1134,7 @@ def _ensure_tracking(uri: str, server) -> None:
 
 def _write_sweep_state(sweep_dir: Path, state: dict) -> None:
     """nr_sweep.json, atomically (a full disk leaves the previous one whole)."""
-    path = sweep_dir / SWEEP_FILE
-    tmp = path.with_name(f".{SWEEP_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json_atomic(sweep_dir / SWEEP_FILE, state, indent=1, default=str)
 
 
 def _finished(trials: Optional[list]) -> int:
