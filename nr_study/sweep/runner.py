@@ -375,11 +375,10 @@ def build_search_alg(space: SearchSpace, sweep_dir: Optional[str] = None):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from nr_study.sweep.samplers import make_sampler
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if space.sampler == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=space.search_seed)
-    else:
-        sampler = optuna.samplers.TPESampler(seed=space.search_seed, multivariate=True)
+    sampler = make_sampler(space.sampler or "tpe", space.search_seed)
     metrics = [m for m, _ in space.objectives]
     modes = [md for _, md in space.objectives]
     if len(metrics) == 1:
