@@ -7,13 +7,19 @@ SPACE   ?= search_spaces/demo.yaml
 ADDRESS ?=
 RUNS    ?= runs
 
-.PHONY: setup test test-fast lint demo sweep tables plots bench ui dashboard clean
+LOCK    := requirements.lock
+# pip-tools makes the lock; its own version is pinned here so `make lock` gives the same file on any day.
+PIP_TOOLS := pip-tools==7.7.0
+
+.PHONY: setup test test-fast test-latest lint lock demo sweep tables plots bench ui dashboard clean
 
 setup: $(STAMP)
 
-# Idempotent: the venv is rebuilt only when pyproject.toml changes. torch/torchvision come from
-# the local wheel cache (pip's constraint file pins them); Fashion-MNIST from Debian when apt is here.
-$(STAMP): pyproject.toml
+# Idempotent: the venv is rebuilt only when the lock or pyproject.toml changes. Every package, direct and
+# transitive (torch/torchvision from the local wheel cache included), is installed at the version the lock
+# names and nothing is resolved again: the project goes in with --no-deps, and `pip check` fails the setup
+# if the lock ever misses a dependency. Fashion-MNIST from Debian when apt is here.
+$(STAMP): $(LOCK) pyproject.toml
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
@@ -23,10 +29,27 @@ $(STAMP): pyproject.toml
 	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
 	  echo "note: could not install chromium; the MLflow UI browser test will be skipped"; fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# Regenerate the lock from pyproject.toml's ranges: the newest releases they allow today, for this machine's
+# Python and platform. Commit the new lock only with `make test` green on it (CI tests exactly the locked set).
+lock:
+	test -x build/lock-venv/bin/pip-compile || { $(PY) -m venv build/lock-venv && \
+	  build/lock-venv/bin/python -m pip install -q $(PIP_TOOLS); }
+	build/lock-venv/bin/pip-compile -q --upgrade --extra dev --strip-extras --all-build-deps --allow-unsafe \
+	  --no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
+
+# The next drift before users see it: a throw-away venv with the newest releases pyproject.toml allows (not
+# the lock), running the fast tests. Not part of CI.
+test-latest:
+	rm -rf build/latest-venv && $(PY) -m venv build/latest-venv
+	build/latest-venv/bin/python -m pip install -q --upgrade pip
+	build/latest-venv/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	build/latest-venv/bin/python -m pip list --format=freeze | grep -iE '^(torch|ray|mlflow|optuna|numpy|pandas)=='
+	NR_STUDY_UNLOCKED=1 build/latest-venv/bin/python -m pytest -q tests -m "not slow" -p no:cacheprovider
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -46,7 +69,8 @@ demo: setup
 	@cat $(RUNS)/demo-report/tables/demo.md
 	@echo ""
 	@echo "demo done. Tables and plots: $(RUNS)/demo-report/report.md (or open $(RUNS)/demo-report/index.html)"
-	@echo "Compare the runs in the MLflow UI: make ui   (then open http://127.0.0.1:5000)"
+	@echo "Compare the runs in the MLflow UI: make ui, then open"
+	@$(BIN)/python -m nr_study.mlflow_server --runs $(RUNS) --experiment nr-demo --print-url
 
 sweep: setup
 	$(BIN)/nr-study sweep $(SPACE) --runs $(RUNS) $(if $(ADDRESS),--address $(ADDRESS),)

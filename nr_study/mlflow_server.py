@@ -324,6 +324,24 @@ def _tail(path: Path, n: int = 600) -> str:
         return ""
 
 
+def experiment_link(folder, port: int, experiment: Optional[str]) -> str:
+    """The link `make ui` serves for an experiment of the run folder: its runs table, where MLflow's URL keeps no
+    expanded rows or columns, so the line says what to click."""
+    experiment_id = None
+    if experiment and (_runs_dir(folder) / DB_NAME).is_file():
+        from mlflow.tracking import MlflowClient
+
+        from nr_study.names import default_tracking_uri
+
+        found = MlflowClient(tracking_uri=default_tracking_uri(folder)).get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else None
+    link = ui_url(f"http://127.0.0.1:{port}", experiment_id)
+    if experiment_id is None:
+        return link
+    return (f"{link}  (click + beside a sweep:<name> row to list its trials; Columns adds test_err, "
+            f"util_params, params)")
+
+
 def main(argv=None) -> int:
     """`python -m nr_study.mlflow_server [--port 5000] [--runs DIR]`: serve the run folder (UI + REST API +
     artifacts) in the foreground until Ctrl-C — what `make ui` needs to show the sweeps' artifacts too."""
@@ -332,7 +350,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nr_study.mlflow_server")
     ap.add_argument("--port", type=int, default=5000)
     ap.add_argument("--runs", default=None, help="run folder (default: $NR_STUDY_RUNS or ./runs)")
+    ap.add_argument("--experiment", default=None, help="the experiment whose runs page the link opens")
+    ap.add_argument("--print-url", action="store_true", help="print the UI link (on --port) and exit")
     args = ap.parse_args(argv)
+    if args.print_url:
+        print(experiment_link(args.runs, args.port, args.experiment))
+        return 0
     try:
         server = MlflowServer.start(args.runs, port=args.port, quiet=False)
     except UserError as exc:

@@ -3,6 +3,7 @@ git commit and versions, the dataset inputs, system metrics and the logged model
 from __future__ import annotations
 
 import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -195,3 +196,21 @@ def test_trials_starting_together_log_the_same_dataset(tracking_uri):
         assert not errors, errors[0]
         digests = {tuple(sorted(v[1] for v in _inputs(c, t.run_id).values())) for t in trackers}
         assert len(digests) == 1 and len(next(iter(digests))) == 2  # both subsets, the same rows for every run
+
+
+def test_demo_prints_the_experiments_runs_link(tmp_path):
+    """`make demo`'s last line: the same runs-table link `nr-study sweep` prints, not MLflow's GenAI home."""
+    from nr_study.mlflow_server import main, ui_url
+
+    runs = tmp_path / "runs"
+    out = subprocess.run([sys.executable, "-m", "nr_study.mlflow_server", "--runs", str(runs), "--experiment",
+                          "nr-demo", "--print-url"], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ui_url("http://127.0.0.1:5000") and not runs.exists()  # no store yet: list, nothing made
+    exp = MlflowClient(N.default_tracking_uri(runs)).create_experiment("nr-demo")
+    MlflowClient(N.default_tracking_uri(runs)).create_experiment("other")
+    assert main(["--runs", str(runs), "--experiment", "nr-demo", "--print-url", "--port", "5001"]) == 0
+    out = subprocess.run([sys.executable, "-m", "nr_study.mlflow_server", "--runs", str(runs), "--experiment",
+                          "nr-demo", "--print-url"], capture_output=True, text=True, check=True).stdout
+    link = out.split()[0]
+    assert link == f"http://127.0.0.1:5000/#/experiments/{exp}?workflowType=machine_learning"
+    assert "click +" in out
