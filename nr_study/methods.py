@@ -105,10 +105,13 @@ def slim_prune(model: nn.Module, input_shape: tuple, ratio: float) -> tuple[nn.M
 def fs_spec(cfg: Config, tracking_uri: Optional[str]) -> tuple[dict, Optional[str]]:
     """NR-FS: the architecture spec found by an earlier run (MLflow run id or exported file), and its model."""
     if cfg.fs.run_id:
+        import tempfile
+
         from nr_study.tracking import download_artifact
 
-        path = download_artifact(cfg.fs.run_id, "model/model.pt", cfg.fs.tracking_uri or tracking_uri)
-        payload = read_torch(path, "nr_study model file")
+        with tempfile.TemporaryDirectory(prefix="nr_study_art_") as tmp:
+            path = download_artifact(cfg.fs.run_id, "model/model.pt", cfg.fs.tracking_uri or tracking_uri, tmp)
+            payload = read_torch(path, "nr_study model file")
         spec = payload.get("arch_spec_json") if isinstance(payload, dict) else None
         if not spec:
             raise ConfigError(f"fs.run_id: run {cfg.fs.run_id!r} has no architecture spec (was it a BL run?)")

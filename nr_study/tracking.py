@@ -506,12 +506,11 @@ def open_run(uri: str, cfg, *, run_id: Optional[str] = None, tags: Optional[dict
     return tracker
 
 
-def download_artifact(run_id: str, artifact_path: str, tracking_uri: Optional[str] = None,
-                      dst: Optional[str] = None) -> str:
+def download_artifact(run_id: str, artifact_path: str, tracking_uri: Optional[str], dst: str) -> str:
+    """Download into `dst`, which the caller owns (a TemporaryDirectory): nothing is left behind in /tmp."""
     import mlflow.artifacts
 
     uri = resolve_tracking_uri(tracking_uri)
-    dst = dst or tempfile.mkdtemp(prefix="nr_study_art_")
     try:
         return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, tracking_uri=uri,
                                                    dst_path=dst)
@@ -539,17 +538,20 @@ def load_model(ref: str, tracking_uri: Optional[str] = None):
     from nr_study.checkpoint import model_from_payload
 
     path = Path(ref) / MODEL_FILE
-    if not path.is_file():
-        path = Path(download_model(ref, tracking_uri)) / MODEL_FILE
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if path.is_file():
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="nr_model_") as tmp:
+            path = Path(download_model(ref, tracking_uri, dst=tmp)) / MODEL_FILE
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     model = model_from_payload(payload)
     model.eval()
     return model
 
 
-def download_model(ref: str, tracking_uri: Optional[str] = None, dst: Optional[str] = None) -> str:
-    """Download a run's final model (run id or models:/<id>) into `dst` (default: a temporary folder): the
-    folder holding model.pt (and model.json for a logged model)."""
+def download_model(ref: str, tracking_uri: Optional[str], dst: str) -> str:
+    """Download a run's final model (run id or models:/<id>) into `dst`, which the caller owns: the folder
+    holding model.pt (and model.json for a logged model)."""
     uri = resolve_tracking_uri(tracking_uri)
     client = _client(uri)
     try:
@@ -563,7 +565,7 @@ def download_model(ref: str, tracking_uri: Optional[str] = None, dst: Optional[s
         import mlflow.artifacts
 
         return mlflow.artifacts.download_artifacts(artifact_uri=client.get_logged_model(model_id).artifact_location,
-                                                   tracking_uri=uri, dst_path=dst or tempfile.mkdtemp(prefix="nr_model_"))
+                                                   tracking_uri=uri, dst_path=dst)
     except ConfigError:
         raise
     except Exception as exc:

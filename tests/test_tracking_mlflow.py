@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def _test_err(model, cfg) -> float:
     return 100.0 * wrong / n
 
 
-def test_logged_model_reproduces_the_final_test_error(tracking_uri, tiny_cfg, tmp_path, capsys):
+def test_logged_model_reproduces_the_final_test_error(tracking_uri, tiny_cfg, tmp_path, capsys, monkeypatch):
     import nr_study
     from nr_study.cli import main
     from nr_study.train import train
@@ -154,8 +155,12 @@ def test_logged_model_reproduces_the_final_test_error(tracking_uri, tiny_cfg, tm
     assert {m.key: m.value for m in lm.metrics}["final_test_err"] == run.data.metrics["final_test_err"]
 
     want = run.data.metrics["final_test_err"]
+    scratch = tmp_path / "scratch"  # the temporary folder load_model downloads into: left empty afterwards
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert _test_err(nr_study.load_model(s["run_id"], tracking_uri), tiny_cfg) == want
     assert _test_err(nr_study.load_model(f"models:/{s['model_id']}", tracking_uri), tiny_cfg) == want
+    assert list(scratch.iterdir()) == []
     out = tmp_path / "exported"
     assert main(["export", s["run_id"], str(out), "--tracking-uri", tracking_uri]) == 0
     assert sorted(p.name for p in out.iterdir()) == [N.MODEL_META, N.MODEL_FILE]

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -260,11 +261,15 @@ def test_bf16_applies_on_cpu(tracking_uri, monkeypatch):
     assert MlflowClient(tracking_uri).get_run(bf16["run_id"]).data.params["train.bf16"] == "True"
 
 
-def test_nr_fs_rebuilds_found_widths(nr_run, tracking_uri, tmp_path):
+def test_nr_fs_rebuilds_found_widths(nr_run, tracking_uri, tmp_path, monkeypatch):
     src = nr_run["run_id"]
     fw = json.loads(Path(T.download_artifact(src, "final_widths.json", tracking_uri, str(tmp_path))).read_text())
     quick = {"epochs": 1, "max_steps_per_epoch": 2}
+    scratch = tmp_path / "scratch"  # the source model is downloaded to a temporary folder and removed
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     s = train(cfg(method="NR-FS", fs={"run_id": src}, train=quick), tracking_uri=tracking_uri, progress=False)
+    assert not [p for p in scratch.iterdir() if p.name.startswith("nr_")]
     c = MlflowClient(tracking_uri)
     got = json.loads(Path(T.download_artifact(s["run_id"], "final_widths.json", tracking_uri,
                                               str(tmp_path / "b"))).read_text())
