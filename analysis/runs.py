@@ -278,6 +278,29 @@ class RunStore:
         ]
 
 
+# Where and how a run ran, not what it trained: runs of one configuration may differ here (and in tracking.*).
+NOT_CONFIG = ("seed", "name", "data.root", "data.download", "data.num_workers", "train.device", "train.threads",
+              "train.eval_batch_size", "train.channels_last", "train.cuda_deterministic")
+NOT_CONFIG_PREFIXES = ("tracking.", "train.fault_")
+# What a method itself defines (nr_study.sweep.pairs.pair_config): the only keys a paired comparison may differ in.
+METHOD_KEYS = ("method", "train.after_rejuvenation", "optim.restart_after_rejuvenation")
+METHOD_PREFIXES = ("nr.", "fs.", "slim.")
+
+
+def is_method_key(key: str) -> bool:
+    return key in METHOD_KEYS or key.startswith(METHOD_PREFIXES)
+
+
+def configuration(run: RunRecord, method: bool = True) -> dict[str, str]:
+    """The run's configuration, from its logged params: what runs averaged in one table cell must share
+    (method=True), or, without the method's own keys, what a run and its paired baseline must share
+    (method=False). A baseline's nr/fs/slim/after-rejuvenation params are left out: it never reads them."""
+    plain = getattr(METHODS.get(run.get("method") or ""), "impl", None) == "Baseline"
+    return {k: v for k, v in run.params.items()
+            if k not in NOT_CONFIG and not k.startswith(NOT_CONFIG_PREFIXES)
+            and not (is_method_key(k) and (not method or (plain and k != "method")))}
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
     """(mean, sample std (ddof=1; None when n < 2), n)."""
     n = len(values)

@@ -19,10 +19,19 @@ The CPU-scale analogues (`nr.table` = `fmnist_table4`, `fmnist_table5`) are tabl
 (fmnist_table5), cells are `mean ± std (n)`, and the paper's analogous row is printed underneath for reference.
 Their paired rows compare each column with the table's baseline column (`baseline`, `compare` in
 paper_results.yaml): per seed, method − baseline, mean with a 95 % t interval and n seeds, at equal epochs
-(same train.epochs) and/or equal training compute (logged train_flops within ±10 %); a run with no partner at
-that basis is named in the notes. Any other `nr.table` tag (a sweep's own, e.g. the demo's) gets a table of its
-cells: error, params, FLOPs, rejuvenations and a paired Δ column per BL cell. Every table's notes say what each
-method trained for (its total epochs), so the budget a comparison stands on is on the page.
+(same train.epochs) and/or equal training compute (the baseline's logged train_flops within ±10 % of the run's:
+|base − run| ≤ 0.1 · run); a run with no partner at that basis is named in the notes. Any other `nr.table` tag
+(a sweep's own, e.g. the demo's) gets a table of its cells: error, params, FLOPs, rejuvenations and a paired Δ
+column per BL cell. Every table's notes say what each method trained for (its total epochs), so the budget a
+comparison stands on is on the page.
+
+In every table a cell holds runs of one configuration (analysis.runs.configuration: the logged params but
+seed, paths and tracking): a cell whose runs differ in more is split, labelled by the keys that differ
+('BL [width=11]'; the paper tables, whose layout is fixed, leave it empty), and said so in the notes. A pair
+is two runs of one seed that differ only in what the method defines (method, nr.*, fs.*, slim.*, the
+after-rejuvenation protocol), never in model, data, optimiser or training settings, but for what the
+comparison names: equal compute lets train.epochs differ, and a sweep table's cell named 'BL,width=11' is
+compared across model.kwargs.width.
 
 Outputs under --out (default <runs folder>/report): tables/<name>.md, .tex, .csv, .html, tables/manifest.json,
 plus the index page (report.md, index.html) over everything in --out.
@@ -40,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.runs import (NR_METHODS, RunRecord, RunStore, default_tracking_uri, mean_std, norm, rejuvenation_count,
-                           runs_folder, to_float)
+from analysis.runs import (NR_METHODS, RunRecord, RunStore, configuration, default_tracking_uri, mean_std, norm,
+                           rejuvenation_count, runs_folder, to_float)
 from nr_study.config import METHODS
 from nr_study.errors import ConfigError
 from nr_study.files import read_yaml
@@ -194,10 +203,21 @@ def make_cell(paper: PaperValue, runs: list[RunRecord], value: str, mode: str) -
 # ---------------------------------------------------------------------------------------------------
 COMPARE_BASES = ("equal_epochs", "equal_compute")
 COMPUTE_TOLERANCE = 0.10  # equal_compute: the baseline's training multiply-adds within ±10 % of the run's
+
+
+def equal_compute(run_flops: float, base_flops: float) -> bool:
+    """The baseline's train_flops within ±10 % *of the run's*: |base − run| ≤ 0.1 · run. The run is the
+    reference (run 100, baseline 111: 11 % more, not equal; |run/base − 1| = 0.099 would say it is)."""
+    return run_flops > 0 and abs(base_flops - run_flops) <= COMPUTE_TOLERANCE * run_flops
+
+
 BASIS_TEXT = {
-    "equal_epochs": "equal epochs (a baseline run with the same seed, the same data and the same train.epochs)",
-    "equal_compute": "equal training compute (a baseline run with the same seed and data whose logged train_flops are "
-                     f"within ±{COMPUTE_TOLERANCE:.0%} of the run's: a baseline trained as long as the run was)",
+    "equal_epochs": "equal epochs (a baseline run with the same seed and the same configuration but the method's own "
+                    "settings: the same data, model, optimiser and train.epochs)",
+    "equal_compute": "equal training compute (a baseline run with the same seed and the same configuration but the "
+                     "method's own settings and train.epochs, whose logged train_flops are within "
+                     f"±{COMPUTE_TOLERANCE:.0%} of the run's, |base − run| ≤ {COMPUTE_TOLERANCE:g} · run: a baseline "
+                     "trained as long as the run was)",
 }
 
 
@@ -239,38 +259,45 @@ def _train_flops(run: RunRecord) -> float | None:
     return run.final("train_flops")
 
 
-NOT_DATA = ("data.root", "data.download", "data.num_workers")  # where the data lives, not which data it is
+BASIS_MAY_DIFFER = {"equal_epochs": (), "equal_compute": ("train.epochs",)}  # a longer-trained baseline is the point
 
 
-def _same_data(run: RunRecord, base: RunRecord) -> bool:
-    """The same images: a seed pairs two runs only on the same dataset, subset sizes and subset seed."""
-    keys = {k for k in (*run.params, *base.params) if k.startswith("data.") and k not in NOT_DATA}
-    return all(run.params.get(k) == base.params.get(k) for k in keys)
+def pair_differs(run: RunRecord, base: RunRecord, basis: str, named: tuple[str, ...] = ()) -> list[str]:
+    """The keys that keep `base` from being `run`'s pair: the configuration (configuration(method=False):
+    model, data, optimiser, training) must be the same, but for what the basis or the table names as the
+    comparison (`named`, e.g. a width-scaled baseline's model.kwargs.width)."""
+    a, b = configuration(run, method=False), configuration(base, method=False)
+    allowed = (*BASIS_MAY_DIFFER[basis], *named)
+    return [k for k in sorted({*a, *b}) if a.get(k) != b.get(k) and k not in allowed]
 
 
-def _is_pair(run: RunRecord, base: RunRecord, basis: str) -> bool:
-    if not _same_data(run, base):
+def _is_pair(run: RunRecord, base: RunRecord, basis: str, named: tuple[str, ...] = ()) -> bool:
+    if pair_differs(run, base, basis, named):
         return False
     if basis == "equal_epochs":
         return run.params.get("train.epochs") is not None and run.params.get("train.epochs") == base.params.get("train.epochs")
     a, b = _train_flops(run), _train_flops(base)
-    return a is not None and b is not None and b > 0 and abs(a / b - 1.0) <= COMPUTE_TOLERANCE
+    return a is not None and b is not None and equal_compute(a, b)
 
 
 def paired_difference(runs: list[RunRecord], baselines: list[RunRecord], basis: str, value: str,
-                      mode: str) -> tuple[Paired, list[str]]:
-    """Pair every run with the baseline runs of its seed that meet `basis`; a seed's runs on either side
-    are averaged, so n counts seeds. Runs with no partner are listed in the notes, never paired by guess."""
+                      mode: str, named: tuple[str, ...] = ()) -> tuple[Paired, list[str]]:
+    """Pair every run with the baseline runs of its seed and configuration that meet `basis` (_is_pair); a
+    seed's runs on either side are averaged, so n counts seeds. Runs with no partner are listed in the notes
+    (with the keys the seed's baselines differ in), never paired by guess."""
     by_seed: dict[str, tuple[list[float], list[float], list[float]]] = {}
     notes = []
     for r in runs:
         v, seed = run_value(r, value, mode), r.get("seed")
         if v is None or seed is None:
             continue
-        partners = [b for b in baselines if b.get("seed") == seed and _is_pair(r, b, basis)]
+        same_seed = [b for b in baselines if b.get("seed") == seed]
+        partners = [b for b in same_seed if _is_pair(r, b, basis, named)]
         vals = [bv for b in partners if (bv := run_value(b, value, mode)) is not None]
         if not vals:
-            notes.append(f"run {r.run_id[:8]} (seed {seed}): no baseline run at {basis.replace('_', ' ')}; not paired")
+            differ = sorted({k for b in same_seed for k in pair_differs(r, b, basis, named)})
+            why = f" of its configuration (the seed's baselines differ in {', '.join(differ)})" if differ else ""
+            notes.append(f"run {r.run_id[:8]} (seed {seed}): no baseline run at {basis.replace('_', ' ')}{why}; not paired")
             continue
         mine, theirs, ratios = by_seed.setdefault(seed, ([], [], []))
         mine.append(v)
@@ -638,6 +665,11 @@ def build_paper_table(paper: Paper, key: str, store: RunStore, mode: str = "fina
     table = paper.tables[key]
     runs = store.finished({"table": key})
     by_cell, notes = assign_runs(paper, table, runs)
+    for cell, rs in by_cell.items():  # the paper's layout has one place per cell: a mixed one is left empty
+        note = mixed_note(cell, rs, "not shown, never averaged (give each its own nr.cell)")
+        if note:
+            notes.append(note)
+            by_cell[cell] = []
     rows: list[str] = []
     groups: list[str] = []
     for e in table.entries:
@@ -680,8 +712,7 @@ def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final"
     runs = store.finished({"table": key})
     notes = _status_note(store, key) + budget_note(runs)
     col_by = spec.get("col_by", "method")
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
-    row_names, col_names = [], []
+    by_row: dict[str, dict[str, list[RunRecord]]] = {}
     for r in runs:
         row = " / ".join(str(r.get(a) or "?") for a in spec.get("row_by", ["arch", "dataset"]))
         if col_by == "rejuvenations":
@@ -698,51 +729,59 @@ def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final"
             if col is None:
                 notes.append(f"run {r.run_id[:8]}: no {col_by}; not used")
                 continue
-        groups.setdefault((row, col), []).append(r)
-        if row not in row_names:
-            row_names.append(row)
-        if col not in col_names:
-            col_names.append(col)
-    row_names.sort()
+        by_row.setdefault(row, {}).setdefault(col, []).append(r)
+    # A column holds one configuration: a method's runs that differ in more (a width-11 BL beside the width-16
+    # one under the same nr.table) are split into columns labelled by what differs, never averaged.
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    base_of: dict[str, str] = {}  # column label -> the method (or count) it is a configuration of
+    for row, by_col in by_row.items():
+        for col, rs in by_col.items():
+            split, mixed = split_mixed_cells({col: rs}, unit="column")
+            notes += [f"{row}: {n}" for n in mixed]
+            for sub, srs in split.items():
+                groups[(row, sub)] = srs
+                base_of[sub] = col
+    row_names = sorted(by_row)
+    col_names = list(base_of)
     # The paper's analogous row, keyed by the same column attribute.
     ref_table = paper.tables.get(spec.get("analogue_of", ""))
-    ref_rows: dict[str, dict[tuple[str, str], PaperValue]] = {}
+    ref_vals: dict[tuple[str, str], PaperValue] = {}
+    ref_label = None
     if ref_table is not None:
         refs = [e for e in ref_table.entries if e.row == spec.get("reference_row")
                 and (spec.get("reference_dataset") is None or e.attrs.get("dataset") == spec["reference_dataset"])]
-        vals: dict[tuple[str, str], PaperValue] = {}
         for e in refs:
             col = str(e.attrs.get(col_by))
             if col_by == "method":
-                col = next((c for c in col_names if norm(c) == norm(col)), col)
-            if col not in col_names:  # show the paper's columns even where no run exists yet
+                col = next((c for c in base_of.values() if norm(c) == norm(col)), col)
+            if col not in base_of.values():  # show the paper's columns even where no run exists yet
+                base_of[col] = col
                 col_names.append(col)
             for v in values:
                 if v in e.values:
-                    vals[(col, v)] = e.values[v]
-        if vals:
+                    ref_vals[(col, v)] = e.values[v]
+        if ref_vals:
             ds = refs[0].attrs.get("dataset") or ""
-            ref_rows[f"paper: {refs[0].attrs.get('arch', refs[0].row)} {ds} ({ref_table.key})".replace("  ", " ")] = vals
+            ref_label = f"paper: {refs[0].attrs.get('arch', refs[0].row)} {ds} ({ref_table.key})".replace("  ", " ")
     order = [str(c) for c in spec.get("col_order", [])]
     if col_by == "rejuvenations":
-        col_names.sort(key=int)
+        def rank(c):
+            return (int(base_of[c]), c)
     else:
-        col_names.sort(key=lambda c: (order.index(c) if c in order else len(order), c))
+        def rank(c):
+            return (order.index(base_of[c]) if base_of[c] in order else len(order), base_of[c], c)
+    col_names.sort(key=rank)
+    label = "# of NR" if col_by == "rejuvenations" else col_by.capitalize()
+    group_of = (lambda c: f"{label} {c}") if col_by == "rejuvenations" else (lambda c: c)
     cells, ids = {}, {}
     for row in row_names:
         for col in col_names:
-            rs = groups.get((row, col), [])
-            ids[(row, col)] = f"{row}/{col}"
+            ids[(row, group_of(col))] = f"{row}/{col}"
             for v in values:
-                cells[(row, col, v)] = make_cell(PaperValue(None, None), rs, v, mode)
-    label = "# of NR" if col_by == "rejuvenations" else col_by.capitalize()
-    columns = [Column(f"{label} {c}" if col_by == "rejuvenations" else c, v, single=len(values) == 1)
-               for c in col_names for v in values]
-    # Column.group must equal the cell key's group: rename keys for the rejuvenation layout.
-    if col_by == "rejuvenations":
-        cells = {(r, f"{label} {c}", v): cell for (r, c, v), cell in cells.items()}
-        ids = {(r, f"{label} {c}"): i for (r, c), i in ids.items()}
-        ref_rows = {k: {(f"{label} {c}", v): pv for (c, v), pv in d.items()} for k, d in ref_rows.items()}
+                cells[(row, group_of(col), v)] = make_cell(PaperValue(None, None), groups.get((row, col), []), v, mode)
+    columns = [Column(group_of(c), v, single=len(values) == 1) for c in col_names for v in values]
+    ref_rows = ({ref_label: {(group_of(c), v): pv for c in col_names for (b, v), pv in ref_vals.items() if base_of[c] == b}}
+                if ref_label else {})
     caption = (f"CPU-scale analogue of the paper's {spec.get('analogue_of', '')}: rows = "
                f"{' / '.join(spec.get('row_by', ['arch', 'dataset']))} from the runs, columns = {col_by}.")
     paired_rows: dict[str, dict[tuple[str, str], Paired]] = {}
@@ -753,17 +792,17 @@ def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final"
         if bad:
             raise ConfigError(f"{PAPER_YAML.name}: cpu_tables.{key}.compare: {bad[0]!r} is not allowed; allowed: "
                               f"{', '.join(COMPARE_BASES)}")
-        group_of = (lambda c: f"{label} {c}") if col_by == "rejuvenations" else (lambda c: c)
         for basis in bases:
             for row in row_names:
+                base_runs = [r for c in col_names if base_of[c] == baseline for r in groups.get((row, c), [])]
                 vals = {}
                 for col in col_names:
-                    if col == baseline:
+                    if base_of[col] == baseline:
                         continue
                     for v in values:
                         if v in ("top1", "top5") and groups.get((row, col)):
-                            vals[(group_of(col), v)], why = paired_difference(
-                                groups[(row, col)], groups.get((row, baseline), []), basis, v, mode)
+                            # each run pairs only with the baseline runs of its own configuration (_is_pair)
+                            vals[(group_of(col), v)], why = paired_difference(groups[(row, col)], base_runs, basis, v, mode)
                             notes += [w for w in why if w not in notes]
                 paired_rows[f"Δ vs {group_of(baseline)}, {basis.replace('_', ' ')}: {row}"] = vals
         caption += (f" Paired rows compare each column with {group_of(baseline)} at "
@@ -786,37 +825,50 @@ def own_pair_difference(runs: list[RunRecord]) -> Paired:
     return t_interval([sum(v) / len(v) for v in by_seed.values()])
 
 
-NOT_CONFIG = ("seed", "data.root", "name")  # what runs of one configuration may differ in (and tracking.*)
+def mixed_note(cell: str, runs: list[RunRecord], what: str) -> str | None:
+    """A note when a cell's runs are more than one configuration (analysis.runs.configuration), else None."""
+    from nr_study.sweep.space import varying_keys
+
+    confs = list({tuple(sorted(c.items())): c for c in map(configuration, runs)}.values())
+    if len(confs) < 2:
+        return None
+    return f"cell {cell!r} holds {len(confs)} configurations (they differ in {', '.join(varying_keys(confs))}): {what}"
 
 
-def _configuration(r: RunRecord) -> tuple:
-    return tuple(sorted((k, v) for k, v in r.params.items() if k not in NOT_CONFIG and not k.startswith("tracking.")))
-
-
-def split_mixed_cells(by_cell: dict[str, list[RunRecord]]) -> tuple[dict[str, list[RunRecord]], list[str]]:
-    """A cell's runs are averaged as seeds of one configuration; a cell name that several configurations share
-    is split into one row per configuration (nr_study.sweep.space.distinct_labels), and said so."""
-    from nr_study.sweep.space import distinct_labels, varying_keys
+def split_mixed_cells(by_cell: dict[str, list[RunRecord]], unit: str = "row"
+                      ) -> tuple[dict[str, list[RunRecord]], list[str]]:
+    """A cell's runs are averaged as seeds of one configuration (analysis.runs.configuration); a cell name that
+    several configurations share is split into one `unit` per configuration, labelled by the keys they differ
+    in (nr_study.sweep.space.distinct_labels: 'BL [width=11]'), and said so."""
+    from nr_study.sweep.space import distinct_labels
 
     runs = [r for rs in by_cell.values() for r in rs]
-    items = [(cell, dict(_configuration(r))) for cell, rs in by_cell.items() for r in rs]
+    items = [(cell, configuration(r)) for cell, rs in by_cell.items() for r in rs]
     out: dict[str, list[RunRecord]] = {}
     for r, label in zip(runs, distinct_labels(items)):
         out.setdefault(label, []).append(r)
-    notes = []
-    for cell, rs in by_cell.items():
-        confs = {_configuration(r) for r in rs}
-        if len(confs) > 1:
-            varying = varying_keys([dict(c) for c in confs])
-            notes.append(f"cell {cell!r} holds {len(confs)} configurations (they differ in {', '.join(varying)}): "
-                         f"one row each, never averaged")
+    notes = [n for cell, rs in by_cell.items() if (n := mixed_note(cell, rs, f"one {unit} each, never averaged"))]
     return out, notes
+
+
+def named_keys(runs: list[RunRecord]) -> tuple[str, ...]:
+    """The keys a cell's own name states with their value ('BL,width=11' for model.kwargs.width = 11, as the
+    sweep names a variant): a comparison across them is one the table names, not an accident."""
+    from nr_study.sweep.space import _num, fmt_value, short_key
+
+    out = set()
+    for r in runs:
+        said = dict(t.split("=", 1) for t in re.split(r"[,\s]+", r.get("cell") or "") if "=" in t)
+        out |= {k for k, v in configuration(r, method=False).items()
+                if fmt_value(_num(v)) in (said.get(short_key(k)), said.get(k))}
+    return tuple(sorted(out))
 
 
 def build_cells_table(key: str, store: RunStore, mode: str = "final") -> BuiltTable:
     """A sweep's own table (an `nr.table` tag that is no paper table, e.g. the demo's): a row per cell (its
     `nr.cell` tag, else its method), error / params / FLOPs / rejuvenations as mean ± std (n), and a paired
-    difference column per BL cell (the full BL, a width-scaled BL, ...) at equal epochs. A paired sweep's
+    difference column per BL cell (the full BL, a width-scaled BL, ...) at equal epochs: a pair shares its
+    seed and configuration (pair_differs) but for what the two cells' names state (named_keys). A paired sweep's
     runs (pair_with) add their difference to their own baseline, and the rows are sorted by it. Runs a
     scheduler stopped early are left out (their error is that of a shorter training), and said so."""
     finished = store.finished({"table": key})
@@ -860,9 +912,14 @@ def build_cells_table(key: str, store: RunStore, mode: str = "final") -> BuiltTa
     for b in bases:
         for row in rows:
             if row != b:
-                pr, why = paired_difference(by_cell[row], by_cell[b], "equal_epochs", "top1", mode)
+                # a pair crosses only what the two cells' own names state (BL,width=11 vs BL): a named comparison
+                named = tuple(sorted({*named_keys(by_cell[row]), *named_keys(by_cell[b])}))
+                pr, why = paired_difference(by_cell[row], by_cell[b], "equal_epochs", "top1", mode, named)
                 built.paired_cells[(row, f"paired:{b}")] = pr
                 built.notes += [w for w in why if w not in built.notes]
+                crossed = [k for k in named if len({configuration(r, False).get(k) for r in by_cell[row] + by_cell[b]}) > 1]
+                if crossed and pr.n:
+                    built.notes.append(f"Δ of {row!r} vs {b!r} compares across {', '.join(crossed)}, as the cells' names say")
     return built
 
 

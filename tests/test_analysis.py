@@ -450,14 +450,20 @@ def test_paired_rows_equal_epochs_and_equal_compute(tmp_path):
                                              pytest.approx(5 / 3 + half, abs=1e-5))
     assert nr.compute_ratio == pytest.approx(0.6)
     assert nr.text() == "+1.67 [+0.23, +3.10] (3) · compute 0.60×"
-    slim = paired[("SLIM", "top1")]
+    # the SLIM runs trained 10 and 12 epochs: two configurations, two columns, never one cell
+    assert [c.group for c in t4.columns if c.value == "top1"] == ["BL", "SLIM [epochs=10]", "SLIM [epochs=12]", "NR-CR"]
+    assert any("cell 'SLIM' holds 2 configurations (they differ in train.epochs): one column each" in n for n in t4.notes)
+    slim = paired[("SLIM [epochs=10]", "top1")]
     assert (slim.n, slim.mean, slim.lo) == (1, -1.0, None) and slim.text() == "−1.00 (1) · compute 1.00×"
+    assert paired[("SLIM [epochs=12]", "top1")].n == 0
     assert ("NR-CR", "params") not in paired and ("BL", "top1") not in paired
-    assert any("seed 0): no baseline run at equal epochs" in n for n in t4.notes)
+    assert any("seed 0): no baseline run at equal epochs of its configuration (the seed's baselines differ in "
+               "train.epochs); not paired" in n for n in t4.notes)
     assert "training epochs by method: BL 10; NR-CR 10 (after_rejuvenation=restart_schedule); SLIM 10–12" in t4.notes
     md = t4.to_markdown()
-    assert f"| Δ vs BL, equal epochs: {row} | — | — | −1.00 (1) · compute 1.00× | — | +1.67 [+0.23, +3.10] (3)" in md
-    assert "equal epochs (a baseline run with the same seed, the same data and the same train.epochs)" in t4.caption
+    assert f"| Δ vs BL, equal epochs: {row} | — | — | −1.00 (1) · compute 1.00× | — | — | — | +1.67 [+0.23, +3.10] (3)" in md
+    assert ("equal epochs (a baseline run with the same seed and the same configuration but the method's own settings: "
+            "the same data, model, optimiser and train.epochs)") in t4.caption
     recs = [r for r in csv.DictReader(t4.to_csv().splitlines()) if r["kind"] == "paired" and r["column"] == "NR-CR"]
     assert len(recs) == 1 and float(recs[0]["ci_low"]) == pytest.approx(5 / 3 - half, abs=1e-5)
 
