@@ -302,3 +302,31 @@ def test_reuse_actors_defaults_to_true_and_takes_only_booleans():
     assert parse_search_space(doc(reuse_actors=False), "x.yaml").reuse_actors is False
     assert any(line.startswith("x.yaml: reuse_actors: ") and "allowed: true, false" in line
                for line in errors_of(doc(reuse_actors="yes")))
+
+
+@pytest.mark.parametrize("epochs,rejuvenations,protocol,want", [
+    (2, None, "continue", 2), (2, None, "reset_epochs", 4), ({"choice": [2, 5]}, None, "reset_epochs", 10),
+    (3, {"choice": [1, 3]}, "reset_epochs", 12), (3, 2, {"choice": ["continue", "reset_epochs"]}, 9),
+    ({"randint": [2, 6]}, None, "restart_schedule", 6)])
+def test_asha_horizon_covers_the_longest_trial(epochs, rejuvenations, protocol, want):
+    """ASHA ends a trial at max_t epochs as if complete: max_t defaults to the most epochs any trial can train
+    (reset_epochs restarts the count at each rejuvenation) and a smaller one is refused, one line."""
+    space = {"method": ["BL", "NR"]}
+    for key, v in (("train.epochs", epochs), ("nr.max_rejuvenations", rejuvenations),
+                   ("train.after_rejuvenation", protocol)):
+        if isinstance(v, dict):
+            space[key] = v
+        elif v is not None:
+            space.setdefault("_base", {})[key] = v
+    base = space.pop("_base", {})
+    d = doc(space=space, search="random" if any(isinstance(v, dict) for v in space.values()) else "grid",
+            scheduler={"type": "asha", "metric": "test_err", "mode": "min"})
+    for key, v in base.items():
+        section, name = key.split(".")
+        d["base"].setdefault(section, {})[name] = v
+    assert parse_search_space(d, "x.yaml").scheduler["max_t"] == want
+    d["scheduler"]["max_t"] = want - 1
+    with pytest.raises(ConfigError) as e:
+        parse_search_space(d, "x.yaml")
+    assert str(e.value).count("\n") == 0 and f"scheduler.max_t: {want - 1} is not allowed; allowed: >= {want}" \
+        in str(e.value)

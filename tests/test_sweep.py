@@ -156,6 +156,25 @@ def test_optuna_multi_objective_pareto(mlflow_server, local_ray, runs):
     assert all(r.info.status == "FINISHED" for r in children_of(client, summary))
 
 
+def test_asha_lets_reset_epochs_trials_train_to_their_end(mlflow_server, local_ray, runs):
+    # Under reset_epochs a rejuvenating trial trains past train.epochs (2 + 2 here). ASHA's max_t used to default to
+    # train.epochs: the trial was cut at epoch 2 with no final metrics, yet closed FINISHED as if complete.
+    doc = make_doc("asha_reset", space={"method": ["NR", "BL"]}, max_concurrent=1,
+                   base={"train.after_rejuvenation": "reset_epochs"},
+                   scheduler={"type": "asha", "metric": "train_loss", "mode": "min", "grace_period": 1})
+    assert parse_search_space(doc, "x.yaml").scheduler["max_t"] == 4
+    summary = run(doc, mlflow_server)
+    client = client_for(mlflow_server)
+    kids = {r.data.tags["nr.method"]: r for r in children_of(client, summary)}
+    nr = kids["NR"]
+    assert nr.data.metrics["rejuvenations"] >= 1
+    assert nr.data.metrics["total_epochs"] > 2 and "final_test_err" in nr.data.metrics
+    assert epochs_logged(client, nr.info.run_id) == list(range(1, int(nr.data.metrics["total_epochs"]) + 1))
+    for r in kids.values():
+        assert r.info.status == "FINISHED" and "nr.early_stopped" not in r.data.tags
+    assert not summary["partial"] and all(t["complete"] for t in summary["trials"])
+
+
 def test_asha_stops_trials_early(mlflow_server, local_ray, runs):
     # One good learning rate first, then hopeless ones: ASHA (rungs at 1 epoch) stops the later ones.
     doc = make_doc("asha", space={"optim.lr": [0.1, 1e-6, 2e-6, 3e-6]}, max_concurrent=1,
@@ -172,6 +191,7 @@ def test_asha_stops_trials_early(mlflow_server, local_ray, runs):
     assert stopped
     for r in kids:
         assert r.info.status == "FINISHED"
+        assert (r.data.tags.get("nr.early_stopped") == "true") == ("final_test_err" not in r.data.metrics)
         n = len(epochs_logged(client, r.info.run_id))
         assert epochs_logged(client, r.info.run_id) == list(range(1, n + 1))
 

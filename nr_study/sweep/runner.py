@@ -500,7 +500,7 @@ def finalize(client, space: SearchSpace, experiment_id: str, parent_run_id: str,
     """Close every child the sweep left open and the parent; returns counts by final status.
 
     `trials` are Ray's trials as last saved in the experiment state (taken before Ray's own cleanup, which
-    marks interrupted trials TERMINATED): TERMINATED before the last epoch = stopped early by the scheduler
+    marks interrupted trials TERMINATED): TERMINATED without final metrics = stopped early by the scheduler
     (FINISHED, tag nr.early_stopped), ERROR = FAILED, anything else = interrupted (KILLED; --resume continues it).
     """
     if aliases:  # a rebuilt sweep: Ray's new trials continue the runs of the trials their configurations ran as
@@ -509,7 +509,6 @@ def finalize(client, space: SearchSpace, experiment_id: str, parent_run_id: str,
         by_trial = {aliases.get(config_key(t.config or {}), t.trial_id): t for t in trials or []}
     else:
         by_trial = {t.trial_id: t for t in trials or []}
-    epochs = int(space.base["train"]["epochs"])
     counts: dict[str, int] = {}
     children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                                   max_results=10000)
@@ -521,8 +520,9 @@ def finalize(client, space: SearchSpace, experiment_id: str, parent_run_id: str,
             causes[run.data.tags["nr.trial"]] = run.data.tags["nr.error"]  # the trainer's one line
         new = None
         if tstatus == "TERMINATED":
-            iters = int((t.last_result or {}).get("training_iteration", 0) or 0)
-            if iters < epochs and "final_test_err" not in run.data.metrics:  # not one that trained to the end
+            # The trainer logs final_test_err at its end only: without it the scheduler stopped the trial, whatever
+            # its epoch count says (under reset_epochs a trial trains past train.epochs).
+            if "final_test_err" not in run.data.metrics:
                 client.set_tag(rid, "nr.early_stopped", "true")
                 if status != FINISHED:
                     new = FINISHED
@@ -664,6 +664,10 @@ def format_summary(space: SearchSpace, summary: dict) -> str:
     if partial:
         lines.append(f"PARTIAL results: {summary.get('finished', 0)} of {summary.get('expected', '?')} "
                      f"configuration(s) finished; the rows above include unfinished trials' last epochs")
+    stopped = [r for r in summary.get("trials", []) if not r["error"] and not r["complete"]]
+    if stopped and not partial:
+        lines.append(f"{len(stopped)} trial(s) stopped early by the scheduler (no final metrics, tag "
+                     f"nr.early_stopped): their rows are from fewer epochs")
     if summary.get("best"):
         b = summary["best"]
         so_far = " so far (partial, not final)" if partial else ""
@@ -1228,9 +1232,8 @@ def _owned_ray_was_shut_down(started: bool) -> bool:
 
 
 def _has_early_stops(space: SearchSpace, trials: Optional[list]) -> bool:
-    epochs = int(space.base["train"]["epochs"])
-    return any(t.status == "TERMINATED" and int((t.last_result or {}).get("training_iteration", 0) or 0) < epochs
-               for t in (trials or []))
+    """A trial Ray ended without the trainer's final metrics: the scheduler stopped it."""
+    return any(t.status == "TERMINATED" and "final_test_err" not in (t.last_result or {}) for t in (trials or []))
 
 
 def _trials_from_state(sweep_dir: Path) -> Optional[list]:

@@ -536,6 +536,7 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
                     errors.append(str(exc))
 
     pair_with = _parse_pair_with(doc.get("pair_with"), base, dims, objectives, scheduler, err)
+    _fit_asha_horizon(scheduler, doc.get("scheduler"), base, dims, err)
 
     if errors:
         raise ConfigError("\n".join(errors))
@@ -559,6 +560,39 @@ def _values_of(key: str, base: dict, dims: list[Dim]) -> list:
                 vals = []  # every variant sets it: base's value never trains
             vals += sets
     return vals
+
+
+def _largest(key: str, base: dict, dims: list[Dim]) -> int:
+    """The largest value an integer config key takes in this space (a randint's upper end included)."""
+    vals = [v for v in _values_of(key, base, dims) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    vals += [d.high for d in dims if d.key == key and d.high is not None]
+    return int(max(vals)) if vals else 0
+
+
+def longest_trial(base: dict, dims: list[Dim]) -> tuple[int, str]:
+    """The most epochs a trial of this space can train, and why. Under train.after_rejuvenation reset_epochs (the
+    paper's protocol) each rejuvenation (or pruning) restarts the count: train.epochs more epochs after the one it
+    happened in, so at most (1 + events) x train.epochs."""
+    epochs = _largest("train.epochs", base, dims)
+    if "reset_epochs" not in {str(v) for v in _values_of("train.after_rejuvenation", base, dims)}:
+        return epochs, f"train.epochs {epochs}"
+    events = max(1, _largest("nr.max_rejuvenations", base, dims))
+    return (1 + events) * epochs, (f"train.epochs {epochs} x (1 + {events} rejuvenation(s)) under "
+                                   f"train.after_rejuvenation reset_epochs")
+
+
+def _fit_asha_horizon(scheduler: dict, raw, base, dims, err) -> None:
+    """ASHA ends every trial at max_t epochs, as if it had trained to its end: a trial longer than max_t was cut
+    short with no final metrics and no model yet looked finished. max_t defaults to the longest trial; a smaller
+    one is refused."""
+    if scheduler.get("type") != "asha" or not base:
+        return
+    longest, why = longest_trial(base, dims)
+    if not (isinstance(raw, dict) and "max_t" in raw):
+        scheduler["max_t"] = max(longest, scheduler["grace_period"])
+    elif scheduler["max_t"] < longest:
+        err("scheduler.max_t", f"{scheduler['max_t']} is not allowed; allowed: >= {longest} (the longest trial: "
+                               f"{why}); ASHA would stop longer trials before their end")
 
 
 def _parse_pair_with(raw, base, dims, objectives, scheduler, err) -> str | None:
