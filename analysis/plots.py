@@ -677,7 +677,7 @@ def make_all(store: RunStore, out_dir: str | Path, mode: str = "final") -> list[
                                   ["no sweep whose parent run (or trials) records an Optuna search (param sweep.search = optuna) with 2 objectives"]))
     skipped = len(store.all_runs()) - len(runs)
     if skipped:
-        results[0].notes.insert(0, f"{skipped} run(s) not FINISHED ignored")
+        results[0].notes.insert(0, f"{skipped} run(s) that did not train to their end (not FINISHED, or stopped early) ignored")
     return results
 
 

@@ -118,6 +118,17 @@ class RunRecord:
     _history: dict[str, list[tuple[int, float]]] = field(default_factory=dict, repr=False)
 
     # --- attributes -------------------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        """FINISHED and trained to its end: a run a scheduler (ASHA) stopped early closes FINISHED too, tagged
+        nr.early_stopped; its last epoch is no final result."""
+        return self.status == FINISHED and self.tags.get("nr.early_stopped") != "true"
+
+    @property
+    def outcome(self) -> str:
+        """What a note calls a run that is not complete."""
+        return "STOPPED EARLY" if self.status == FINISHED and not self.complete else self.status
+
     def get(self, attr: str) -> str | None:
         """A named attribute (see ATTR_KEYS) or, for an unknown name, the tag then the param of that name."""
         for kind, key in ATTR_KEYS.get(attr, (("tag", attr), ("param", attr))):
@@ -261,21 +272,13 @@ class RunStore:
         return self._all
 
     def finished(self, where: dict[str, str] | None = None) -> list[RunRecord]:
-        """FINISHED runs whose attributes equal `where` (e.g. {"table": "table1"})."""
-        out = []
-        for r in self.all_runs():
-            if r.status != FINISHED:
-                continue
-            if where and any(r.get(k) != v for k, v in where.items()):
-                continue
-            out.append(r)
-        return out
+        """Runs that trained to their end (complete) whose attributes equal `where` (e.g. {"table": "table1"})."""
+        return [r for r in self.all_runs() if r.complete and not (where and any(r.get(k) != v for k, v in where.items()))]
 
     def not_finished(self, where: dict[str, str] | None = None) -> list[RunRecord]:
-        return [
-            r for r in self.all_runs()
-            if r.status != FINISHED and not (where and any(r.get(k) != v for k, v in where.items()))
-        ]
+        """The others: failed, killed, running, or stopped early by a sweep's scheduler."""
+        return [r for r in self.all_runs()
+                if not r.complete and not (where and any(r.get(k) != v for k, v in where.items()))]
 
 
 # Where and how a run ran, not what it trained: runs of one configuration may differ here (and in tracking.*).

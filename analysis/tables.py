@@ -636,8 +636,11 @@ def _status_note(store: RunStore, name: str) -> list[str]:
         return []
     by: dict[str, int] = {}
     for r in skipped:
-        by[r.status] = by.get(r.status, 0) + 1
-    return ["ignored runs not FINISHED: " + ", ".join(f"{k} {v}" for k, v in sorted(by.items()))]
+        by[r.outcome] = by.get(r.outcome, 0) + 1
+    note = "ignored runs that did not train to their end: " + ", ".join(f"{k} {v}" for k, v in sorted(by.items()))
+    if "STOPPED EARLY" in by:
+        note += " (stopped early by the sweep's scheduler: their error is from fewer epochs)"
+    return [note]
 
 
 def budget_note(runs: list[RunRecord]) -> list[str]:
@@ -871,12 +874,8 @@ def build_cells_table(key: str, store: RunStore, mode: str = "final") -> BuiltTa
     seed and configuration (pair_differs) but for what the two cells' names state (named_keys). A paired sweep's
     runs (pair_with) add their difference to their own baseline, and the rows are sorted by it. Runs a
     scheduler stopped early are left out (their error is that of a shorter training), and said so."""
-    finished = store.finished({"table": key})
-    runs = [r for r in finished if r.tags.get("nr.early_stopped") != "true"]
+    runs = store.finished({"table": key})
     notes = _status_note(store, key) + budget_note(runs)
-    if len(runs) < len(finished):
-        notes.append(f"{len(finished) - len(runs)} run(s) stopped early by the sweep's scheduler (ASHA) are not in "
-                     f"the table: their error is from fewer epochs")
     by_cell: dict[str, list[RunRecord]] = {}
     for r in runs:
         by_cell.setdefault(r.get("cell") or r.get("method") or "?", []).append(r)

@@ -516,7 +516,7 @@ def test_paired_sweep_table_own_pair_column_data_and_early_stops(tmp_path):
     vs_bl = [col for col in t.columns if col.value == "paired:BL [n_train=5000]"][0]
     assert t.parts("NR-CR,w16", vs_bl) == ["−1.00 (1)"]  # seed 0 only: seed 1's BL trained on other data
     assert any("seed 1): no baseline run at equal epochs" in n for n in t.notes)
-    assert any("1 run(s) stopped early by the sweep's scheduler" in n for n in t.notes)
+    assert any("STOPPED EARLY 1 (stopped early by the sweep's scheduler" in n for n in t.notes)
     assert "Δ vs its own paired BL is each run's test error minus" in t.caption
 
 

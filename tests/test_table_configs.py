@@ -217,3 +217,33 @@ def test_equal_compute_is_within_ten_percent_of_the_run(run_flops, base_flops, p
                                   "equal_compute", "top1", "final")
     assert (pr.n == 1) is paired, (pr.text(), notes)
     assert (pr.mean == -1.0) if paired else any("no baseline run at equal compute" in n for n in notes)
+
+
+@pytest.mark.parametrize("table", ["table1", "fmnist_table4", "fmnist_table5", "study"])
+def test_runs_stopped_early_are_in_no_table(table, tmp_path):
+    """A run a sweep's scheduler stopped closes FINISHED (tag nr.early_stopped); its last epoch is no final
+    result, so no table of any kind averages or pairs it, and the table says it left it out."""
+    from mlflow.tracking import MlflowClient
+
+    from analysis.runs import RunStore
+    from nr_study.tracking import RunTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("x")
+    ids = {}
+    for seed in (0, 1):
+        for method, err, early in (("BL", 10.0, False), ("NR-CR", 12.0, False), ("NR-CR", 99.0, True)):
+            tags = {"nr.table": table, "nr.cell": method, "nr.method": method, "nr.seed": str(seed),
+                    "nr.arch": "vgg_small", "nr.dataset": "fashion_mnist"}
+            if early:
+                tags["nr.early_stopped"] = "true"
+            t = RunTracker(uri, "x", tags=tags)
+            t.start()
+            t.log_params({"method": method, "seed": seed, "train.epochs": 2})
+            t.log_epoch(1, {"test_err": err, "train_flops": 1e12})
+            t.end("FINISHED")
+            ids[t.run_id] = early
+    built = {b.name: b for b in build_tables(RunStore(uri), "final")}[table]
+    used = {i for cell in built.cells.values() for i in cell.run_ids}
+    assert used and not any(ids[i] for i in used)
+    assert any("STOPPED EARLY 2" in n for n in built.notes), built.notes
