@@ -11,7 +11,6 @@ another method/architecture/dataset, is refused with one line before anything ru
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn as nn
 
 from nr_study.config import Config
 from nr_study.errors import CheckpointError, CheckpointWriteError, ConfigError, one_line
-from nr_study.files import read_torch
+from nr_study.files import read_torch, write_atomic
 
 CKPT_NAME = "state.pt"
 CKPT_FORMAT = 2  # 2: the method's state under "method_state"; format 1 (NR hook state, slim flag) is refused
@@ -61,21 +60,19 @@ def set_rng_state(s: dict) -> None:
 def atomic_save(obj, path: Path) -> None:
     """Write `obj` next to `path` and rename it over `path`: a crash or a full disk leaves the old file intact."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
         try:
             torch.save(obj, tmp)
         except RuntimeError:  # torch's zip writer hides the OS error ("unexpected pos 64 vs 0"): write once more
             tmp.unlink(missing_ok=True)  # through a Python file, whose OSError (ENOSPC) torch keeps as the context
             with open(tmp, "wb") as fh:
                 torch.save(obj, fh)
-        os.replace(tmp, path)
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, write)
     except (OSError, RuntimeError) as exc:  # ENOSPC surfaces as RuntimeError from torch's zip writer
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         os_exc = next((e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError) and e.strerror),
                       None)
         what = os_exc.strerror if os_exc is not None else one_line(exc, 200)

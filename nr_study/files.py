@@ -160,10 +160,24 @@ def check_writable_dir(path, what: str) -> Path:
     return probe
 
 
-def write_json_atomic(path, obj, **dumps_kw) -> None:
-    """`obj` as JSON at `path`, whole or not at all: a temp file beside it, then renamed over it (a full disk or
-    a kill mid-write leaves the previous file, never half of one)."""
+def write_atomic(path, write) -> None:
+    """`write(tmp)` fills a temp file beside `path`, which is then renamed over it: the file is whole or not
+    there (a full disk or a kill mid-write leaves the previous file, never half of one). On any failure the temp
+    file is removed, so nothing is left beside it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, **dumps_kw))
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+
+
+def write_json_atomic(path, obj, **dumps_kw) -> None:
+    """`obj` as JSON at `path`, whole or not at all (write_atomic)."""
+    text = json.dumps(obj, **dumps_kw)
+    write_atomic(path, lambda tmp: tmp.write_text(text))

@@ -5,7 +5,6 @@ about a second of compute; the time goes into Ray worker start-up. Heavy tests a
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import signal
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from nr_study.sweep.space import parse_search_space
+from tests.disks import fill, small_fs
 from tests.procs import with_signals
 
 pytestmark = pytest.mark.slow
@@ -378,35 +378,6 @@ def test_resume_of_an_unreadable_ray_state_is_refused(mlflow_server, local_ray, 
     assert RestoreGuard(0, "x").tune_callback().on_step_begin(iteration=0, trials=[]) is None  # nothing to lose
 
 
-@contextlib.contextmanager
-def _small_fs(path: Path, mb: int):
-    """A tmpfs of `mb` MiB at `path` (root and a working `mount` needed, else the test is skipped)."""
-    if os.geteuid() != 0:
-        pytest.skip("a small filesystem needs root (mount -t tmpfs)")
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(path)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def _fill(path: Path) -> Path:
-    filler = path / "filler"
-    chunk = b"\1" * (1 << 16)
-    try:
-        with open(filler, "wb") as f:
-            while True:
-                f.write(chunk)
-                f.flush()
-    except OSError:
-        pass
-    return filler
-
-
 def test_disk_full_mid_sweep_then_resume(mlflow_server, local_ray, runs, tmp_path, capfd):
     """The sweep folder's disk fills up mid-sweep: the first run ends with a clear "no space" line (exit 1, never
     an internal error) and the command that continues it; after freeing space `--resume` finishes every
@@ -415,7 +386,7 @@ def test_disk_full_mid_sweep_then_resume(mlflow_server, local_ray, runs, tmp_pat
     configurations missing."""
     import threading
 
-    small = _small_fs(tmp_path / "small", 32)
+    small = small_fs(tmp_path / "small", 32)
     disk = small.__enter__()
     try:
         runs_ = disk / "runs"
@@ -435,7 +406,7 @@ def test_disk_full_mid_sweep_then_resume(mlflow_server, local_ray, runs, tmp_pat
                 if exp is not None and any(client.get_metric_history(r.info.run_id, "test_err")
                                            for r in client.search_runs([exp.experiment_id])
                                            if "nr.trial" in r.data.tags):
-                    filled["file"] = _fill(disk)
+                    filled["file"] = fill(disk)
                     return
                 time.sleep(0.5)
 
