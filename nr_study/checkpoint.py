@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from nr_study.config import Config
-from nr_study.errors import CheckpointError, CheckpointWriteError, ConfigError, one_line
+from nr_study.errors import CheckpointError, CheckpointWriteError, one_line
 from nr_study.files import read_torch, write_atomic
 
 CKPT_NAME = "state.pt"
@@ -122,16 +121,6 @@ def check_checkpoint_fits(ck: dict, cfg: Config, data, path) -> None:
         if have[k] is not None and have[k] != v:
             raise CheckpointError(f"checkpoint {path}: written for {k} {have[k]!r}, but this config has {v!r}; "
                                   f"resume with the config that wrote it or use another --checkpoint-dir")
-
-
-def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return
-    if free < need_bytes:
-        raise ConfigError(f"{what} {folder}: only {free / 2**20:.1f} MiB free, a checkpoint needs about "
-                          f"{need_bytes / 2**20:.1f} MiB; free some space or use another folder")
 
 
 def model_payload(model: nn.Module, meta: dict) -> dict:

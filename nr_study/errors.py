@@ -38,6 +38,10 @@ class TrackingError(FaultError):
     """The MLflow tracking store/server cannot be reached or refused a call."""
 
 
+class DiskFullError(FaultError):
+    """Too little free space where a sweep writes (its folder, the tracking store): nothing more can be saved."""
+
+
 class CheckpointWriteError(FaultError):
     """A checkpoint could not be written (disk full, folder gone); the previous one is intact."""
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nr_study.errors import CheckpointError, ConfigError, one_line
+from nr_study.errors import CheckpointError, ConfigError, DiskFullError, one_line
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -142,6 +143,26 @@ def check_sqlite_store(uri: str) -> None:
     if head != SQLITE_MAGIC:
         raise ConfigError(f"{path}: not an SQLite database; allowed: an MLflow database (mlflow.db) or a path "
                           f"where none exists yet")
+
+
+# What a sweep needs free to go on writing: a trial's config and first checkpoint, Ray's state files, a few MLflow
+# rows and artifacts (SQLite answers "database or disk is full" well before the last byte is taken).
+SWEEP_FREE_BYTES = 16 << 20
+
+
+def check_free_space(folder, need_bytes: int, what: str, needs: str = "the sweep needs",
+                     error: type = DiskFullError, fix: str = "free some space or use another folder") -> None:
+    """Refuse to start writing where too little space is left, with one line naming the folder and the free space
+    (its nearest existing parent is measured when the folder is not made yet)."""
+    folder = Path(folder)
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    if free < need_bytes:
+        raise error(f"{what} {folder}: disk full, only {free / 2**20:.1f} MiB free, {needs} about "
+                    f"{need_bytes / 2**20:.1f} MiB; {fix}")
 
 
 def check_writable_dir(path, what: str) -> Path:

@@ -37,12 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nr_study.checkpoint import (CKPT_FORMAT, CKPT_NAME, atomic_save, check_checkpoint_fits, check_free_space,
-                                 load_checkpoint, model_from_payload, model_payload, rng_state, seed_everything,
-                                 set_rng_state)
+from nr_study.checkpoint import (CKPT_FORMAT, CKPT_NAME, atomic_save, check_checkpoint_fits, load_checkpoint,
+                                 model_from_payload, model_payload, rng_state, seed_everything, set_rng_state)
 from nr_study.config import Config, config_from_dict, config_to_dict, load_config
 from nr_study.errors import ConfigError, Terminated, UnsupportedGraphError, one_line
-from nr_study.files import check_writable_dir
+from nr_study.files import check_free_space, check_writable_dir
 from nr_study.files import check_sqlite_store
 from nr_study.methods import Event, make_method
 
@@ -549,7 +548,8 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
                     f"{'x'.join(map(str, data.input_shape))}): {one_line(msg, 300)}")
             raise UnsupportedGraphError(msg) from exc
         if ck_probe is not None:
-            check_free_space(ck_probe, run.checkpoint_bytes(), "checkpoint folder")
+            check_free_space(ck_probe, run.checkpoint_bytes(), "checkpoint folder", needs="a checkpoint needs",
+                             error=ConfigError)
     except BaseException as exc:
         if run_id:  # a run made for us (a sweep trial): say why it never started
             t = RunTracker(uri, cfg.tracking.experiment, run_id=run_id)

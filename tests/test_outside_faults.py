@@ -249,6 +249,7 @@ def test_sigterm_to_the_sweep_ends_every_run_killed(tmp_path):
             proc.communicate(timeout=30)
     assert proc.returncode == 143, out[-3000:]
     assert f"continue it with: nr-study sweep {path} --resume " in out, out[-3000:]
+    assert "Tuner.restore" not in out, out[-3000:]  # one instruction: ours, not also Ray's
     client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
     everything = client.search_runs([client.get_experiment_by_name("test-sigterm").experiment_id])
     assert everything and not [r for r in everything if r.info.status == "RUNNING"], [
@@ -290,3 +291,95 @@ def test_sigterm_at_start_up_with_sigint_ignored(tmp_path):
     assert everything and not [r for r in everything if r.info.status == "RUNNING"], [
         (r.info.run_name, r.info.status) for r in everything]
     assert not still_running(tree, 30)
+
+
+def _sweep_process(path: Path, runs: Path, log_path: Path, *extra) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "NR_STUDY_RUNS")}
+    cmd = [sys.executable, "-m", "nr_study.cli", "sweep", str(path), "--runs", str(runs), "--verbose", "1", *extra]
+    return subprocess.Popen(with_signals(cmd), stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            cwd=str(REPO), env=env)
+
+
+def _histories(runs: Path, experiment: str) -> dict:
+    """{learning rate: (its runs' nr.trial ids, per-epoch test_err)} from a finished sweep's store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    out: dict = {}
+    for r in client.search_runs([exp.experiment_id]):
+        if "nr.trial" in r.data.tags:
+            assert r.info.status == "FINISHED", (r.info.run_name, r.info.status)
+            hist = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "test_err"))
+            ids, hists = out.setdefault(float(r.data.params["optim.lr"]), ([], []))
+            ids.append(r.data.tags["nr.trial"])
+            hists.append(hist)
+    return out
+
+
+def test_full_disk_fails_fast_names_it_and_resume_matches_a_fault_free_sweep(tmp_path):
+    """The run folder (sweep folder, checkpoints and the sweep's own MLflow store) sits on a small filesystem that
+    is filled from outside after the first epoch is logged. The sweep exits within 60 s with one line naming the
+    full disk and the --resume command, prints no traceback, leaves no temp file; after space is freed, --resume
+    finishes with one trial id per configuration (old Ray trial folders set aside) and every per-epoch metric
+    equal to a fault-free sweep's of the same file."""
+    import sqlite3
+
+    from tests.disks import fill, small_fs
+
+    doc = dict(DOC, name="diskfull", experiment="test-diskfull", max_failures=1,
+               space={"optim.lr": [0.05, 0.06, 0.07, 0.08]})
+    doc["base"] = dict(DOC["base"], method="BL", data=dict(DOC["base"]["data"], n_train=384),
+                       train=dict(DOC["base"]["train"], epochs=3))
+    path = tmp_path / "diskfull.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    ref = tmp_path / "ref-runs"
+    assert _sweep_process(path, ref, tmp_path / "ref.log").wait(timeout=600) == 0
+    want = _histories(ref, "test-diskfull")
+
+    with small_fs(tmp_path / "small", 48) as disk:
+        runs = disk / "runs"
+        proc = _sweep_process(path, runs, tmp_path / "full.log")
+        filled_at = None
+        try:
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.3)
+                if filled_at is None and (runs / "mlflow.db").is_file():
+                    try:
+                        with sqlite3.connect(f"file:{runs / 'mlflow.db'}?mode=ro", uri=True) as db:
+                            logged = db.execute("select count(*) from metrics where key = 'test_err'").fetchone()[0]
+                    except sqlite3.Error:
+                        logged = 0
+                    if logged:
+                        fill(disk)
+                        filled_at = time.monotonic()
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+        took = time.monotonic() - filled_at if filled_at else None
+        out = (tmp_path / "full.log").read_text()
+        assert filled_at is not None, out[-3000:]
+        assert rc == 1 and took < 60, (rc, took, out[-3000:])
+        assert "Traceback" not in out and "internal error" not in out, out[-6000:]
+        last = [ln for ln in out.splitlines() if ln.strip()][-1]
+        assert last.startswith("error: ") and "disk full" in last and "--resume" in last, last
+        assert out.count("Last sync command failed") <= 1 and "Resume experiment with" not in out
+        assert not list(runs.rglob("*.tmp")), list(runs.rglob("*.tmp"))
+
+        (disk / "filler").unlink()
+        assert _sweep_process(path, runs, tmp_path / "resume.log", "--resume").wait(timeout=600) == 0, \
+            (tmp_path / "resume.log").read_text()[-4000:]
+        got = _histories(runs, "test-diskfull")
+        sweep_dir = next((runs / "sweeps").iterdir())
+        ray_dirs = {p.name.split("-", 1)[0] for p in sweep_dir.iterdir() if p.is_dir() and "_" in p.name
+                    and not p.name.startswith(".")}
+        ours = {p.name for p in (sweep_dir / "trials").iterdir()}
+    assert sorted(got) == sorted(want), "every configuration ran"
+    for lr, (ids, hists) in got.items():
+        assert len(ids) == 1, f"lr={lr}: one run per configuration, got trial ids {ids}"
+        assert hists == want[lr][1], f"lr={lr}: per-epoch test_err differs from the fault-free sweep's"
+    assert ours == {ids[0] for ids, _ in got.values()}, (ours, got)  # one checkpoint folder per trial id
+    assert len(ray_dirs) == len(got), ray_dirs  # the old experiment's trial folders were set aside

@@ -62,6 +62,9 @@ def cli_main(argv) -> int:
     if errored or finished < expected:
         for t in [t for t in summary.get("trials", []) if t.get("error")][:20]:
             print(f"trial {t.get('trial_id') or '?'} ({t.get('name')}) errored: {t.get('cause')}", file=sys.stderr)
+        if summary.get("fault"):  # the cause of them all (a full disk), with the command that continues
+            print(f"error: {summary['fault']}", file=sys.stderr)
+            return 1
         # Exit 0 only when every configuration of the search space finished (ASHA's early stops count).
         why = f" ({errored} errored; see the table above and the MLflow runs)" if errored else ""
         print(f"error: {max(expected - finished, errored)} of {expected} configuration(s) did not finish{why}; "

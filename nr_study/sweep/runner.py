@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from nr_study.errors import ConfigError, FaultError, Terminated, UserError
+from nr_study.errors import ConfigError, FaultError, Terminated, UserError, one_line
 from nr_study.files import check_sqlite_store, read_json, write_json_atomic
 
 # Before Ray is imported anywhere: the classic CLIReporter table (trimmed to our metrics), no per-checkpoint
@@ -73,6 +73,7 @@ class TrialContext:
     sweep_dir: str           # absolute
     data_root: Optional[str]  # absolute default for data.root (trials run in their own working dir)
     aliases: Optional[dict] = None  # a rebuilt sweep: configuration key -> the trial id it first ran as
+    store_dir: Optional[str] = None  # the tracking store's folder when it is on this machine's disk
 
     def identity(self, trial_id: str, config: dict) -> str:
         """The id a trial's checkpoint folder and MLflow run go by: the Ray trial id, or in a sweep rebuilt from
@@ -151,6 +152,48 @@ def _wait_for_tracking(uri: str, who: str, exc: BaseException, budget: Optional[
     return False
 
 
+def local_store_dir(tracking_uri: Optional[str], runs_folder: Path) -> Optional[str]:
+    """Where the tracking store lives on this machine: the run folder for the sweep's own server, a sqlite URI's
+    folder; None for a server elsewhere (its disk is not ours to measure)."""
+    if not tracking_uri:
+        return str(runs_folder)
+    if tracking_uri.startswith("sqlite:///"):
+        return str(Path(tracking_uri[len("sqlite:///"):]).parent)
+    return None
+
+
+def check_disk(sweep_dir, store_dir: Optional[str], what: str = "sweep folder") -> None:
+    """Stop at once, naming the folder, when the sweep folder or the tracking store has too little space left: a
+    full SQLite store makes the server answer 503, which MLflow's client retries for minutes as if the server were
+    overloaded."""
+    from nr_study.files import SWEEP_FREE_BYTES, check_free_space
+
+    check_free_space(Path(sweep_dir), SWEEP_FREE_BYTES, what, fix="free some space")
+    if store_dir:
+        check_free_space(Path(store_dir), SWEEP_FREE_BYTES, "tracking store folder", fix="free some space")
+
+
+def _store_full(store_dir: Optional[str]) -> bool:
+    """The tracking store's disk has too little room: every MLflow write would be retried for minutes, then fail."""
+    from nr_study.files import SWEEP_FREE_BYTES
+
+    try:
+        return store_dir is not None and shutil.disk_usage(store_dir).free < SWEEP_FREE_BYTES
+    except OSError:
+        return False
+
+
+def _full_disk(sweep_dir, store_dir: Optional[str]) -> Optional[str]:
+    """check_disk's line, or None when there is room."""
+    from nr_study.errors import DiskFullError
+
+    try:
+        check_disk(sweep_dir, store_dir)
+    except DiskFullError as exc:
+        return str(exc)
+    return None
+
+
 def _clear_tracking_error(client, run_id: str) -> None:
     """A run ended FAILED by a tracking outage the trial then waited out: drop that nr.error tag."""
     try:
@@ -195,6 +238,7 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
     except Exception:
         pass
 
+    check_disk(ctx.sweep_dir, ctx.store_dir)  # before anything is written or a run is created
     # The working checkpoint folder is stable across retries and resumes of this trial (absolute path).
     work = Path(ctx.sweep_dir) / "trials" / trial_id
     work.mkdir(parents=True, exist_ok=True)
@@ -229,6 +273,7 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
         try:
             return _trial_attempt(config, ctx, cfg, trial_id, run_name, tags, work, local, reported, attempt)
         except TrackingError as exc:
+            check_disk(ctx.sweep_dir, ctx.store_dir)  # a store on a full disk answers 503 as if overloaded
             attempt += 1
             if attempt > 20 or not _wait_for_tracking(ctx.tracking_uri, f"trial {trial_id}", exc):
                 raise
@@ -861,6 +906,8 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
     folder = runs_dir(runs)
     if not tracking_uri:  # the local server's store: a garbage mlflow.db is one line, before any sweep folder
         check_sqlite_store(f"sqlite:///{folder / DB_NAME}")
+    store_dir = local_store_dir(tracking_uri, folder)
+    check_disk(folder, store_dir, "run folder")  # a full disk is named now, not after minutes of MLflow's retries
     storage_root = folder / "sweeps"
     storage_root.mkdir(parents=True, exist_ok=True)
 
@@ -952,7 +999,7 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             from nr_study.sweep.state import set_aside
 
             problem = rebuild
-            aside = set_aside(sweep_dir)
+            aside = set_aside(sweep_dir, keep=aliases.values())
             state["aliases"] = aliases
             state.setdefault("rebuilt", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "why": problem,
                                                     "aside": aside.name if aside else None})
@@ -976,7 +1023,7 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
         data_root = os.environ.get("NR_STUDY_DATA") or str(Path.cwd() / "data")
         ctx = TrialContext(space=space, tracking_uri=uri, parent_run_id=parent_run_id,
                            experiment_id=experiment_id, sweep_dir=str(sweep_dir), data_root=data_root,
-                           aliases=state.get("aliases") or None)
+                           aliases=state.get("aliases") or None, store_dir=store_dir)
         from ray import tune
 
         guard = None
@@ -993,6 +1040,9 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
         one_line_errors = _OneLineTrialErrors(space.max_failures)
         controller_log = logging.getLogger("ray.tune.execution.tune_controller")
         controller_log.addFilter(one_line_errors)
+        storage_notices = _RayStorageNotices()
+        for name in _RayStorageNotices.LOGGERS:
+            logging.getLogger(name).addFilter(storage_notices)
         try:
             results = tuner.fit()
         except Exception as exc:
@@ -1009,6 +1059,8 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
             raise fault from exc
         finally:
             controller_log.removeFilter(one_line_errors)
+            for name in _RayStorageNotices.LOGGERS:
+                logging.getLogger(name).removeFilter(storage_notices)
         # Trial states as saved at the end of the run, before Ray's cleanup (which marks interrupted trials
         # TERMINATED): the truth about what finished, stopped early, failed, or was interrupted.
         trials = _trials_from_state(sweep_dir) or list(results._experiment_analysis.trials)
@@ -1023,8 +1075,12 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
         text = format_summary(space, summary)
         if text:
             print(text, file=out, flush=True)
-        _ensure_tracking(uri, server)
-        _log_summary(client, parent_run_id, space, summary)
+        full = _full_disk(sweep_dir, store_dir)
+        if full is not None:  # the cause of every failed trial, said once with the command that continues
+            summary["fault"] = f"{full}; then continue the sweep with: {resume_cmd}"
+        if not _store_full(store_dir):  # else nothing more can be logged: --resume logs it
+            _ensure_tracking(uri, server)
+            _log_summary(client, parent_run_id, space, summary)
     except BaseException as exc:  # noqa: BLE001 - close runs on any error, then re-raise
         error = exc
         raise
@@ -1043,6 +1099,10 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
                     client.update_run(parent_run_id, status=parent_before.status)
                 else:
                     client.set_terminated(parent_run_id, parent_before.status, end_time=parent_before.end_time)
+            elif client is not None and parent_run_id is not None and _store_full(store_dir):
+                # Closing the runs cannot succeed (MLflow would retry each call for minutes): --resume does it.
+                print("MLflow runs are left open (the disk is full); --resume closes them", file=sys.stderr,
+                      flush=True)
             elif client is not None and parent_run_id is not None:
                 if trials is None:
                     trials = _trials_from_state(sweep_dir)
@@ -1077,6 +1137,38 @@ def run_sweep(space: SearchSpace, *, source_text: str, address: Optional[str] = 
     return summary
 
 
+class _RayStorageNotices(logging.Filter):
+    """While a sweep runs, Ray's troubles writing the sweep folder are one line each, said once: its syncer logged
+    a 20-line traceback every 10 s on a full disk (2,050 lines in one sweep) and its experiment-state save one per
+    try. Ray's "Resume experiment with: Tuner.restore(...)" is dropped: nr-study prints the command that
+    continues the sweep (`nr-study sweep ... --resume ...`), and a user should see one instruction."""
+
+    LOGGERS = ("ray.train._internal.syncer", "ray.tune.execution.experiment_state", "ray.tune.tune")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "Resume experiment with:" in msg or "Resume training with:" in msg:
+            return False
+        if record.name == "ray.tune.tune" or not (record.exc_info or "Traceback" in msg):
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            cause = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        else:
+            cause = [ln for ln in msg.splitlines() if ln.strip()][-1]
+        cause = one_line(cause, 200)
+        if (record.name, cause) in self.seen:
+            return False
+        self.seen.add((record.name, cause))
+        first = msg.splitlines()[0].rstrip(" :")
+        record.msg = f"{first}: {cause} (said once; repeats are not shown)"
+        record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
 class _OneLineTrialErrors(logging.Filter):
     """Ray logs every trial failure with its whole traceback ("Trial task failed for trial X"): ~25 lines and an
     OOM-killer hint for a worker that was killed and is about to be retried from its checkpoint. A dead worker
@@ -1109,6 +1201,9 @@ class _OneLineTrialErrors(logging.Filter):
             cause = getattr(exc, "cause", exc)
             first = (str(cause).splitlines() or [""])[0][:400]
             text = f"trial {name} failed: {type(cause).__name__}: {first}; {retry}"
+        elif isinstance(exc, RayTaskError) and _machine_fault(getattr(exc, "cause", exc)) is not None:
+            # the machine, not our code: Ray's own checkpoint copy hit a full disk, a read-only or failing drive
+            text = f"trial {name} failed: {_machine_fault(getattr(exc, 'cause', exc))}; {retry}"
         else:
             return True
         record.msg, record.args, record.exc_info, record.exc_text = text, None, None, None
@@ -1210,17 +1305,24 @@ def _os_error(exc: BaseException) -> Optional[OSError]:
 _MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 
+def _machine_fault(exc: BaseException) -> Optional[str]:
+    """An OSError of the machine (full disk, quota, read-only or failing drive) behind `exc`, as one line."""
+    os_err = _os_error(exc)
+    if os_err is None or os_err.errno not in _MACHINE_ERRNOS:
+        return None
+    where = f" ({os_err.filename})" if getattr(os_err, "filename", None) else ""
+    return f"{os_err.strerror or os_err}{where}, errno {errno.errorcode.get(os_err.errno, os_err.errno)}"
+
+
 def _driver_fault(exc: BaseException, resume_cmd: str) -> Optional[FaultError]:
     """A fault of the machine under the sweep driver (full disk, lost folder, cut-short Ray file) as one line
     (exit 1) with the command that continues the sweep; None for anything else (a bug: the CLI says so)."""
     import pickle
 
-    os_err = _os_error(exc)
-    if os_err is not None and os_err.errno in _MACHINE_ERRNOS:
-        where = f" ({os_err.filename})" if getattr(os_err, "filename", None) else ""
-        return FaultError(f"sweep stopped: {os_err.strerror or os_err}{where}, errno "
-                          f"{errno.errorcode.get(os_err.errno, os_err.errno)}; the trials' checkpoints are kept: "
-                          f"fix it (free space), then continue it with: {resume_cmd}")
+    fault = _machine_fault(exc)
+    if fault is not None:
+        return FaultError(f"sweep stopped: {fault}; the trials' checkpoints are kept: fix it (free space), then "
+                          f"continue it with: {resume_cmd}")
     if isinstance(exc, (pickle.UnpicklingError, EOFError)):
         return FaultError(f"sweep stopped: a file Ray wrote cannot be read ({type(exc).__name__}: "
                           f"{str(exc)[:120]}; a full disk cuts files short); continue it with: {resume_cmd}")

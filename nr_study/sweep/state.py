@@ -16,7 +16,7 @@ import pickletools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from nr_study.errors import UserError
 
@@ -296,17 +296,31 @@ def plan_rebuild(sweep_dir: Path, space, why: str, children: list, known: Option
     return aliases
 
 
-def set_aside(sweep_dir: Path) -> Optional[Path]:
-    """Move Ray's experiment files (states, tuner.pkl, searcher states) into .ray-unreadable-<stamp>/, so the
-    rebuilt experiment's own files are the only ones Ray finds; kept for inspection."""
+_RAY_TRIAL_DIR = re.compile(r"^[0-9a-f]+_\d+-")  # <Ray trial id>-<name>/: Ray's results and checkpoint copies
+
+
+def set_aside(sweep_dir: Path, keep: Iterable[str] = ()) -> Optional[Path]:
+    """Before a rebuild: move the old Ray experiment's files (states, tuner.pkl, searcher states) and its trial
+    folders (<old id>-<name>/) into .ray-unreadable-<stamp>/, so the rebuilt experiment's own are the only ones
+    beside our trials/ (kept there for inspection); and remove trials/<id>/ folders that hold neither a
+    configuration nor a checkpoint (a trial that stopped before writing anything) unless `keep` names them. Each
+    configuration then has one trial id: the one in trials/ and in its MLflow run's nr.trial tag."""
+    import shutil
     import time
 
     sweep_dir = Path(sweep_dir)
-    files = [p for p in sweep_dir.iterdir() if p.is_file() and (_SESSION.match(p.name) or p.name == TUNER_PKL)]
-    if not files:
+    moved = [p for p in sweep_dir.iterdir()
+             if (p.is_file() and (_SESSION.match(p.name) or p.name == TUNER_PKL))
+             or (p.is_dir() and _RAY_TRIAL_DIR.match(p.name))]
+    keep = set(keep)
+    for tid in started_trials(sweep_dir):
+        folder = sweep_dir / "trials" / tid
+        if tid not in keep and not (folder / TRIAL_CONFIG).is_file() and _progress(sweep_dir, tid) < 0:
+            shutil.rmtree(folder, ignore_errors=True)
+    if not moved:
         return None
     aside = sweep_dir / f"{ASIDE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir(exist_ok=True)
-    for p in files:
+    for p in moved:
         p.rename(aside / p.name)
     return aside
