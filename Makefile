@@ -58,8 +58,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -q tests -m "not slow"
 
 lint: setup
-	$(BIN)/python -m compileall -q nr_study analysis tests
-	$(BIN)/python -m pyflakes nr_study analysis tests
+	$(BIN)/python -m compileall -q nr_study tests
+	$(BIN)/python -m pyflakes nr_study tests
 
 demo: setup
 	$(BIN)/nr-study sweep search_spaces/demo.yaml --runs $(RUNS)

@@ -845,7 +845,7 @@ def run_bench(mode: str = "full", device: str = "cpu", only: Optional[list[str]]
 
 
 def cli_main(argv) -> int:
-    from nr_study.cli import CommandParser
+    from nr_study.cli_parser import CommandParser
 
     ap = CommandParser(prog="nr-study bench", description="Measure NR's overheads against plain "
                                  "training, as ratios timed alternately in one process.")

@@ -6,30 +6,23 @@ exits 130. Any other exception is a bug: one line naming it, the traceback only 
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 import traceback
 
-from nr_study.errors import ConfigError, Terminated, UserError, one_line
+from nr_study.cli_parser import CommandParser
+from nr_study.errors import Terminated, UserError, one_line
 
 COMMANDS = {
     "train": ("nr_study.train", "train one configuration (YAML) with MLflow tracking"),
     "sweep": ("nr_study.sweep", "run a search space (YAML) on Ray Tune, one MLflow run per trial"),
-    "tables": ("analysis.tables", "regenerate the paper's tables from MLflow runs"),
-    "plots": ("analysis.plots", "regenerate figures and trade-off plots from MLflow runs"),
+    "tables": ("nr_study.analysis.tables", "regenerate the paper's tables from MLflow runs"),
+    "plots": ("nr_study.analysis.plots", "regenerate figures and trade-off plots from MLflow runs"),
     "bench": ("nr_study.bench", "measure NR's overheads side by side"),
     "export": ("nr_study.export", "write a run's final model to a folder (nr_study.load_model loads it)"),
 }
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse for a subcommand: a bad command line is one `error:` line naming the command (exit 2 via
-    main), not argparse's usage block."""
-
-    def error(self, message):
-        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+__all__ = ["COMMANDS", "main", "CommandParser"]  # CommandParser's home is nr_study.cli_parser; importable here too
 
 
 def _usage() -> str:

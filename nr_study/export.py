@@ -31,7 +31,7 @@ def cli_main(argv) -> int:
     from nr_study.tracking import quiet_client_logs
 
     quiet_client_logs()
-    from nr_study.cli import CommandParser
+    from nr_study.cli_parser import CommandParser
 
     ap = CommandParser(prog="nr-study export", description="Write a run's final model to a folder.")
     ap.add_argument("run", help="MLflow run id, or models:/<model id>")

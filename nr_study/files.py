@@ -2,7 +2,7 @@
 
 One place turns a missing, unreadable, binary, empty or malformed file into one ConfigError line that names
 the file and says what is allowed (exit 2), so no command ends in a UnicodeDecodeError or a silent default
-run. No torch or MLflow import here: `analysis/` uses it too.
+run. No torch or MLflow import here: `nr_study.analysis` uses it too.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ DB_NAME = "mlflow.db"
 # Tags every training run gets (tracking.run_tags), then the sweep's and the user's.
 TAG_METHOD, TAG_ARCH, TAG_DATASET, TAG_SEED = "nr.method", "nr.arch", "nr.dataset", "nr.seed"
 TAG_SCHEME, TAG_CONSTRAINT = "nr.scheme", "nr.constraint"  # "-" where they do not apply
-TAG_TABLE, TAG_CELL = "nr.table", "nr.cell"  # where a run lands in analysis/tables.py
+TAG_TABLE, TAG_CELL = "nr.table", "nr.cell"  # where a run lands in nr_study/analysis/tables.py
 TAG_SWEEP, TAG_TRIAL = "nr.sweep", "nr.trial"  # the sweep's name, the trial's id
 TAG_NODE, TAG_GPUS = "nr.node", "nr.gpus"  # the Ray node a trial ran on, its GPU ids ("-": none)
 TAG_CODE_VERSION, TAG_ERROR = "nr.code_version", "nr.error"

@@ -651,7 +651,7 @@ def cli_main(argv) -> int:
     from nr_study.tracking import quiet_client_logs, runs_dir
 
     quiet_client_logs()
-    from nr_study.cli import CommandParser
+    from nr_study.cli_parser import CommandParser
 
     ap = CommandParser(prog="nr-study train", description="Train one configuration with MLflow tracking.")
     ap.add_argument("config", help="YAML config (see configs/)")

@@ -16,10 +16,10 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from analysis import plots as P  # noqa: E402
-from analysis.report import write_index  # noqa: E402
-from analysis.runs import RunStore  # noqa: E402
-from analysis.tables import build_tables, write_tables  # noqa: E402
+from nr_study.analysis import plots as P  # noqa: E402
+from nr_study.analysis.report import write_index  # noqa: E402
+from nr_study.analysis.runs import RunStore  # noqa: E402
+from nr_study.analysis.tables import build_tables, write_tables  # noqa: E402
 from nr_study.cli import main as cli  # noqa: E402
 
 EXP = "nr_test"
@@ -319,6 +319,26 @@ def test_plot_rejuvenations_and_pareto(plotted, store_uri):
     assert P.pareto_mask([(1, 1), (1, 1), (2, 0)]) == [True, True, True]
 
 
+def test_pareto_mask_is_the_pareto_front():
+    """One definition (nr_study.analysis.stats.pareto_front): the plot's mask marks exactly the points the front
+    holds, whatever the objectives' directions; equal points are both on it, a non-finite one is not."""
+    import random
+
+    from nr_study.analysis.stats import pareto_front, pareto_mask
+
+    rng = random.Random(0)
+    for _ in range(200):
+        pts = [(rng.randint(0, 5), rng.choice([rng.randint(0, 5), 0.5])) for _ in range(rng.randint(0, 8))]
+        modes = (rng.choice(["min", "max"]), rng.choice(["min", "max"]))
+        sign = [1 if m == "min" else -1 for m in modes]
+        brute = [not any(all(s * q[i] <= s * p[i] for i, s in enumerate(sign)) and q != p for q in pts) for p in pts]
+        assert pareto_mask(pts, modes) == brute, (pts, modes)
+        dicts = [{"e": x, "p": y} for x, y in pts]
+        front = pareto_front(dicts, [("e", modes[0]), ("p", modes[1])])
+        assert sorted(map(tuple, (d.values() for d in front))) == sorted(p for p, m in zip(pts, brute) if m)
+    assert pareto_mask([(1.0, math.nan), (2.0, 2.0)]) == [False, True]
+
+
 def test_index_links_every_output(plotted, tables):
     out, results = plotted
     write_tables(list(tables.values()), out)
@@ -384,13 +404,16 @@ def test_cli_unreachable_server_fails_fast(tmp_path, capsys):
 
 
 def test_analysis_never_imports_the_trainer(store_uri):
-    """analysis/ reads MLflow only: building tables and plots loads neither torch nor the trainer."""
+    """nr_study.analysis reads MLflow only: building tables and plots loads neither torch nor the trainer, nor
+    the sweep (its label helpers are nr_study.labels)."""
     import subprocess
     import sys
 
-    code = ("import sys, tempfile; from analysis.runs import RunStore; from analysis import tables, plots; "
+    code = ("import sys, tempfile; from nr_study.analysis.runs import RunStore; "
+            "from nr_study.analysis import tables, plots; "
             "s = RunStore(sys.argv[1]); tables.build_tables(s); plots.plot_tr_sweep(s.finished(), tempfile.mkdtemp()); "
-            "bad = [m for m in ('torch', 'nr_study.train', 'nr_study.nr', 'nr_study.tracking') if m in sys.modules]; "
+            "bad = [m for m in ('torch', 'nr_study.train', 'nr_study.nr', 'nr_study.tracking', 'nr_study.sweep', "
+            "'nr_study.cli') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code, store_uri[0]], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
@@ -522,7 +545,7 @@ def test_paired_sweep_table_own_pair_column_data_and_early_stops(tmp_path):
 
 def test_line_labels_tell_runs_apart():
     """Legend labels: the cell, then what differs (Tr), the run id only where nothing else does."""
-    from analysis.runs import RunRecord
+    from nr_study.analysis.runs import RunRecord
 
     def rec(rid, cell, tr, seed=0):
         return RunRecord(rid, "e", "FINISHED", tags=T(cell=cell, method="NR-CR", arch="vgg_small", seed=seed),
@@ -537,7 +560,7 @@ def test_line_labels_tell_runs_apart():
 def test_sweep_study_of_a_variant_sweep():
     """A `variant` list has no param of its name: the study ranks the config keys that vary (not the repeat's
     seed); a trial's `tracking.system_metrics` param is no objective."""
-    from analysis.runs import RunRecord
+    from nr_study.analysis.runs import RunRecord
 
     members = [RunRecord(f"r{i}", "e", "FINISHED", tags={}, metrics={"test_err": 10.0 + tr * 10 + s},
                          params={"method": m, "nr.tr": str(tr), "seed": str(s), "tracking.system_metrics": "None"})

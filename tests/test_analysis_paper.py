@@ -1,4 +1,4 @@
-"""analysis/paper_results.yaml against the paper's text: every number is found there, and the derived
+"""nr_study/analysis/paper_results.yaml against the paper's text: every number is found there, and the derived
 numbers the paper prints (Table 2's relative gains, Table 5's gains) follow from the transcribed cells."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.tables import load_paper
+from nr_study.analysis.tables import load_paper
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper's text is not in the repository. It is found at $NR_STUDY_PAPER, else in shared/paper/ beside the

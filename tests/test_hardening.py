@@ -285,7 +285,7 @@ def test_sweep_resume_of_a_garbage_state_file(sandbox, capsys):
 
 
 def test_paper_results_file_goes_through_the_same_loader(sandbox):
-    from analysis.tables import load_paper
+    from nr_study.analysis.tables import load_paper
 
     (sandbox / "paper.yaml").write_bytes(GARBAGE)
     with pytest.raises(ConfigError, match=r"paper\.yaml: not UTF-8 text YAML .*allowed: a UTF-8 text YAML paper"):
@@ -701,8 +701,7 @@ def test_ignored_sigint_is_respected_sigterm_still_stops(tmp_path, tracking_uri)
 
 # ------------------------------------------------------------------------------------------------------ safety
 def _source_files():
-    for pkg in ("nr_study", "analysis"):
-        yield from sorted((ROOT / pkg).rglob("*.py"))
+    yield from sorted((ROOT / "nr_study").rglob("*.py"))  # nr_study.analysis included
 
 
 def test_source_has_no_unsafe_calls():
@@ -806,7 +805,7 @@ def test_valid_but_too_large_to_allocate(section, sections, sandbox, capsys):
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_bad_command_line_is_one_line_for_every_command(command, sandbox, capsys):
-    """Every subcommand parses with nr_study.cli.CommandParser: an unknown option is one `error:` line, exit 2."""
+    """Every subcommand parses with nr_study.cli_parser.CommandParser: an unknown option is one `error:` line, exit 2."""
     positionals = {"train": ["c.yaml"], "sweep": ["s.yaml"], "export": ["RUN", "DIR"]}.get(command, [])
     rc = cli.main([command, *positionals, "--no-such-option"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

@@ -8,8 +8,8 @@ import random
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from analysis import plots as P
-from analysis.runs import RunStore
+from nr_study.analysis import plots as P
+from nr_study.analysis.runs import RunStore
 
 
 def _grid_sweep(uri: str) -> None:

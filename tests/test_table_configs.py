@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from analysis.runs import NOT_CONFIG, NOT_CONFIG_PREFIXES, RunRecord, configuration, is_method_key
-from analysis.tables import (build_cells_table, build_cpu_table, build_paper_table, build_tables, load_paper,
-                             paired_difference)
+from nr_study.analysis.runs import NOT_CONFIG, NOT_CONFIG_PREFIXES, RunRecord, configuration, is_method_key
+from nr_study.analysis.tables import (build_cells_table, build_cpu_table, build_paper_table, build_tables,
+                                      load_paper, paired_difference)
 from nr_study.config import Config, config_to_dict, flatten
 
 DELTA = {"A": 2.0, "B": -3.0}  # NR-CR − its own BL, per seed, in each group: any blend shows as another number
@@ -152,7 +152,7 @@ def width_store(tmp_path_factory):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    from analysis.runs import RunStore
+    from nr_study.analysis.runs import RunStore
     from tests.test_analysis import T, _log
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('widths') / 'mlflow.db'}"
@@ -225,7 +225,7 @@ def test_runs_stopped_early_are_in_no_table(table, tmp_path):
     result, so no table of any kind averages or pairs it, and the table says it left it out."""
     from mlflow.tracking import MlflowClient
 
-    from analysis.runs import RunStore
+    from nr_study.analysis.runs import RunStore
     from nr_study.tracking import RunTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

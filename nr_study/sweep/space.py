@@ -49,7 +49,10 @@ import yaml
 
 from nr_study.config import INT64, SEED_MAX, mapping_at, mlflow_name_ok, show, show_key
 from nr_study.errors import ConfigError
+from nr_study.labels import SHORT, _num, distinct_labels, fmt_value, short_key, varying_keys
 from nr_study.names import DELTA_METRIC
+
+_REEXPORTED = (SHORT, _num, distinct_labels, varying_keys)  # one home: nr_study.labels; importable from here too
 
 TOP_KEYS = ("name", "experiment", "description", "base", "space", "search", "scheduler", "num_samples",
             "max_concurrent", "resources_per_trial", "max_failures", "repeat", "tags", "pair_with", "reuse_actors")
@@ -62,10 +65,6 @@ METRICS = ("test_err", "test_err5", "train_err", "train_loss", "util_params", "u
 PAIRED_METRICS = (DELTA_METRIC,)  # only with pair_with (nr_study.sweep.pairs)
 MODES = ("min", "max")
 ALIASES = {"model.arch": "model.name", "train.seed": "seed", "arch": "model.name", "dataset": "data.name"}
-SHORT = {"method": "", "model.name": "", "seed": "s", "nr.tr": "tr", "nr.delta_r": "dr",
-         "nr.delta_lambda": "dl", "nr.delta_t": "dt", "nr.max_rejuvenations": "nrej",
-         "nr.target_ratio": "target", "nr.constraint": "", "nr.scheme": "scheme", "nr.rescale": "rescale",
-         "nr.lambda_max": "lmax", "data.name": "", "optim.lr": "lr"}
 VARIANT_KEY = "variant"             # a grid over named bundles of settings (see module doc)
 REPEAT_KEY = "__repeat__"          # grid dimension over 0..repeat-1 (grid/random search)
 TRIAL_INDEX_KEY = "__trial_index__"  # Ray's Repeater index (optuna search)
@@ -252,56 +251,6 @@ class SearchSpace:
         tags["nr.cell"] = self.cell_name(full, values, variant)
         tags["nr.sweep"] = self.name
         return tags
-
-
-# --------------------------------------------------------------------------------------------- formatting
-def fmt_value(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def short_key(key: str) -> str:
-    return SHORT.get(key, key.rsplit(".", 1)[-1])
-
-
-def distinct_labels(items: list[tuple[str, dict]]) -> list[str]:
-    """The row label of each (cell name, configuration) item: the cell name, or where configurations that differ
-    share one cell name (a tags.cell template naming fewer keys than the sweep varies, an Optuna search), the
-    name with the first keys they differ in, so that different configurations are never one row."""
-    by_cell: dict[str, list[dict]] = {}
-    for cell, conf in items:
-        if conf not in by_cell.setdefault(cell, []):
-            by_cell[cell].append(conf)
-    labels = {}
-    for cell, confs in by_cell.items():
-        varying = varying_keys(confs)
-        for i, conf in enumerate(confs):
-            if len(confs) == 1:
-                label = cell
-            else:
-                label = f"{cell} [" + ", ".join(f"{short_key(k) or k}={fmt_value(_num(conf.get(k, '-')))}"
-                                                for k in varying[:4]) + (", ...]" if len(varying) > 4 else "]")
-            labels[(cell, i)] = label if label not in labels.values() else f"{label} #{i + 1}"
-    return [labels[(cell, by_cell[cell].index(conf))] for cell, conf in items]
-
-
-def varying_keys(confs: list[dict]) -> list[str]:
-    """The keys whose values differ between these configurations (a key one of them lacks counts)."""
-    return sorted(k for k in set().union(*confs) if len({repr(c.get(k)) for c in confs}) > 1)
-
-
-def _num(v):
-    """A number in its own type (params come back from MLflow as strings), for fmt_value."""
-    if isinstance(v, str):
-        try:
-            return int(v)
-        except ValueError:
-            try:
-                return float(v)
-            except ValueError:
-                return v
-    return v
 
 
 _FIELD_RE = re.compile(r"\{([^{}:!]+)(?::([^{}]*))?\}")

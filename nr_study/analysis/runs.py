@@ -304,18 +304,6 @@ def configuration(run: RunRecord, method: bool = True) -> dict[str, str]:
             and not (is_method_key(k) and (not method or (plain and k != "method")))}
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
-    """(mean, sample std (ddof=1; None when n < 2), n)."""
-    n = len(values)
-    if n == 0:
-        return None, None, 0
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None, n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var), n
-
-
 def rejuvenation_count(run: RunRecord) -> tuple[int | None, str | None]:
     """How many rejuvenations a run stands for: its `nr.cell` tag ("nr3", "cifar10/nr3"), else its final
     `rejuvenations` metric, else the param `nr.max_rejuvenations`, else 0 for a BL run.

@@ -1,6 +1,6 @@
 """`nr-study tables`: the paper's tables, paper numbers beside the reproduced ones.
 
-Each paper table (Tables 1-5 of the paper, numbers in analysis/paper_results.yaml) is rebuilt in the paper's
+Each paper table (Tables 1-5 of the paper, numbers in nr_study/analysis/paper_results.yaml) is rebuilt in the paper's
 layout from the FINISHED MLflow runs tagged `nr.table` = `table1` ... `table5`. A run lands in the cell whose
 id equals its `nr.cell` tag (ids listed in paper_results.yaml, e.g. `resnet50/NR-params`, `vgg19/cifar10/NR-CR`,
 `cifar100/nr3`); a run without a known `nr.cell` is matched on its tags `nr.arch`, `nr.dataset`,
@@ -25,7 +25,7 @@ paper_results.yaml): per seed, method − baseline, mean with a 95 % t interval 
 column per BL cell. Every table's notes say what each method trained for (its total epochs), so the budget a
 comparison stands on is on the page.
 
-In every table a cell holds runs of one configuration (analysis.runs.configuration: the logged params but
+In every table a cell holds runs of one configuration (runs.configuration: the logged params but
 seed, paths and tracking): a cell whose runs differ in more is split, labelled by the keys that differ
 ('BL [width=11]'; the paper tables, whose layout is fixed, leave it empty), and said so in the notes. A pair
 is two runs of one seed that differ only in what the method defines (method, nr.*, fs.*, slim.*, the
@@ -49,15 +49,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.runs import (NR_METHODS, RunRecord, RunStore, configuration, default_tracking_uri, mean_std, norm,
-                           rejuvenation_count, runs_folder, to_float)
+from nr_study.analysis.runs import (NR_METHODS, RunRecord, RunStore, configuration, default_tracking_uri, norm,
+                                    rejuvenation_count, runs_folder, to_float)
+from nr_study.analysis.stats import (COMPUTE_TOLERANCE, DASH, Paired, equal_compute, mean_std, paired_t, seed_means,
+                                     t_interval)
+from nr_study.cli_parser import CommandParser
 from nr_study.config import METHODS
 from nr_study.errors import ConfigError
 from nr_study.files import read_yaml
+from nr_study.labels import _num, distinct_labels, fmt_value, short_key, varying_keys
 from nr_study.names import DELTA_METRIC
 
 PAPER_YAML = Path(__file__).with_name("paper_results.yaml")
-DASH = "—"
 VALUE_NAMES = {"top1": "Top-1", "top5": "Top-5", "params": "Params", "flops": "FLOPs"}  # a paper entry's values
 COLUMN_LABELS = {**VALUE_NAMES, "rejuvenations": "Rejuvenations", "relative_gain": "Relative Gain"}
 UNIT_SCALE = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -202,15 +205,6 @@ def make_cell(paper: PaperValue, runs: list[RunRecord], value: str, mode: str) -
 # Paired comparisons against the baseline
 # ---------------------------------------------------------------------------------------------------
 COMPARE_BASES = ("equal_epochs", "equal_compute")
-COMPUTE_TOLERANCE = 0.10  # equal_compute: the baseline's training multiply-adds within ±10 % of the run's
-
-
-def equal_compute(run_flops: float, base_flops: float) -> bool:
-    """The baseline's train_flops within ±10 % *of the run's*: |base − run| ≤ 0.1 · run. The run is the
-    reference (run 100, baseline 111: 11 % more, not equal; |run/base − 1| = 0.099 would say it is)."""
-    return run_flops > 0 and abs(base_flops - run_flops) <= COMPUTE_TOLERANCE * run_flops
-
-
 BASIS_TEXT = {
     "equal_epochs": "equal epochs (a baseline run with the same seed and the same configuration but the method's own "
                     "settings: the same data, model, optimiser and train.epochs)",
@@ -219,40 +213,6 @@ BASIS_TEXT = {
                      f"±{COMPUTE_TOLERANCE:.0%} of the run's, |base − run| ≤ {COMPUTE_TOLERANCE:g} · run: a baseline "
                      "trained as long as the run was)",
 }
-
-
-@dataclass
-class Paired:
-    """Mean per-seed difference (method − baseline) with its 95 % t interval over n seeds, and the mean ratio
-    of the two arms' training compute (train_flops) over the same pairs."""
-
-    mean: float | None = None
-    lo: float | None = None
-    hi: float | None = None
-    n: int = 0
-    compute_ratio: float | None = None
-
-    def text(self) -> str:
-        if self.n == 0 or self.mean is None:
-            return DASH
-        body = f"{self.mean:+.2f}".replace("-", "−")
-        if self.lo is not None:
-            body += f" [{self.lo:+.2f}, {self.hi:+.2f}]".replace("-", "−")
-        body += f" ({self.n})"
-        if self.compute_ratio is not None:
-            body += f" · compute {self.compute_ratio:.2f}×"
-        return body
-
-
-def t_interval(diffs: list[float], level: float = 0.95) -> Paired:
-    """Mean and Student-t interval of paired differences (no interval for one pair)."""
-    mean, std, n = mean_std(diffs)
-    if n < 2:
-        return Paired(mean, None, None, n)
-    from scipy.stats import t  # imported here: only the paired rows need it
-
-    half = float(t.ppf(0.5 + level / 2, n - 1)) * std / n ** 0.5
-    return Paired(mean, mean - half, mean + half, n)
 
 
 def _train_flops(run: RunRecord) -> float | None:
@@ -305,8 +265,7 @@ def paired_difference(runs: list[RunRecord], baselines: list[RunRecord], basis: 
         flops = [f for b in partners if (f := _train_flops(b))]
         if _train_flops(r) and flops:
             ratios.append(_train_flops(r) / (sum(flops) / len(flops)))
-    diffs = [sum(m) / len(m) - sum(t) / len(t) for m, t, _ in by_seed.values()]
-    out = t_interval(diffs)
+    out = paired_t({seed: (m, b) for seed, (m, b, _) in by_seed.items()})
     ratios = [x for _, _, rs in by_seed.values() for x in rs]
     out.compute_ratio = sum(ratios) / len(ratios) if ratios else None
     return out, notes
@@ -825,13 +784,11 @@ def own_pair_difference(runs: list[RunRecord]) -> Paired:
         d = r.final(DELTA_METRIC)
         if d is not None:
             by_seed.setdefault(r.get("seed") or r.run_id, []).append(d)
-    return t_interval([sum(v) / len(v) for v in by_seed.values()])
+    return t_interval(seed_means(by_seed))
 
 
 def mixed_note(cell: str, runs: list[RunRecord], what: str) -> str | None:
-    """A note when a cell's runs are more than one configuration (analysis.runs.configuration), else None."""
-    from nr_study.sweep.space import varying_keys
-
+    """A note when a cell's runs are more than one configuration (runs.configuration), else None."""
     confs = list({tuple(sorted(c.items())): c for c in map(configuration, runs)}.values())
     if len(confs) < 2:
         return None
@@ -840,11 +797,9 @@ def mixed_note(cell: str, runs: list[RunRecord], what: str) -> str | None:
 
 def split_mixed_cells(by_cell: dict[str, list[RunRecord]], unit: str = "row"
                       ) -> tuple[dict[str, list[RunRecord]], list[str]]:
-    """A cell's runs are averaged as seeds of one configuration (analysis.runs.configuration); a cell name that
+    """A cell's runs are averaged as seeds of one configuration (runs.configuration); a cell name that
     several configurations share is split into one `unit` per configuration, labelled by the keys they differ
-    in (nr_study.sweep.space.distinct_labels: 'BL [width=11]'), and said so."""
-    from nr_study.sweep.space import distinct_labels
-
+    in (nr_study.labels.distinct_labels: 'BL [width=11]'), and said so."""
     runs = [r for rs in by_cell.values() for r in rs]
     items = [(cell, configuration(r)) for cell, rs in by_cell.items() for r in rs]
     out: dict[str, list[RunRecord]] = {}
@@ -857,8 +812,6 @@ def split_mixed_cells(by_cell: dict[str, list[RunRecord]], unit: str = "row"
 def named_keys(runs: list[RunRecord]) -> tuple[str, ...]:
     """The keys a cell's own name states with their value ('BL,width=11' for model.kwargs.width = 11, as the
     sweep names a variant): a comparison across them is one the table names, not an accident."""
-    from nr_study.sweep.space import _num, fmt_value, short_key
-
     out = set()
     for r in runs:
         said = dict(t.split("=", 1) for t in re.split(r"[,\s]+", r.get("cell") or "") if "=" in t)
@@ -953,8 +906,6 @@ def write_tables(built: list[BuiltTable], out_dir: str | Path) -> list[Path]:
 # CLI
 # ---------------------------------------------------------------------------------------------------
 def common_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    from nr_study.cli import CommandParser
-
     p = CommandParser(prog=f"nr-study {prog}", description=description)
     p.add_argument("--experiment", nargs="+", action="extend", default=None, metavar="NAME",
                    help="MLflow experiment name(s) to read (default: all)")
@@ -990,7 +941,7 @@ def cli_main(argv: list[str]) -> int:
     built = build_tables(args.store, args.metric)
     out = args.out
     write_tables(built, out)
-    from analysis.report import write_index
+    from nr_study.analysis.report import write_index
 
     write_index(out)
     for t in built:

@@ -1,6 +1,6 @@
 """`nr-study plots`: figures from MLflow runs (matplotlib, Agg backend), PNG and SVG.
 
-Every plot function takes the FINISHED runs (analysis.runs.RunRecord) and an output folder, writes
+Every plot function takes the FINISHED runs (nr_study.analysis.runs.RunRecord) and an output folder, writes
 `<out>/plots/<name>.png` and `.svg`, and returns a PlotResult whose `data` holds the series drawn (so tests
 and notebooks can check them) and whose `notes` say which runs were skipped and why (a missing param or
 metric skips that run for that plot; nothing is filled in).
@@ -37,10 +37,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis.runs import NR_METHODS, RunRecord, RunStore, mean_std, norm, rejuvenation_count, to_float  # noqa: E402
+from nr_study.analysis.runs import NR_METHODS, RunRecord, RunStore, norm, rejuvenation_count, to_float  # noqa: E402
+from nr_study.analysis.stats import mean_std, pareto_mask  # noqa: E402
+from nr_study.analysis.tables import Paper, parse_common, load_paper  # noqa: E402
 from nr_study.config import METHODS  # noqa: E402
 from nr_study.names import TAG_PAIRED_BASELINE  # noqa: E402
-from analysis.tables import Paper, parse_common, load_paper  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8, "figure.dpi": 100})
 MAX_LINES = 12
@@ -476,15 +477,6 @@ def _objective(r: RunRecord, name: str) -> float | None:
     return r.metrics.get(name)
 
 
-def pareto_mask(points: list[tuple[float, float]]) -> list[bool]:
-    """True for points no other point dominates (minimising both coordinates)."""
-    out = []
-    for i, (x, y) in enumerate(points):
-        dominated = any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i)
-        out.append(not dominated)
-    return out
-
-
 def plot_pareto(runs: list[RunRecord], out_dir: str | Path, parents: list[RunRecord] | None = None) -> list[PlotResult]:
     """One plot per Optuna sweep with 2 objectives: test_err vs params (the second objective), front marked."""
     by_id = {p.run_id: p for p in parents or []}
@@ -519,8 +511,7 @@ def plot_pareto(runs: list[RunRecord], out_dir: str | Path, parents: list[RunRec
             ids.append(r.run_id)
         if not pts:
             continue
-        sign = (-1.0 if xmode == "max" else 1.0, -1.0 if ymode == "max" else 1.0)
-        mask = pareto_mask([(sign[0] * x, sign[1] * y) for x, y in pts])
+        mask = pareto_mask(pts, (xmode, ymode))  # stats.pareto_front, the sweep summary's definition
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", sweep)
         name = f"pareto_{safe}"
         title = f"Optuna Pareto front of sweep {sweep}: {ykey} vs {xkey}"
@@ -699,7 +690,7 @@ def cli_main(argv: list[str]) -> int:
     out = args.out
     results = make_all(args.store, out, args.metric)
     write_manifest(results, out)
-    from analysis.report import write_index
+    from nr_study.analysis.report import write_index
 
     write_index(out)
     for r in results:
