@@ -26,31 +26,6 @@ from nr_study.files import read_yaml
 
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method's registry entry: the class in nr_study.methods that runs it (a name, so this module stays
-    torch-free) and its NR defaults, which nr.scheme / nr.rescale / nr.realloc override when set explicitly."""
-
-    impl: str
-    scheme: Optional[str] = None
-    rescale: Optional[bool] = None
-    realloc: Optional[bool] = None
-
-
-# The method registry (docs/architecture.md, Methods): adding a method is a class in nr_study/methods.py and a
-# line here.
-METHODS: dict[str, MethodSpec] = {
-    "BL": MethodSpec("Baseline"),
-    "BL-CA": MethodSpec("BaselineCA", scheme="ca"),
-    "NR": MethodSpec("Rejuvenation", scheme="nr", rescale=False, realloc=True),
-    "NR-BR": MethodSpec("Rejuvenation", scheme="nr", rescale=True, realloc=True),
-    "NR-CR": MethodSpec("Rejuvenation", scheme="cr", rescale=False, realloc=True),
-    "NR-CA": MethodSpec("Rejuvenation", scheme="ca", rescale=False, realloc=True),
-    "NR-CA-BR": MethodSpec("Rejuvenation", scheme="ca", rescale=True, realloc=True),
-    "NR-IP": MethodSpec("Rejuvenation", scheme="nr", rescale=False, realloc=False),
-    "NR-FS": MethodSpec("FromScratch"),
-    "SLIM": MethodSpec("Slimming"),
-}
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 SCHEDULES = ("step", "cosine", "constant")
 SCHEMES = ("nr", "cr", "ca")
@@ -133,6 +108,14 @@ def check_tracking_uri_scheme(uri: str, source: str) -> str:
     if not _uri_ok(uri):
         raise ConfigError(f"{source} {uri}: not a tracking store MLflow can use; allowed: {URI_ALLOWED}")
     return uri
+
+
+def _methods() -> dict:
+    """The method registry (nr_study.methods), read when a config is checked: methods register themselves there,
+    and a method's module may import this one."""
+    from nr_study.methods import METHODS
+
+    return METHODS
 
 
 def _choice(options):
@@ -283,7 +266,7 @@ class TrackingCfg:
 
 @dataclass(frozen=True)
 class Config:
-    method: str = F("BL", _choice(tuple(METHODS)))
+    method: str = F("BL", (lambda v: v is None or v in _methods(), lambda: "one of " + ", ".join(_methods())))
     seed: int = F(0, _rng(0, SEED_MAX))
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -408,6 +391,7 @@ def _check_value(cls, name: str, val, key: str, errors: list, verdict: str = "is
     if check is None:
         return True
     pred, allowed = check
+    allowed = allowed() if callable(allowed) else allowed  # a registry's names: read when the error is written
     ok = pred(val) and not (isinstance(val, float) and not math.isfinite(val))
     if ok:
         return True
@@ -612,12 +596,3 @@ def load_config(path, overrides=()) -> Config:
     except ConfigError as exc:
         lines = str(exc).splitlines()
         raise ConfigError("\n".join(f"{path}: {ln}" for ln in lines)) from None
-
-
-def resolved_nr(cfg: Config) -> dict:
-    """The method's NR settings with nr.scheme / nr.rescale / nr.realloc overrides applied; `nr`: the method
-    runs NR's hook."""
-    spec = METHODS[cfg.method]
-    m = {"nr": spec.impl == "Rejuvenation", "scheme": spec.scheme, "rescale": spec.rescale, "realloc": spec.realloc}
-    m.update({k: getattr(cfg.nr, k) for k in ("scheme", "rescale", "realloc") if getattr(cfg.nr, k) is not None})
-    return m

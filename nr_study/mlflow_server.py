@@ -329,11 +329,10 @@ def experiment_link(folder, port: int, experiment: Optional[str]) -> str:
     expanded rows or columns, so the line says what to click."""
     experiment_id = None
     if experiment and (_runs_dir(folder) / DB_NAME).is_file():
-        from mlflow.tracking import MlflowClient
-
         from nr_study.names import default_tracking_uri
+        from nr_study.tracking import client_for
 
-        found = MlflowClient(tracking_uri=default_tracking_uri(folder)).get_experiment_by_name(experiment)
+        found = client_for(default_tracking_uri(folder)).get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else None
     link = ui_url(f"http://127.0.0.1:{port}", experiment_id)
     if experiment_id is None:

@@ -171,7 +171,9 @@ def quiet_client_logs() -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def _client(uri: str):
+def client_for(uri: str):
+    """The MLflow client of a tracking URI (the one place nr_study builds one)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -217,7 +219,7 @@ class RunTracker:
         self.run_name = run_name
         self.tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
         self.parent_run_id = parent_run_id
-        self.client = _client(self.uri)
+        self.client = client_for(self.uri)
         self.reopened = False
         self.down = False  # a call failed because the store/server is unreachable: skip best-effort calls
 
@@ -473,7 +475,7 @@ class SystemMetrics:
 
 def run_tags(cfg, extra: Optional[dict] = None) -> dict:
     """The tags every training run gets (names: nr_study.names), then the config's tracking.tags, then `extra`."""
-    from nr_study.config import resolved_nr
+    from nr_study.methods import resolved_nr
 
     res = resolved_nr(cfg)
     t = {TAG_METHOD: cfg.method, TAG_ARCH: cfg.model.name, TAG_DATASET: cfg.data.name, TAG_SEED: cfg.seed,
@@ -553,7 +555,7 @@ def download_model(ref: str, tracking_uri: Optional[str], dst: str) -> str:
     """Download a run's final model (run id or models:/<id>) into `dst`, which the caller owns: the folder
     holding model.pt (and model.json for a logged model)."""
     uri = resolve_tracking_uri(tracking_uri)
-    client = _client(uri)
+    client = client_for(uri)
     try:
         if ref.startswith("models:/"):
             model_id = ref[len("models:/"):].strip("/")

@@ -6,10 +6,10 @@ import yaml
 
 from nr_study import cli
 from nr_study.config import (
-    METHODS, Config, apply_overrides, config_from_dict, config_to_dict, flatten, load_config, parse_override,
-    resolved_nr, set_dotted,
+    Config, apply_overrides, config_from_dict, config_to_dict, flatten, load_config, parse_override, set_dotted,
 )
 from nr_study.errors import ConfigError
+from nr_study.methods import METHODS, resolved_nr
 
 
 def test_defaults_and_round_trip():

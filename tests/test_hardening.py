@@ -374,7 +374,7 @@ def test_tracking_uri_of_a_scheme_mlflow_lacks(argv, env, sandbox, capsys, monke
 
 
 def test_sweep_address_check_passes_a_listening_head():
-    from nr_study.sweep.runner import check_address
+    from nr_study.sweep.ray_setup import check_address
 
     with socket_listening() as port:
         check_address(f"127.0.0.1:{port}")
@@ -388,7 +388,7 @@ def test_sweep_address_auto_asks_ray_then_probes(monkeypatch):
     import ray._private.services as services
 
     from nr_study.errors import ConfigError
-    from nr_study.sweep.runner import check_address
+    from nr_study.sweep.ray_setup import check_address
 
     def none_here(addr, temp_dir):
         raise ConnectionError("Could not find any running Ray instance.")
@@ -781,14 +781,16 @@ def test_sweep_with_an_unreachable_tracking_server_is_one_line(sandbox, capsys, 
 def test_trial_finding_its_run_raises_tracking_error_not_mlflow_exception(monkeypatch):
     """A trial that never got its MLflow run (server down when it looks its run up) fails with TrackingError."""
     from nr_study.errors import TrackingError
-    from nr_study.sweep.runner import TrialContext, _client, _find_child
+    from nr_study.sweep.runs import find_child
+    from nr_study.tracking import client_for
+    from nr_study.sweep.trial import TrialContext
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{_closed_port()}"
     ctx = TrialContext(space=None, tracking_uri=uri, parent_run_id="p", experiment_id="1", sweep_dir=".",
                        data_root=None)
     with pytest.raises(TrackingError, match=f"tracking server {uri} unreachable during finding trial t1's run"):
-        _find_child(_client(uri), ctx, "t1")
+        find_child(client_for(uri), ctx, "t1")
 
 
 @pytest.mark.parametrize("section, sections", [

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from nr_study import names as N
 from nr_study import tracking as T
 from nr_study import train as TR
-from nr_study.config import METHODS
+from nr_study.methods import METHODS
 from nr_study.train import load_checkpoint, model_from_payload, train
 
 # 32 steps an epoch. NR (monitor every step, λ += 0.05 each check) rejuvenates once near step 27 of 64, so a few
@@ -30,7 +30,7 @@ BASE = {
     "slim": {"l1": 1e-3, "prune_epoch": 1},
 }
 STEPS = 64
-NR_VARIANTS = [m for m, spec in METHODS.items() if spec.impl == "Rejuvenation"]
+NR_VARIANTS = [m for m, info in METHODS.items() if info.hook]
 EVENT = {**{m: "rejuvenations/001.json" for m in NR_VARIANTS}, "SLIM": "slim_prune.json"}
 # what every method logs, per epoch and once at the end (the one list: nr_study.names)
 EPOCH_METRICS, SUMMARY_METRICS = set(N.EPOCH_METRICS), set(N.SUMMARY_METRICS)

@@ -79,7 +79,7 @@ def test_trial_runs_have_system_metrics_datasets_and_a_model(sweep):
 def test_optuna_study_is_kept_in_the_sweep_folder_and_a_resume_continues_it(sweep):
     import optuna
 
-    from nr_study.sweep.runner import build_search_alg, optuna_storage
+    from nr_study.sweep.ray_setup import build_search_alg, optuna_storage
 
     sweep_dir = Path(sweep["summary"]["sweep_dir"])
     assert (sweep_dir / N.OPTUNA_DB).is_file()

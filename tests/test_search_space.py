@@ -252,7 +252,7 @@ def test_cli_bad_yaml_exits_2_with_one_line_per_field(tmp_path, capsys):
 
 
 def test_pareto_front():
-    from nr_study.sweep.runner import pareto_front
+    from nr_study.analysis.stats import pareto_front
 
     pts = [{"e": 10, "p": 5}, {"e": 8, "p": 9}, {"e": 12, "p": 6}, {"e": 8, "p": 9.5}, {"e": 20, "p": 1}]
     front = pareto_front(pts, [("e", "min"), ("p", "min")])
@@ -286,7 +286,7 @@ def test_pair_with_is_validated_up_front():
 
 
 def test_distinct_labels_never_merge_configurations():
-    from nr_study.sweep.space import distinct_labels
+    from nr_study.labels import distinct_labels
 
     items = [("NR", {"nr.tr": 0.5, "w": 8}), ("NR", {"nr.tr": 0.5, "w": 8}),  # one configuration, two seeds
              ("NR", {"nr.tr": 0.123456, "w": 8}), ("BL", {"w": 8}), ("BL", {"w": 16})]

@@ -82,7 +82,8 @@ def test_tuner_builds_runs_a_step_and_restores(form, local_ray, tmp_path):
     import ray.cloudpickle as cloudpickle
     from ray import tune
 
-    from nr_study.sweep.runner import TrialContext, build_search_alg, build_trainable, build_tuner
+    from nr_study.sweep.ray_setup import build_search_alg, build_trainable, build_tuner
+    from nr_study.sweep.trial import TrialContext
 
     search, extra = SEARCH_FORMS[form]
     space = space_for(form.replace("-", "_"), search, extra)

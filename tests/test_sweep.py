@@ -526,12 +526,12 @@ def test_trial_waits_for_a_user_tracking_server(capsys):
     import threading
 
     from nr_study.mlflow_server import free_port
-    from nr_study.sweep.runner import _wait_for_tracking
+    from nr_study.sweep.runs import wait_for_tracking
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
-    assert not _wait_for_tracking(uri, "trial t1", Exception("unreachable"), budget=1.0, poll=0.2)
+    assert not wait_for_tracking(uri, "trial t1", Exception("unreachable"), budget=1.0, poll=0.2)
     err = capsys.readouterr().err
     assert "trial t1: tracking server" in err and "waiting up to 1 s" in err and "still not answering" in err
     assert time.monotonic() - t0 < 10
@@ -556,12 +556,12 @@ def test_trial_waits_for_a_user_tracking_server(capsys):
     threading.Thread(target=serve_later, daemon=True).start()
     t0 = time.monotonic()
     try:
-        assert _wait_for_tracking(uri, "trial t2", Exception("unreachable"), budget=30.0, poll=0.2)
+        assert wait_for_tracking(uri, "trial t2", Exception("unreachable"), budget=30.0, poll=0.2)
         assert 1.0 < time.monotonic() - t0 < 25
         assert "trial t2: tracking server" in capsys.readouterr().err
         # it answers: an error the server gave is not an outage (no wait), a refused connection is retried
-        assert not _wait_for_tracking(uri, "trial t3", Exception("tracking store X: log failed (400)"))
-        assert _wait_for_tracking(uri, "trial t3", Exception("tracking server X unreachable during log"))
+        assert not wait_for_tracking(uri, "trial t3", Exception("tracking store X: log failed (400)"))
+        assert wait_for_tracking(uri, "trial t3", Exception("tracking server X unreachable during log"))
     finally:
         if httpd is not None:
             httpd.shutdown()

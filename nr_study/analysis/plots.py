@@ -40,7 +40,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from nr_study.analysis.runs import NR_METHODS, RunRecord, RunStore, norm, rejuvenation_count, to_float  # noqa: E402
 from nr_study.analysis.stats import mean_std, pareto_mask  # noqa: E402
 from nr_study.analysis.tables import Paper, parse_common, load_paper  # noqa: E402
-from nr_study.config import METHODS  # noqa: E402
+from nr_study.methods import METHODS  # noqa: E402
 from nr_study.names import TAG_PAIRED_BASELINE  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8, "figure.dpi": 100})

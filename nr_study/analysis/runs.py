@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from nr_study import names as N
-from nr_study.config import METHODS, check_tracking_uri_scheme
+from nr_study.config import check_tracking_uri_scheme
 from nr_study.errors import ConfigError
 from nr_study.files import check_sqlite_store
+from nr_study.methods import METHODS
 
 FINISHED = N.FINISHED
 
@@ -42,7 +43,7 @@ ATTR_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
     "after_rejuvenation": (("param", "train.after_rejuvenation"),),
 }
 
-NR_METHODS = tuple(m for m, spec in METHODS.items() if spec.impl == "Rejuvenation")  # the registry's NR variants
+NR_METHODS = tuple(m for m, info in METHODS.items() if info.hook)  # the registry's NR variants
 
 
 def runs_folder() -> Path:

@@ -54,7 +54,7 @@ from nr_study.analysis.runs import (NR_METHODS, RunRecord, RunStore, configurati
 from nr_study.analysis.stats import (COMPUTE_TOLERANCE, DASH, Paired, equal_compute, mean_std, paired_t, seed_means,
                                      t_interval)
 from nr_study.cli_parser import CommandParser
-from nr_study.config import METHODS
+from nr_study.methods import METHODS
 from nr_study.errors import ConfigError
 from nr_study.files import read_yaml
 from nr_study.labels import _num, distinct_labels, fmt_value, short_key, varying_keys

@@ -45,7 +45,7 @@ def cli_main(argv) -> int:
     path = Path(args.file)
     space = load_search_space(path, args.overrides)
     if args.dry_run:
-        from nr_study.sweep.runner import cluster_resources
+        from nr_study.sweep.ray_setup import cluster_resources
 
         print(dry_run_text(space, cluster_resources(args.address)))
         return 0

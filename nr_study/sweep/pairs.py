@@ -26,15 +26,19 @@ RESULT_FILE = "result.json"
 
 
 def pair_config(cfg, method: str):
-    """The configuration `cfg` trained as `method`: everything but the method the same. For the plain
-    baseline the settings it never reads (nr, fs, slim, what follows a rejuvenation) are reset to their
-    defaults, so trials that differ only there share one pair."""
-    from nr_study.config import METHODS, FSCfg, NRCfg, SlimCfg
+    """The configuration `cfg` trained as `method`: everything but the method the same. The settings the method
+    never reads (the nr / fs / slim sections outside its `reads`, what follows a rejuvenation for a method that
+    never changes the model) are reset to their defaults, so trials that differ only there share one pair."""
+    from nr_study.config import FSCfg, NRCfg, SlimCfg
+    from nr_study.methods import METHODS
 
     R = dataclasses.replace
+    info = METHODS[method]
     out = R(cfg, method=method, tracking=R(cfg.tracking, run_name=None))
-    if METHODS[method].impl == "Baseline":
-        out = R(out, nr=NRCfg(), fs=FSCfg(), slim=SlimCfg(), train=R(out.train, after_rejuvenation="continue"))
+    defaults = {"nr": NRCfg(), "fs": FSCfg(), "slim": SlimCfg()}
+    out = R(out, **{s: d for s, d in defaults.items() if s not in info.reads})
+    if not info.changes_model:
+        out = R(out, train=R(out.train, after_rejuvenation="continue"))
     return out
 
 
@@ -66,7 +70,7 @@ def train_pair(ctx, cfg, client) -> dict:
 
     from nr_study.checkpoint import load_checkpoint
     from nr_study.files import read_json
-    from nr_study.sweep.runner import _clear_tracking_error, _find_child
+    from nr_study.sweep.runs import clear_tracking_error, find_child
     from nr_study.tracking import open_run
     from nr_study.train import train
 
@@ -86,9 +90,9 @@ def train_pair(ctx, cfg, client) -> dict:
         pcfg = dataclasses.replace(pcfg, tracking=dataclasses.replace(
             pcfg.tracking, run_name=f"{ctx.space.pair_with}-pair-{key[:8]}-s{pcfg.seed}"))
         local = load_checkpoint(folder)
-        run_id = (local or {}).get("run_id") or _find_child(client, ctx, trial)
+        run_id = (local or {}).get("run_id") or find_child(client, ctx, trial)
         if run_id is not None:  # a retry: the run a tracking outage ended FAILED continues
-            _clear_tracking_error(client, run_id)
+            clear_tracking_error(client, run_id)
         else:
             run_id = open_run(ctx.tracking_uri, pcfg, tags=tags, parent_run_id=ctx.parent_run_id).run_id
         if local is not None and int(local.get("epoch", 0)) >= int(local.get("end_epoch", pcfg.train.epochs)) \

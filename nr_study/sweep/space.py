@@ -49,10 +49,9 @@ import yaml
 
 from nr_study.config import INT64, SEED_MAX, mapping_at, mlflow_name_ok, show, show_key
 from nr_study.errors import ConfigError
-from nr_study.labels import SHORT, _num, distinct_labels, fmt_value, short_key, varying_keys
+from nr_study.labels import fmt_value, short_key
 from nr_study.names import DELTA_METRIC
 
-_REEXPORTED = (SHORT, _num, distinct_labels, varying_keys)  # one home: nr_study.labels; importable from here too
 
 TOP_KEYS = ("name", "experiment", "description", "base", "space", "search", "scheduler", "num_samples",
             "max_concurrent", "resources_per_trial", "max_failures", "repeat", "tags", "pair_with", "reuse_actors")
@@ -545,7 +544,7 @@ def _fit_asha_horizon(scheduler: dict, raw, base, dims, err) -> None:
 
 
 def _parse_pair_with(raw, base, dims, objectives, scheduler, err) -> str | None:
-    from nr_study.config import METHODS
+    from nr_study.methods import METHODS
 
     used = [m for m, _ in objectives] + ([scheduler["metric"]] if scheduler.get("type") == "asha" else [])
     if raw is None:

@@ -1,0 +1,80 @@
+"""What every method is: an object with the same events, called by the loop (nr_study.train), which never asks
+which method runs; the base class is the plain baseline (every event does nothing). Also the helpers several
+methods share: the prunable graph and its γ."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from nr_study.errors import ConfigError
+from nr_study.methods.registry import METHODS
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+    from nr_study.config import Config
+
+
+@dataclass
+class Event:
+    kind: str            # "rejuvenation" | "prune"
+    model: nn.Module     # the model after the event
+    report: dict         # JSON-able; logged as `artifact` (the loop adds epoch and step)
+    artifact: str
+    schedule: str = "continue"  # what the lr schedule does next: one of config.AFTER_REJUVENATION
+    label: str = ""             # what the progress line says ("rejuvenation 2")
+
+
+def make_method(cfg: Config, input_shape: tuple, tracking_uri: Optional[str] = None) -> "Method":
+    """The method object registered under cfg.method."""
+    return METHODS[cfg.method].cls(cfg, tuple(input_shape), tracking_uri)
+
+
+class Method:
+    """The events every method has; this base does nothing in any of them (BL: plain SGD)."""
+
+    def __init__(self, cfg: Config, input_shape: tuple, tracking_uri: Optional[str] = None):
+        self.cfg, self.input_shape, self.tracking_uri = cfg, input_shape, tracking_uri
+        self.resumed = False
+
+    def on_fit_start(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def after_backward(self) -> None:
+        pass
+
+    def end_of_step(self) -> Optional[Event]:
+        return None
+
+    def end_of_epoch(self) -> Optional[Event]:
+        return None
+
+    def metrics(self) -> dict:
+        return {"lambda": 0.0, "rejuvenations": 0}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resumed = True
+
+
+def prunable_graph(model: nn.Module, input_shape: tuple, method: str, name: str):
+    """The channel graph, refusing a model with nothing prunable (one line naming what fixed every group)."""
+    from nr_study.nr import build_graph
+
+    graph = build_graph(model, input_shape)
+    if not graph.free_groups():
+        reasons = sorted({g.fixed_reason.split("'")[0].strip() for g in graph.groups.values()
+                          if g.producer is not None and g.fixed_reason})
+        raise ConfigError(f"method {method}: model {name!r} has no prunable channels (every channel group is "
+                          f"fixed: {'; '.join(reasons[:3]) or 'none found'}); NR/SLIM/BL-CA need convolutions "
+                          f"followed by a BatchNorm outside residual additions; allowed here: method BL")
+    return graph
+
+
+def prunable_gammas(model: nn.Module, graph) -> list[torch.Tensor]:
+    """γ of every prunable BN (the free groups): what an L1 term on γ pulls toward zero."""
+    mods = dict(model.named_modules())
+    return [mods[g.bn].weight for g in graph.free_groups()]
