@@ -10,7 +10,7 @@ from nr_study.files import read_text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nr_study.cli import CommandParser
+    from nr_study.cli_parser import CommandParser
 
     ap = CommandParser(
         prog="nr-study sweep",
