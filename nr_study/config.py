@@ -192,9 +192,6 @@ class TrainCfg:
     precise_bn_batches: int = F(0, _rng(0), doc="before each evaluation, recompute the BN running statistics over "
                                 "this many training batches (precise BN); 0 keeps the running averages (the paper). "
                                 "Set it when a strong λ moves γ faster than the averages follow")
-    fault_kill_at_epoch: Optional[int] = F(None, _rng(1), doc="testing: SIGKILL self at this epoch")
-    fault_kill_once_marker: Optional[str] = F(None, doc="testing: kill only when this file is absent (created)")
-    fault_kill_point: str = F("after_epoch", _choice(("after_checkpoint", "after_epoch")))
 
 
 @dataclass(frozen=True)
@@ -265,6 +262,17 @@ class TrackingCfg:
 
 
 @dataclass(frozen=True)
+class FaultInjectionCfg:
+    """The `testing:` section — for tests only, never for a real run: the trainer SIGKILLs its own process at a
+    known point, so the fault tests can check what a kill leaves (checkpoints, runs, retries). Kept apart from
+    the training settings it has nothing to do with."""
+
+    kill_at_epoch: Optional[int] = F(None, _rng(1), doc="SIGKILL the training process at this epoch")
+    kill_once_marker: Optional[str] = F(None, doc="kill only while this file is absent (it is created then)")
+    kill_point: str = F("after_epoch", _choice(("after_checkpoint", "after_epoch")))
+
+
+@dataclass(frozen=True)
 class Config:
     method: str = F("BL", (lambda v: v is None or v in _methods(), lambda: "one of " + ", ".join(_methods())))
     seed: int = F(0, _rng(0, SEED_MAX))
@@ -276,6 +284,7 @@ class Config:
     fs: FSCfg = field(default_factory=FSCfg)
     slim: SlimCfg = field(default_factory=SlimCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
+    testing: FaultInjectionCfg = field(default_factory=FaultInjectionCfg)
 
 
 # --------------------------------------------------------------------------------------------- helpers

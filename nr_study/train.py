@@ -161,7 +161,7 @@ class _EpochStats:
 def fit(run: "_Run", tracker, on_epoch_end: Optional[Callable] = None, progress: bool = True) -> None:
     """Epochs, steps, the method's events, evaluation, checkpoint, log. `run.phases` keeps the wall time of each
     part (what `nr-study bench` breaks a whole run's cost into)."""
-    tc, method, time_in = run.cfg.train, run.method, run.phases.time_in
+    method, time_in = run.method, run.phases.time_in
     after_backward = run.phases.timed("method_l1", method.after_backward) if method.after_backward else None
     while run.epoch < run.end_epoch:  # train.epochs, more after a reset_epochs rejuvenation
         run.model.train()
@@ -202,7 +202,7 @@ def fit(run: "_Run", tracker, on_epoch_end: Optional[Callable] = None, progress:
         run.history.append(row)
         with time_in("checkpoint"):
             run.checkpoint()
-        _fault_kill(tc, run.epoch, "after_checkpoint")
+        _fault_kill(run.cfg.testing, run.epoch, "after_checkpoint")
         with time_in("tracking"):
             tracker.log_epoch(run.epoch, row)
             run.log_pending()
@@ -210,7 +210,7 @@ def fit(run: "_Run", tracker, on_epoch_end: Optional[Callable] = None, progress:
             print(_fmt(row, run.end_epoch), flush=True)
         if on_epoch_end is not None:
             on_epoch_end(dict(row), str(run.ckpt_dir) if run.ckpt_dir else None)
-        _fault_kill(tc, run.epoch, "after_epoch")
+        _fault_kill(run.cfg.testing, run.epoch, "after_epoch")
     run.phases["method_l1"] = run.phases.get("method_l1", 0.0)
     run.phases["steps"] = run.phases.get("steps", 0.0) - run.phases["method_l1"]  # L1 ran inside the steps
 
@@ -415,10 +415,11 @@ def epoch_bar(batches, *, steps: int, batch_size: int, desc: str, enabled: bool)
                 dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()))
 
 
-def _fault_kill(tcfg, epoch: int, point: str) -> None:
-    if tcfg.fault_kill_at_epoch != epoch or tcfg.fault_kill_point != point:
+def _fault_kill(testing, epoch: int, point: str) -> None:
+    """The `testing:` section's SIGKILL (tests only): at this epoch and point, once while its marker is absent."""
+    if testing.kill_at_epoch != epoch or testing.kill_point != point:
         return
-    marker = tcfg.fault_kill_once_marker
+    marker = testing.kill_once_marker
     if marker:
         m = Path(marker)
         if m.exists():

@@ -1,6 +1,6 @@
 """Faults injected from outside, at moments nr-study does not choose: a real `nr-study sweep` process, its own
 embedded Ray and `mlflow server`, and a test that finds a trial's worker in the sweep's process tree and
-SIGKILLs it mid-epoch — no `train.fault_kill_*` keys, nothing in the trainer knows it is coming.
+SIGKILLs it mid-epoch — no `testing.kill_*` keys, nothing in the trainer knows it is coming.
 
 The sweep is started through tests/procs.py (known signal dispositions) and only processes below its pid are
 looked at or signalled, so other sweeps on the machine are never touched.

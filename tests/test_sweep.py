@@ -238,8 +238,8 @@ def test_worker_killed_while_training_the_pair_continues_it(mlflow_server, local
     # takes the lock again and continues the pair from its checkpoint in the same run, then trains itself.
     marker = tmp_path / "killed_once"
     doc = make_doc("pairkill", space={"method": ["NR"]}, pair_with="BL", max_failures=2,
-                   base={"train.fault_kill_at_epoch": 1, "train.fault_kill_once_marker": str(marker),
-                         "train.fault_kill_point": "after_checkpoint"})
+                   base={"testing.kill_at_epoch": 1, "testing.kill_once_marker": str(marker),
+                         "testing.kill_point": "after_checkpoint"})
     summary = run(doc, mlflow_server)
     assert marker.exists()
     client = client_for(mlflow_server)
@@ -281,9 +281,8 @@ def test_reuse_actors_default_runs_trials_in_one_worker_each_in_its_own_run(mlfl
 def test_worker_kill_resumes_same_run_after_surgery(mlflow_server, local_ray, runs, tmp_path, caplog):
     marker = tmp_path / "killed_once"
     doc = make_doc("workerkill", space={"method": ["NR-CR"]}, max_failures=2,
-                   base={"train.epochs": 3, "train.fault_kill_at_epoch": 2,
-                         "train.fault_kill_once_marker": str(marker),
-                         "train.fault_kill_point": "after_checkpoint"})
+                   base={"train.epochs": 3, "testing.kill_at_epoch": 2, "testing.kill_once_marker": str(marker),
+                         "testing.kill_point": "after_checkpoint"})
     summary = run(doc, mlflow_server)
     assert marker.exists(), "the fault injection fired"
     client = client_for(mlflow_server)

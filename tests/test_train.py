@@ -426,8 +426,8 @@ def test_progress_bar_on_a_terminal_only(quiet, tracking_uri, tmp_path):
 @pytest.mark.slow
 def test_fault_kill_once_then_resume(tracking_uri, tmp_path):
     marker = tmp_path / "killed.marker"
-    c = cfg(train={"epochs": 2, "max_steps_per_epoch": 3, "fault_kill_at_epoch": 1,
-                   "fault_kill_once_marker": str(marker)})
+    c = cfg(train={"epochs": 2, "max_steps_per_epoch": 3},
+            testing={"kill_at_epoch": 1, "kill_once_marker": str(marker)})
     code = ("import json,sys; from nr_study.train import train; "
             "s=train(json.loads(sys.argv[1]), tracking_uri=sys.argv[2], checkpoint_dir=sys.argv[3], resume=True,"
             " progress=False); print('RUN', s['run_id'])")

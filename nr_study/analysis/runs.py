@@ -285,7 +285,7 @@ class RunStore:
 # Where and how a run ran, not what it trained: runs of one configuration may differ here (and in tracking.*).
 NOT_CONFIG = ("seed", "name", "data.root", "data.download", "data.num_workers", "train.device", "train.threads",
               "train.eval_batch_size", "train.channels_last", "train.cuda_deterministic")
-NOT_CONFIG_PREFIXES = ("tracking.", "train.fault_")
+NOT_CONFIG_PREFIXES = ("tracking.", "testing.")
 # What a method itself defines (nr_study.sweep.pairs.pair_config): the only keys a paired comparison may differ in.
 METHOD_KEYS = ("method", "train.after_rejuvenation", "optim.restart_after_rejuvenation")
 METHOD_PREFIXES = ("nr.", "fs.", "slim.")
