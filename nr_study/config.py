@@ -11,11 +11,6 @@ refused with a suggestion), `config_from_dict(d)` -> Config. `flatten(d)` gives 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import posixpath
-import re
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -23,7 +18,8 @@ import yaml
 
 from nr_study.errors import ConfigError
 from nr_study.files import read_yaml
-
+from nr_study.schema import (F, build_section, check_section, choice, field_types, is_section, rng, show, show_key,
+                             suggest, type_name, unwrap_optional)
 
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
@@ -32,60 +28,9 @@ SCHEMES = ("nr", "cr", "ca")
 CONSTRAINTS = ("params", "flops")
 DEVICES = ("auto", "cpu", "cuda")
 AFTER_REJUVENATION = ("continue", "restart_schedule", "reset_epochs")
-INT64 = (-(2**63), 2**63 - 1)   # every integer of a config: what torch and numpy can hold
 SEED_MAX = 2**32 - 1            # numpy's seed range (Ray and Optuna seeds too)
 MAX_THREADS = 1024              # torch's OpenMP pool: 20,000 threads abort, 10**6 segfault
 TRACKING_URI_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-_MLFLOW_NAME = re.compile(r"[/\w.\- :]*")  # MLflow's rule for param, metric and tag names
-MLFLOW_NAME_RULE = "letters, digits, '_', '-', '.', ' ', ':', '/' (a relative path, at most 250 characters)"
-
-
-def mlflow_name_ok(name) -> bool:
-    """MLflow's own check of a param/tag name (validate_param_and_metric_name + path_not_unique): a config key
-    or tag it refuses would fail the run after it started, not up front."""
-    return (isinstance(name, str) and 0 < len(name) <= 250 and _MLFLOW_NAME.fullmatch(name) is not None
-            and posixpath.normpath(name) == name and not name.startswith(("/", "..")) and name != ".")
-
-
-def show(v, limit: int = 100) -> str:
-    """A value as an error line shows it: its repr, cut when long (a fuzzed 10 kB string, a 400-digit int)."""
-    try:
-        r = repr(v)
-    except ValueError:  # an int beyond Python's str-conversion digit limit
-        return f"an integer of more than {limit} digits"
-    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
-
-
-def show_key(k) -> str:
-    """A key as an error line shows it: as written when printable, else its repr (a newline in a key must not
-    split the line)."""
-    s = str(k)
-    return s if s.isprintable() else repr(s)
-
-
-def _rng(lo=None, hi=None, lo_open=False, hi_open=False):
-    """A range check for field metadata: returns (predicate, text)."""
-
-    def ok(v):
-        if v is None:
-            return True
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            return False
-        if hi is not None and (v >= hi if hi_open else v > hi):
-            return False
-        return True
-
-    def num(x):
-        return str(x) if isinstance(x, int) else f"{x:g}"
-
-    if hi is None and lo is not None:
-        return ok, f"{{k}} {'>' if lo_open else '>='} {num(lo)}"
-    text = "{k}"
-    if lo is not None:
-        text = f"{num(lo)} {'<' if lo_open else '<='} " + text
-    if hi is not None:
-        text += f" {'<' if hi_open else '<='} {num(hi)}"
-    return ok, text
 
 
 def _uri_ok(v) -> bool:
@@ -118,20 +63,6 @@ def _methods() -> dict:
     return METHODS
 
 
-def _choice(options):
-    return (lambda v: v is None or v in options), "one of " + ", ".join(map(str, options))
-
-
-def F(default, check=None, doc=""):
-    """A dataclass field with an optional (predicate, allowed-text) check."""
-    md = {"doc": doc}
-    if check is not None:
-        md["check"] = check
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=md)
-    return field(default=default, metadata=md)
-
-
 @dataclass(frozen=True)
 class ModelCfg:
     name: str = F("vgg_small", doc="registry name (nr_study.models.list_models()) or tv:<torchvision name>")
@@ -141,55 +72,55 @@ class ModelCfg:
 @dataclass(frozen=True)
 class SyntheticCfg:
     shape: tuple = F((1, 28, 28), doc="input shape C,H,W")
-    num_classes: int = F(10, _rng(2), doc="number of classes")
-    noise: float = F(1.0, _rng(0.0), doc="noise std around the class means (means have std 1)")
+    num_classes: int = F(10, rng(2), doc="number of classes")
+    noise: float = F(1.0, rng(0.0), doc="noise std around the class means (means have std 1)")
 
 
 @dataclass(frozen=True)
 class DataCfg:
-    name: str = F("fashion_mnist", _choice(DATASETS))
+    name: str = F("fashion_mnist", choice(DATASETS))
     root: Optional[str] = F(None, doc="data folder; default $NR_STUDY_DATA or <cwd>/data")
     download: bool = F(False, doc="let torchvision download a missing dataset into root")
-    n_train: Optional[int] = F(None, _rng(1), doc="seeded training subset size (synthetic: 1024 if unset)")
-    n_test: Optional[int] = F(None, _rng(1), doc="seeded test subset size (synthetic: 512 if unset)")
-    subset_seed: int = F(0, _rng(0, SEED_MAX))
+    n_train: Optional[int] = F(None, rng(1), doc="seeded training subset size (synthetic: 1024 if unset)")
+    n_test: Optional[int] = F(None, rng(1), doc="seeded test subset size (synthetic: 512 if unset)")
+    subset_seed: int = F(0, rng(0, SEED_MAX))
     augment: Optional[bool] = F(None, doc="null: dataset default (cifar/imagenet yes, others no)")
-    image_size: int = F(224, _choice((224, 128)), doc="imagenet crop size")
-    num_workers: int = F(4, _rng(0, MAX_THREADS), doc="imagenet DataLoader workers")
+    image_size: int = F(224, choice((224, 128)), doc="imagenet crop size")
+    num_workers: int = F(4, rng(0, MAX_THREADS), doc="imagenet DataLoader workers")
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
 
 
 @dataclass(frozen=True)
 class OptimCfg:
-    lr: float = F(0.1, _rng(0.0, lo_open=True))
-    momentum: float = F(0.9, _rng(0.0, 1.0, hi_open=True))
-    weight_decay: float = F(5e-4, _rng(0.0))
+    lr: float = F(0.1, rng(0.0, lo_open=True))
+    momentum: float = F(0.9, rng(0.0, 1.0, hi_open=True))
+    weight_decay: float = F(5e-4, rng(0.0))
     nesterov: bool = F(False)
-    schedule: str = F("step", _choice(SCHEDULES))
+    schedule: str = F("step", choice(SCHEDULES))
     milestones: tuple = F((), doc="step schedule: epochs after which lr is multiplied by gamma")
-    gamma: float = F(0.1, _rng(0.0, 1.0, lo_open=True))
+    gamma: float = F(0.1, rng(0.0, 1.0, lo_open=True))
     restart_after_rejuvenation: Optional[bool] = F(None, doc="old name of train.after_rejuvenation: true = "
                                                       "restart_schedule, false = continue")
 
 
 @dataclass(frozen=True)
 class TrainCfg:
-    epochs: int = F(10, _rng(1))
-    batch_size: int = F(128, _rng(1))
-    eval_batch_size: int = F(512, _rng(1))
-    max_steps_per_epoch: Optional[int] = F(None, _rng(1), doc="cap steps per epoch (smoke runs)")
-    device: str = F("auto", _choice(DEVICES))
-    threads: Optional[int] = F(None, _rng(1, MAX_THREADS), doc="torch threads; default: CPUs available to the process")
+    epochs: int = F(10, rng(1))
+    batch_size: int = F(128, rng(1))
+    eval_batch_size: int = F(512, rng(1))
+    max_steps_per_epoch: Optional[int] = F(None, rng(1), doc="cap steps per epoch (smoke runs)")
+    device: str = F("auto", choice(DEVICES))
+    threads: Optional[int] = F(None, rng(1, MAX_THREADS), doc="torch threads; default: CPUs available to the process")
     channels_last: bool = F(False, doc="NHWC layout of the model and its inputs, on any device "
                                          "(faster on CPU too: nr-study bench's step_channels_last rows)")
     bf16: bool = F(False, doc="bf16 autocast, on any device (on a CPU without native bf16 it can be slower: "
                                 "nr-study bench's step_bf16 rows)")
     cuda_deterministic: bool = F(False, doc="CUDA: deterministic cuDNN, no cudnn.benchmark (CPU is always)")
-    after_rejuvenation: str = F("continue", _choice(AFTER_REJUVENATION),
+    after_rejuvenation: str = F("continue", choice(AFTER_REJUVENATION),
                                 doc="the lr schedule after a rejuvenation: continue it; restart_schedule: start it "
                                     "again over the epochs left; reset_epochs (the paper): reset the epoch counter, "
                                     "train.epochs more epochs from the rejuvenation's epoch on a fresh schedule")
-    precise_bn_batches: int = F(0, _rng(0), doc="before each evaluation, recompute the BN running statistics over "
+    precise_bn_batches: int = F(0, rng(0), doc="before each evaluation, recompute the BN running statistics over "
                                 "this many training batches (precise BN); 0 keeps the running averages (the paper). "
                                 "Set it when a strong λ moves γ faster than the averages follow")
 
@@ -201,30 +132,30 @@ class NRCfg:
     (ValueError naming the field); scheme / rescale / realloc left null take a method's defaults
     (`with_method_defaults`; NR's: nr, no rescaling, reallocation)."""
 
-    tr: float = F(0.5, _rng(0.0, 1.0, True, True), doc="utilization threshold Tr: rejuvenate when r < tr")
-    delta_r: float = F(0.01, _rng(0.0, lo_open=True))
-    delta_lambda: float = F(5e-5, _rng(0.0))
-    delta_t: int = F(1, _rng(1))
-    delta_t_unit: str = F("epoch", _choice(("epoch", "step")))
-    lambda_mode: str = F("adaptive", _choice(("adaptive", "fixed")))
-    lambda_fixed: float = F(1.5e-4, _rng(0.0))
-    lambda_max: Optional[float] = F(None, _rng(0.0))
-    window_epochs: Optional[int] = F(None, _rng(1), doc="NR active only during the first K epochs")
-    max_rejuvenations: int = F(1, _rng(0))
-    target_ratio: float = F(1.0, _rng(0.0, 1.0, lo_open=True))
-    constraint: str = F("params", _choice(CONSTRAINTS), doc="the resource r(θ) and the budget are measured in")
-    scheme: Optional[str] = F(None, _choice(SCHEMES), doc="null: the method's scheme")
+    tr: float = F(0.5, rng(0.0, 1.0, True, True), doc="utilization threshold Tr: rejuvenate when r < tr")
+    delta_r: float = F(0.01, rng(0.0, lo_open=True))
+    delta_lambda: float = F(5e-5, rng(0.0))
+    delta_t: int = F(1, rng(1))
+    delta_t_unit: str = F("epoch", choice(("epoch", "step")))
+    lambda_mode: str = F("adaptive", choice(("adaptive", "fixed")))
+    lambda_fixed: float = F(1.5e-4, rng(0.0))
+    lambda_max: Optional[float] = F(None, rng(0.0))
+    window_epochs: Optional[int] = F(None, rng(1), doc="NR active only during the first K epochs")
+    max_rejuvenations: int = F(1, rng(0))
+    target_ratio: float = F(1.0, rng(0.0, 1.0, lo_open=True))
+    constraint: str = F("params", choice(CONSTRAINTS), doc="the resource r(θ) and the budget are measured in")
+    scheme: Optional[str] = F(None, choice(SCHEMES), doc="null: the method's scheme")
     rescale: Optional[bool] = F(None, doc="null: the method's default")
     realloc: Optional[bool] = F(None, doc="null: the method's default")
-    gamma0: float = F(1.0, _rng(0.0, lo_open=True), doc="γ of a rejuvenated channel (a fresh BN's)")
-    dead_threshold: float = F(0.01, _rng(0.0, 1.0, True, True))
-    impl: str = F("two", _choice(("two", "four")), doc="CA convolutions: two or four per layer")
-    round_to: Optional[int] = F(None, _rng(1), doc="rejuvenated widths in multiples of this, filling the budget "
+    gamma0: float = F(1.0, rng(0.0, lo_open=True), doc="γ of a rejuvenated channel (a fresh BN's)")
+    dead_threshold: float = F(0.01, rng(0.0, 1.0, True, True))
+    impl: str = F("two", choice(("two", "four")), doc="CA convolutions: two or four per layer")
+    round_to: Optional[int] = F(None, rng(1), doc="rejuvenated widths in multiples of this, filling the budget "
                                 "(refused where they cannot meet it); 1: the paper's exact floor(α·w'); null: on "
                                 "CUDA 8 where they meet the budget, else exact; on CPU exact")
 
     def __post_init__(self):
-        errors = _check_section(self, "nr.")
+        errors = check_section(self, "nr.")
         if errors:
             raise ValueError("\n".join(errors))
 
@@ -244,9 +175,9 @@ class FSCfg:
 
 @dataclass(frozen=True)
 class SlimCfg:
-    l1: float = F(1e-4, _rng(0.0), doc="fixed L1 strength on BN gamma before pruning")
-    prune_ratio: float = F(0.5, _rng(0.0, 1.0, True, True), doc="global |gamma| percentile pruned")
-    prune_epoch: Optional[int] = F(None, _rng(1), doc="prune after this epoch (default: epochs // 2)")
+    l1: float = F(1e-4, rng(0.0), doc="fixed L1 strength on BN gamma before pruning")
+    prune_ratio: float = F(0.5, rng(0.0, 1.0, True, True), doc="global |gamma| percentile pruned")
+    prune_epoch: Optional[int] = F(None, rng(1), doc="prune after this epoch (default: epochs // 2)")
     restart_schedule: bool = F(True, doc="restart the lr schedule for fine-tuning")
 
 
@@ -267,15 +198,15 @@ class FaultInjectionCfg:
     known point, so the fault tests can check what a kill leaves (checkpoints, runs, retries). Kept apart from
     the training settings it has nothing to do with."""
 
-    kill_at_epoch: Optional[int] = F(None, _rng(1), doc="SIGKILL the training process at this epoch")
+    kill_at_epoch: Optional[int] = F(None, rng(1), doc="SIGKILL the training process at this epoch")
     kill_once_marker: Optional[str] = F(None, doc="kill only while this file is absent (it is created then)")
-    kill_point: str = F("after_epoch", _choice(("after_checkpoint", "after_epoch")))
+    kill_point: str = F("after_epoch", choice(("after_checkpoint", "after_epoch")))
 
 
 @dataclass(frozen=True)
 class Config:
     method: str = F("BL", (lambda v: v is None or v in _methods(), lambda: "one of " + ", ".join(_methods())))
-    seed: int = F(0, _rng(0, SEED_MAX))
+    seed: int = F(0, rng(0, SEED_MAX))
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -288,173 +219,6 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _is_section(tp) -> bool:
-    return dataclasses.is_dataclass(tp)
-
-
-def _unwrap_optional(tp):
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(
-        None
-    ) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return tp, False
-
-
-def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; allowed keys: {', '.join(options)}"
-
-
-def _tname(v) -> str:
-    return type(v).__name__
-
-
-def _int_error(v, key: str) -> str | None:
-    if INT64[0] <= v <= INT64[1]:
-        return None
-    return f"{key}: {show(v)} is out of range; allowed: a 64-bit integer ({INT64[0]} to {INT64[1]})"
-
-
-def _free_form_error(value, key: str, depth: int = 0) -> str | None:
-    """The first problem inside a free-form value (model.kwargs, tracking.tags, a list): a mapping key MLflow
-    cannot log as (part of) a param name, or an integer beyond 64 bits; None when there is none."""
-    if depth > 16:
-        return f"{key}: nested deeper than 16 levels; allowed: plain values, lists and mappings"
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not (mlflow_name_ok(k) and len(f"{key}.{k}") <= 250):
-                return f"{key}: key {show(k)} is not allowed; allowed: keys of {MLFLOW_NAME_RULE}"
-            bad = _free_form_error(v, f"{key}.{k}", depth + 1)
-            if bad:
-                return bad
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            bad = _free_form_error(v, f"{key}[{i}]", depth + 1)
-            if bad:
-                return bad
-    elif isinstance(value, int) and not isinstance(value, bool):
-        return _int_error(value, key)
-    elif isinstance(value, str) and "\x00" in value:
-        return f"{key}: {show(value)} contains a NUL character; allowed: text without NUL"
-    elif not isinstance(value, (str, int, float, type(None))):  # !!binary bytes, a date, a set: not JSON
-        return f"{key}: {show(value)} has type {_tname(value)}; allowed: text, numbers, booleans, null, lists, mappings"
-    return None
-
-
-def _coerce(value, tp, key: str, errors: list):
-    """Check/convert a leaf value against its annotation; append an error line when it does not fit."""
-    base, optional = _unwrap_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        errors.append(f"{key}: null is not allowed; expected {base.__name__}")
-        return None
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-    elif base is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            bad = _int_error(value, key)
-            if bad is None:
-                return value
-            errors.append(bad)
-            return None
-    elif base is float:
-        num = value
-        if isinstance(value, str):  # YAML 1.1 reads 5e-5 as a string
-            try:
-                num = float(value)
-            except ValueError:
-                pass
-        if isinstance(num, (int, float)) and not isinstance(num, bool):
-            try:
-                return float(num)
-            except OverflowError:  # an int of hundreds of digits
-                errors.append(f"{key}: {show(value)} is out of range; allowed: a finite float")
-                return None
-    elif base in (str, tuple, dict):
-        if isinstance(value, {str: str, tuple: (list, tuple), dict: dict}[base]):
-            bad = _free_form_error(value, key)
-            if bad is None:
-                return base(value)
-            errors.append(bad)
-            return None
-    else:  # pragma: no cover - schema error
-        raise TypeError(f"unsupported annotation {tp} for {key}")
-    expected = {tuple: "list", dict: "mapping"}.get(base, base.__name__)
-    errors.append(f"{key}: {show(value)} has type {_tname(value)}; expected {expected}{' or null' if optional else ''}")
-    return None
-
-
-def _check_value(cls, name: str, val, key: str, errors: list, verdict: str = "is out of range") -> bool:
-    """The field's (predicate, allowed-text) check; appends one error line and returns False when it fails."""
-    check = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("check")
-    if check is None:
-        return True
-    pred, allowed = check
-    allowed = allowed() if callable(allowed) else allowed  # a registry's names: read when the error is written
-    ok = pred(val) and not (isinstance(val, float) and not math.isfinite(val))
-    if ok:
-        return True
-    if isinstance(val, str):
-        opts = [o for o in allowed.removeprefix("one of ").split(", ")]
-        m = difflib.get_close_matches(val, opts, n=1, cutoff=0.5)
-        close = f"; did you mean {m[0]!r}?" if m else ""
-        errors.append(f"{key}: {show(val)} is not allowed; allowed: {allowed}{close}")
-    else:
-        errors.append(f"{key}: {show(val)} {verdict}; allowed: {allowed.format(k=name)}")
-    return False
-
-
-def _check_section(obj, prefix: str) -> list[str]:
-    """Type and range errors of a section built directly (not through config_from_dict), one line each."""
-    errors: list[str] = []
-    hints = _hints(type(obj))
-    for f in dataclasses.fields(obj):
-        val, key, n = getattr(obj, f.name), prefix + f.name, len(errors)
-        _coerce(val, hints[f.name], key, errors)
-        if len(errors) == n:
-            _check_value(type(obj), f.name, val, key, errors, verdict="is not allowed")
-    return errors
-
-
-def _build(cls, d, prefix: str, errors: list):
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        errors.append(f"{prefix.rstrip('.') or 'config'}: {show(d)} has type {_tname(d)}; expected a mapping")
-        return cls()
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for k, v in d.items():
-        key = f"{prefix}{show_key(k)}"
-        if k not in fields:
-            errors.append(f"{key}: unknown key{_suggest(key, [prefix + n for n in fields])}")
-            continue
-        tp = hints[k]
-        if _is_section(tp):
-            kwargs[k] = _build(tp, v, key + ".", errors)
-            continue
-        n_before = len(errors)
-        val = _coerce(v, tp, key, errors)
-        if len(errors) > n_before:
-            continue
-        if _check_value(cls, k, val, key, errors):
-            kwargs[k] = val
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover
-        errors.append(f"{prefix or 'config'}: {exc}")
-        return cls()
 
 
 def _cross_checks(cfg: Config, errors: list) -> None:
@@ -465,13 +229,7 @@ def _cross_checks(cfg: Config, errors: list) -> None:
     ms = cfg.optim.milestones
     if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in ms):
         errors.append(f"optim.milestones: {list(ms)!r} is not allowed; expected a list of epochs (ints >= 1)")
-    if cfg.method == "NR-FS" and not (cfg.fs.run_id or cfg.fs.architecture_file):
-        errors.append("fs.run_id: null is not allowed for method NR-FS; set fs.run_id or fs.architecture_file")
-    if cfg.method == "SLIM" and cfg.slim.prune_epoch is not None and cfg.slim.prune_epoch > cfg.train.epochs:
-        errors.append(
-            f"slim.prune_epoch: {cfg.slim.prune_epoch} is out of range; allowed: 1 <= x <= train.epochs "
-            f"({cfg.train.epochs})"
-        )
+    errors.extend(_methods()[cfg.method].cls.check_config(cfg))  # what the method itself needs of the config
 
 
 def _old_names(cfg: Config, d: dict, errors: list) -> Config:
@@ -491,7 +249,7 @@ def _old_names(cfg: Config, d: dict, errors: list) -> Config:
 def config_from_dict(d: dict | None) -> Config:
     """Validate a (possibly partial) nested dict and build a Config; raises ConfigError listing every bad key."""
     errors: list[str] = []
-    cfg = _build(Config, d or {}, "", errors)
+    cfg = build_section(Config, d or {}, "", errors)
     if not errors:
         cfg = _old_names(cfg, d or {}, errors)
     if not errors:
@@ -535,7 +293,7 @@ def mapping_at(node: dict, part: str, path: str, key: str) -> dict:
     if child is None:
         child = node[part] = {}
     elif not isinstance(child, dict):
-        raise ConfigError(f"{path}: {show(child)} has type {_tname(child)}; expected a mapping (cannot set {key})")
+        raise ConfigError(f"{path}: {show(child)} has type {type_name(child)}; expected a mapping (cannot set {key})")
     return child
 
 
@@ -552,14 +310,14 @@ def set_dotted(d: dict, key: str, value) -> dict:
         last = i == len(parts) - 1
         path = ".".join(parts[: i + 1])
         if cls is not None:
-            hints = _hints(cls)
+            hints = field_types(cls)
             if part not in hints:
                 prefix = ".".join(parts[:i])
                 opts = [f"{prefix}.{n}" if prefix else n for n in hints]
-                raise ConfigError(f"{show_key(path)}: unknown key{_suggest(path, opts)}")
+                raise ConfigError(f"{show_key(path)}: unknown key{suggest(path, opts)}")
             tp = hints[part]
-            nxt = tp if _is_section(tp) else None
-            free = _unwrap_optional(tp)[0] is dict
+            nxt = tp if is_section(tp) else None
+            free = unwrap_optional(tp)[0] is dict
             if not last and nxt is None and not free:
                 raise ConfigError(f"{path}: is a value, not a section; cannot set {key}")
             if not last and free:  # free-form mapping: the rest of the key is one entry ("nr.table")

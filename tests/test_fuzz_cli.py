@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import nr_study.config as C
+import nr_study.schema as schema
 import nr_study.sweep.space as S
 from nr_study import cli
 
@@ -75,7 +76,7 @@ def _schema(cls=C.Config, prefix=""):
             sections += s
             leaves += l_
         else:
-            base, optional = C._unwrap_optional(tp)
+            base, optional = schema.unwrap_optional(tp)
             leaves.append(Leaf(prefix + f.name, base, optional, f.metadata.get("check")))
     return sections, leaves
 
@@ -136,7 +137,7 @@ def _finite(v) -> bool:
 def fits(leaf: Leaf, v) -> bool:
     """A value of the field's type is taken when it is an integer within 64 bits or a finite float, and the
     field's own range or choice holds."""
-    if leaf.base is int and not C.INT64[0] <= v <= C.INT64[1]:
+    if leaf.base is int and not schema.INT64[0] <= v <= schema.INT64[1]:
         return False
     if leaf.base is float:
         try:
@@ -161,7 +162,7 @@ def unknown_key(draw):
     section = draw(st.sampled_from(SECTIONS))
     key = draw(KEYS.filter(lambda k: k not in FIELDS[section]))
     parts = tuple(filter(None, section.split(".")))
-    dotted = ".".join(parts + (C.show_key(key),))
+    dotted = ".".join(parts + (schema.show_key(key),))
     return Mutation(parts + (key,), draw(JUNK), f"{dotted}: unknown key")
 
 
@@ -399,7 +400,7 @@ EDGE_VALUES = {  # valid values at the edges of what a field takes, as YAML can 
     "data.subset_seed": st.integers(0, C.SEED_MAX),
     "train.epochs": st.one_of(st.integers(1, 2**63 - 1), st.just(2.0)),
     "tracking.run_name": st.one_of(st.none(), TEXT.filter(lambda t: "\x00" not in t)),
-    "tracking.tags": st.dictionaries(st.from_regex(r"[\w.\- :]{1,20}", fullmatch=True).filter(C.mlflow_name_ok),
+    "tracking.tags": st.dictionaries(st.from_regex(r"[\w.\- :]{1,20}", fullmatch=True).filter(schema.mlflow_name_ok),
                                      st.one_of(TEXT.filter(lambda t: "\x00" not in t), st.integers(-10**18, 10**18),
                                                st.booleans(), st.none()), max_size=3),
 }
@@ -499,7 +500,7 @@ def space_mutation(draw):
     doc = draw(st.sampled_from([SPACE, SPACE_RANDOM]))
     if kind == "top_unknown":
         k = draw(KEYS.filter(lambda k: k not in TOP_FIELDS))
-        return doc, [Mutation((k,), draw(JUNK), f"{C.show_key(k)}: unknown key")]
+        return doc, [Mutation((k,), draw(JUNK), f"{schema.show_key(k)}: unknown key")]
     if kind == "base":  # a train-config mutation inside base, or base itself not a mapping
         m = draw(st.one_of(MUTATION, st.builds(lambda v: Mutation((), v, ""), NOT_A_MAPPING)))
         return doc, [Mutation(("base",) + m.path, m.value, f"base.{m.needle}".rstrip(".") if m.path else "base: ")]
@@ -519,7 +520,7 @@ def space_mutation(draw):
     if kind == "space_key":
         k = draw(st.one_of(TEXT, st.sampled_from(["nr.trr", "modle.name", "train.epochs.x", "nr", "", "nr..tr"]))
                  .filter(lambda k: k not in DIMS and not k.startswith(("model.kwargs.", "tracking.tags."))))
-        return doc, [Mutation(("space", k), [1], f"space.{C.show_key(k)}")]
+        return doc, [Mutation(("space", k), [1], f"space.{schema.show_key(k)}")]
     if kind == "space_spec":
         v = draw(JUNK.filter(lambda v: not isinstance(v, list) and not (isinstance(v, dict) and len(v) == 1
                                                                           and next(iter(v)) in ("grid", "choice"))))

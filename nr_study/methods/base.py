@@ -38,6 +38,12 @@ class Method:
         self.cfg, self.input_shape, self.tracking_uri = cfg, input_shape, tracking_uri
         self.resumed = False
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> list[str]:
+        """What this method needs of a config beyond each field's own check: one error line each (the config
+        lists them with the rest, before anything runs)."""
+        return []
+
     def on_fit_start(self, model: nn.Module) -> nn.Module:
         return model
 

@@ -47,6 +47,12 @@ def fs_spec(cfg: Config, tracking_uri: Optional[str]) -> tuple[dict, Optional[st
 class FromScratch(Method):
     """NR-FS: the architecture an NR run found, trained from scratch (re-initialised weights)."""
 
+    @classmethod
+    def check_config(cls, cfg):
+        if cfg.fs.run_id or cfg.fs.architecture_file:
+            return []
+        return ["fs.run_id: null is not allowed for method NR-FS; set fs.run_id or fs.architecture_file"]
+
     def on_fit_start(self, model):
         if self.resumed:
             return model

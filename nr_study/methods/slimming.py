@@ -57,6 +57,13 @@ class Slimming(Method):
     one global |γ| threshold at the `slim.prune_ratio` percentile, physical pruning, then fine-tuning without
     L1 (the schedule restarts when slim.restart_schedule)."""
 
+    @classmethod
+    def check_config(cls, cfg):
+        if cfg.slim.prune_epoch is not None and cfg.slim.prune_epoch > cfg.train.epochs:
+            return [f"slim.prune_epoch: {cfg.slim.prune_epoch} is out of range; allowed: 1 <= x <= train.epochs "
+                    f"({cfg.train.epochs})"]
+        return []
+
     def __init__(self, cfg, input_shape, tracking_uri=None):
         super().__init__(cfg, input_shape, tracking_uri)
         self.epoch, self.pruned, self.model, self.gammas = 0, False, None, []

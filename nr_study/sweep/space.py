@@ -45,9 +45,10 @@ from typing import Any
 
 import yaml
 
-from nr_study.config import mapping_at, show_key
+from nr_study.config import mapping_at
 from nr_study.errors import ConfigError
 from nr_study.labels import fmt_value, short_key
+from nr_study.schema import show_key
 from nr_study.sweep.space_fields import (
     ALIASES, REPEAT_KEY, SAMPLERS, TOP_KEYS, TRIAL_INDEX_KEY, VARIANT_KEY, Dim, _check_device, _fit_asha_horizon,
     _parse_base, _parse_counts, _parse_dims, _parse_names, _parse_pair_with, _parse_resources, _parse_scheduler,

@@ -10,10 +10,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from nr_study.config import INT64, SEED_MAX, mlflow_name_ok, show, show_key
+from nr_study.config import SEED_MAX
 from nr_study.errors import ConfigError
 from nr_study.labels import fmt_value, short_key
 from nr_study.names import DELTA_METRIC
+from nr_study.schema import INT64, mlflow_name_ok, show, show_key
 
 
 TOP_KEYS = ("name", "experiment", "description", "base", "space", "search", "scheduler", "num_samples",
