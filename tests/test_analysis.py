@@ -17,8 +17,11 @@ from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from nr_study.analysis import plots as P  # noqa: E402
+from nr_study.analysis import tradeoff_plots as TP  # noqa: E402
+from nr_study.analysis.formats import to_csv, to_html, to_latex, to_markdown  # noqa: E402
 from nr_study.analysis.report import write_index  # noqa: E402
 from nr_study.analysis.runs import RunStore  # noqa: E402
+from nr_study.analysis.stats import pareto_mask  # noqa: E402
 from nr_study.analysis.tables import build_tables, write_tables  # noqa: E402
 from nr_study.cli import main as cli  # noqa: E402
 
@@ -316,7 +319,7 @@ def test_plot_rejuvenations_and_pareto(plotted, store_uri):
     assert pa.data["objectives"] == ["test_err", "params"]
     got = dict(zip(zip(pa.data["x"], pa.data["y"]), pa.data["pareto"]))
     assert got == {(5000, 10.0): True, (3000, 12.0): True, (6000, 11.0): False, (2000, 15.0): True, (3500, 13.0): False}
-    assert P.pareto_mask([(1, 1), (1, 1), (2, 0)]) == [True, True, True]
+    assert pareto_mask([(1, 1), (1, 1), (2, 0)]) == [True, True, True]
 
 
 def test_pareto_mask_is_the_pareto_front():
@@ -324,7 +327,7 @@ def test_pareto_mask_is_the_pareto_front():
     holds, whatever the objectives' directions; equal points are both on it, a non-finite one is not."""
     import random
 
-    from nr_study.analysis.stats import pareto_front, pareto_mask
+    from nr_study.analysis.stats import pareto_front
 
     rng = random.Random(0)
     for _ in range(200):
@@ -458,11 +461,11 @@ def test_paired_rows_equal_epochs_and_equal_compute(tmp_path):
     assert demo.parts("NR-CR,tr=0.5", demo.columns[-1]) == ["−1.50 [−7.85, +4.85] (2) · compute 1.80×"]  # −2, −1: t(0.975, 1) = 12.71
     assert demo.parts("BL", demo.columns[-2]) == ["—"]
     assert demo.parts("BL", demo.columns[3]) == ["0.00 ± 0.00 (2)"]
-    assert "| NR-CR,tr=0.5 | 21.75 ± 1.06 (2) |" in demo.to_markdown()
-    (rec,) = [r for r in csv.DictReader(demo.to_csv().splitlines()) if r["kind"] == "paired" and r["row"] == "NR-CR,tr=0.5"
+    assert "| NR-CR,tr=0.5 | 21.75 ± 1.06 (2) |" in to_markdown(demo)
+    (rec,) = [r for r in csv.DictReader(to_csv(demo).splitlines()) if r["kind"] == "paired" and r["row"] == "NR-CR,tr=0.5"
               and r["value"] == "paired:BL"]
     assert (float(rec["mean"]), rec["n"], float(rec["compute_ratio"])) == (0.75, "2", 0.9)
-    assert all(t.to_csv() and t.to_latex() and t.to_html() for t in tables.values())
+    assert all(to_csv(t) and to_latex(t) and to_html(t) for t in tables.values())
 
     t4 = tables["fmnist_table4"]
     assert list(t4.paired_rows) == [f"Δ vs BL, equal epochs: {row}"]
@@ -483,11 +486,11 @@ def test_paired_rows_equal_epochs_and_equal_compute(tmp_path):
     assert any("seed 0): no baseline run at equal epochs of its configuration (the seed's baselines differ in "
                "train.epochs); not paired" in n for n in t4.notes)
     assert "training epochs by method: BL 10; NR-CR 10 (after_rejuvenation=restart_schedule); SLIM 10–12" in t4.notes
-    md = t4.to_markdown()
+    md = to_markdown(t4)
     assert f"| Δ vs BL, equal epochs: {row} | — | — | −1.00 (1) · compute 1.00× | — | — | — | +1.67 [+0.23, +3.10] (3)" in md
     assert ("equal epochs (a baseline run with the same seed and the same configuration but the method's own settings: "
             "the same data, model, optimiser and train.epochs)") in t4.caption
-    recs = [r for r in csv.DictReader(t4.to_csv().splitlines()) if r["kind"] == "paired" and r["column"] == "NR-CR"]
+    recs = [r for r in csv.DictReader(to_csv(t4).splitlines()) if r["kind"] == "paired" and r["column"] == "NR-CR"]
     assert len(recs) == 1 and float(recs[0]["ci_low"]) == pytest.approx(5 / 3 - half, abs=1e-5)
 
     t5 = tables["fmnist_table5"]
@@ -567,6 +570,6 @@ def test_sweep_study_of_a_variant_sweep():
                for i, (m, tr, s) in enumerate([(m, tr, s) for m, tr in (("BL", 0.5), ("NR-CR", 0.5), ("NR-CR", 0.7))
                                                for s in (0, 1)])]
     parent = {"sweep.objectives": "test_err:min", "space.variant": "grid(BL; NR-CR,tr=0.5; NR-CR,tr=0.7)"}
-    study, keys, objective, notes = P.sweep_study(members, [parent] + [m.params for m in members])
+    study, keys, objective, notes = TP.sweep_study(members, [parent] + [m.params for m in members])
     assert (keys, objective, notes) == (["method", "nr.tr"], "test_err", [])
     assert len(study.trials) == 6

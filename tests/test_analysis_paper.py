@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nr_study.analysis.tables import load_paper
+from nr_study.analysis.paper import load_paper
 
 ROOT = Path(__file__).resolve().parents[1]
 # The paper's text is not in the repository. It is found at $NR_STUDY_PAPER, else in shared/paper/ beside the

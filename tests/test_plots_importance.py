@@ -8,7 +8,7 @@ import random
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from nr_study.analysis import plots as P
+from nr_study.analysis import tradeoff_plots as TP
 from nr_study.analysis.runs import RunStore
 
 
@@ -39,7 +39,7 @@ def test_importances_and_parallel_coordinates_of_a_random_sweep(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _grid_sweep(uri)
     store = RunStore(uri)
-    res = {r.name: r for r in P.plot_importances(store.finished(), tmp_path / "out", store.parents)}
+    res = {r.name: r for r in TP.plot_importances(store.finished(), tmp_path / "out", store.parents)}
     assert set(res) == {"importance_imp", "parallel_imp"}
     for r in res.values():
         assert sorted(f.name for f in r.files) == [f"{r.name}.png", f"{r.name}.svg"]

@@ -10,8 +10,10 @@ import random
 import pytest
 
 from nr_study.analysis.runs import NOT_CONFIG, NOT_CONFIG_PREFIXES, RunRecord, configuration, is_method_key
-from nr_study.analysis.tables import (build_cells_table, build_cpu_table, build_paper_table, build_tables,
-                                      load_paper, paired_difference)
+from nr_study.analysis.builders import build_cells_table, build_cpu_table, build_paper_table
+from nr_study.analysis.pairing import paired_difference
+from nr_study.analysis.paper import load_paper
+from nr_study.analysis.tables import build_tables
 from nr_study.config import Config, config_to_dict, flatten
 
 DELTA = {"A": 2.0, "B": -3.0}  # NR-CR − its own BL, per seed, in each group: any blend shows as another number
@@ -117,7 +119,7 @@ def test_no_table_mixes_or_pairs_configurations(key):
 
     # a sweep's own table: one row per configuration; a Δ column pairs within a configuration only
     runs = _runs(key, "sweep_x", rng)
-    t = build_cells_table("sweep_x", FakeStore(runs))
+    t = build_cells_table(paper, "sweep_x", FakeStore(runs))
     _assert_cells_unmixed(t, runs)
     assert len(t.rows) == 4, t.rows
     for (row, col), pr in t.paired_cells.items():
