@@ -299,7 +299,8 @@ def configuration(run: RunRecord, method: bool = True) -> dict[str, str]:
     """The run's configuration, from its logged params: what runs averaged in one table cell must share
     (method=True), or, without the method's own keys, what a run and its paired baseline must share
     (method=False). A baseline's nr/fs/slim/after-rejuvenation params are left out: it never reads them."""
-    plain = getattr(METHODS.get(run.get("method") or ""), "impl", None) == "Baseline"
+    info = METHODS.get(run.get("method") or "")
+    plain = info is not None and not info.reads and not info.changes_model  # BL: reads no nr/fs/slim, no protocol
     return {k: v for k, v in run.params.items()
             if k not in NOT_CONFIG and not k.startswith(NOT_CONFIG_PREFIXES)
             and not (is_method_key(k) and (not method or (plain and k != "method")))}
