@@ -19,10 +19,8 @@ checkpoint intact; Ctrl-C / SIGTERM end it KILLED.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import signal
@@ -37,13 +35,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nr_study.checkpoint import (CKPT_FORMAT, CKPT_NAME, atomic_save, check_checkpoint_fits, load_checkpoint,
-                                 model_from_payload, model_payload, rng_state, seed_everything, set_rng_state)
-from nr_study.config import Config, config_from_dict, config_to_dict, load_config
+from nr_study.checkpoint import (CKPT_NAME, check_checkpoint_fits, load_checkpoint, model_from_payload, model_payload,
+                                 rng_state, seed_everything, set_rng_state)
+from nr_study.config import Config, config_from_dict, load_config
 from nr_study.errors import ConfigError, Terminated, UnsupportedGraphError, one_line
 from nr_study.files import check_free_space, check_writable_dir
 from nr_study.files import check_sqlite_store
-from nr_study.methods import Event, make_method
+from nr_study.run_state import RunState, lr_at, shape_message
 
 NAN_CHECK_EVERY = 20  # CUDA: look at the loss flag every N steps (a host sync), and at the end of each epoch
 
@@ -67,19 +65,6 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def lr_at(ocfg, epochs: int, steps_per_epoch: int, step: int, offset: int = 0) -> float:
-    """Learning rate before optimizer step `step` (0-based), the schedule having (re)started at step `offset`.
-    step: ×gamma after each milestone epoch counted from the (re)start; cosine: over the remaining steps."""
-    t = max(0, step - offset)
-    if ocfg.schedule == "constant":
-        return ocfg.lr
-    if ocfg.schedule == "step":
-        done = t // steps_per_epoch
-        return ocfg.lr * ocfg.gamma ** sum(done >= m for m in ocfg.milestones)
-    total = max(1, epochs * steps_per_epoch - offset)
-    return ocfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / total)))
-
-
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                after_backward: Optional[Callable[[], None]] = None, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step: forward (bf16 autocast when `amp`), cross-entropy, backward, `after_backward()` (the
@@ -95,37 +80,11 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     return loss, out
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches) -> int:
-    """Precise BN: reset every tracking BatchNorm and average its batch statistics over `batches` (train-mode
-    forward, no gradient; momentum=None is PyTorch's cumulative average). Why: under a strong L1 on γ the weights
-    move faster than the exponential running averages follow, the lag compounds layer by layer, and eval-mode
-    error can sit near chance while the train-mode error is fine. The training RNG is left untouched, so a run
-    trains the same with or without it. Returns the number of batches used."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return 0
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    was_training, n = model.training, 0
-    model.train()
-    with torch.random.fork_rng(devices=[]):
-        for x, _ in batches:
-            model(x)
-            n += 1
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-    model.train(was_training)
-    return n
-
-
 class _EpochStats:
     """One epoch's loss and error sums, kept on the device. A NaN/inf loss stops the run: on CPU checked every
     step, on CUDA every NAN_CHECK_EVERY steps (a host sync) and at the end of the epoch."""
 
-    def __init__(self, run: "_Run", bar):
+    def __init__(self, run: "RunState", bar):
         dev = run.device
         self.run, self.bar, self.seen = run, bar, 0
         self.loss = torch.zeros((), device=dev, dtype=torch.float64)
@@ -158,7 +117,7 @@ class _EpochStats:
 
 
 # ------------------------------------------------------------------------------------------ the loop
-def fit(run: "_Run", tracker, on_epoch_end: Optional[Callable] = None, progress: bool = True) -> None:
+def fit(run: "RunState", tracker, on_epoch_end: Optional[Callable] = None, progress: bool = True) -> None:
     """Epochs, steps, the method's events, evaluation, checkpoint, log. `run.phases` keeps the wall time of each
     part (what `nr-study bench` breaks a whole run's cost into)."""
     method, time_in = run.method, run.phases.time_in
@@ -215,206 +174,6 @@ def fit(run: "_Run", tracker, on_epoch_end: Optional[Callable] = None, progress:
     run.phases["steps"] = run.phases.get("steps", 0.0) - run.phases["method_l1"]  # L1 ran inside the steps
 
 
-class Phases(dict):
-    """Wall seconds by part of the loop: {"steps": 12.3, "eval": 1.1, ...} (on CUDA without syncs, kernels still
-    running are counted where the host next waits for them)."""
-
-    @contextlib.contextmanager
-    def time_in(self, name: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
-
-    def timed(self, name: str, fn: Callable) -> Callable:
-        def inner(*a, **k):
-            with self.time_in(name):
-                return fn(*a, **k)
-        return inner
-
-
-class _Run:
-    """The mutable state of one training run: model, method, optimizer, counters, history."""
-
-    def __init__(self, cfg: Config, device: torch.device, data, ckpt_dir: Optional[Path], tracking_uri: str):
-        self.cfg, self.device, self.data, self.ckpt_dir, self.tracking_uri = cfg, device, data, ckpt_dir, tracking_uri
-        self.input_shape = (1, *data.input_shape)
-        self.meta = dict(model_name=cfg.model.name, model_kwargs_json=json.dumps(cfg.model.kwargs, sort_keys=True),
-                         num_classes=int(data.num_classes), in_channels=int(data.input_shape[0]),
-                         input_shape=list(data.input_shape))
-        self.amp = cfg.train.bf16
-        self.channels_last = cfg.train.channels_last
-        self.model: nn.Module = None
-        self.method = None
-        self.opt: torch.optim.Optimizer = None
-        self.tracker = None
-        self.epoch, self.step, self.sched_offset = 0, 0, 0
-        self.end_epoch = cfg.train.epochs  # the epoch this run ends after
-        self.train_flops, self.image_flops = 0, 0  # multiply-adds trained so far; of one image's forward now
-        self.history: list[dict] = []
-        self.pending: list[tuple[str, dict]] = []  # artifacts to log after the next checkpoint
-        self.row_extras: Optional[Callable[[dict], dict]] = None  # train(row_extras=...)
-        self.phases = Phases()
-        self._graph, self._graph_of = None, None
-        self.spe = data.steps_per_epoch(cfg.train.batch_size)
-        if cfg.train.max_steps_per_epoch:
-            self.spe = min(self.spe, cfg.train.max_steps_per_epoch)
-
-    # -- building -----------------------------------------------------------------------------------
-    def build(self, ck: Optional[dict]) -> None:
-        """Model and method, fresh (create_model; the method may transform it) or from a checkpoint."""
-        from nr_study.models import create_model
-
-        cfg = self.cfg
-        self.method = make_method(cfg, self.input_shape, self.tracking_uri)
-        if ck is None:
-            model = create_model(cfg.model.name, num_classes=self.meta["num_classes"],
-                                 in_channels=self.meta["in_channels"], **cfg.model.kwargs)
-        else:
-            model = model_from_payload(ck["model"])
-            self.method.load_state_dict(ck["method_state"])
-        self.check_input(model)
-        self.model = self._placed(self.method.on_fit_start(self._placed(model)))
-        self.rebuild_optimizer()
-        self.image_flops = int(self.measure()["flops"])
-        if ck is not None:
-            self.opt.load_state_dict(ck["optimizer"])
-            self.epoch, self.step, self.sched_offset = int(ck["epoch"]), int(ck["global_step"]), int(ck["sched_offset"])
-            self.end_epoch, self.train_flops = int(ck["end_epoch"]), int(ck["train_flops"])
-            self.history = [dict(r) for r in ck["history"]]
-            set_rng_state(ck["rng"])  # last: building consumed random numbers
-
-    def _placed(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
-
-    def rebuild_optimizer(self) -> None:
-        o = self.cfg.optim
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
-                                   weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
-
-    def check_input(self, model: nn.Module) -> None:
-        """One forward pass on a zero image of the dataset's shape: a model that cannot take it fails here,
-        before any run or checkpoint exists (and before the NR core traces it), with the shape named."""
-        was = model.training
-        model.eval()
-        try:
-            p = next(model.parameters(), None)
-            with torch.no_grad():
-                model(torch.zeros(1, *self.data.input_shape, device=p.device if p is not None else "cpu"))
-        except Exception as exc:
-            raise UnsupportedGraphError(shape_message(self.cfg, self.data, exc)) from exc
-        finally:
-            model.train(was)
-
-    # -- during an epoch ------------------------------------------------------------------------------
-    def epoch_bar(self, progress: bool):
-        batches = ((self._layout(x), y) for x, y in self.data.train_batches(self.epoch + 1, self.cfg.train.batch_size,
-                                                                             self.spe))
-        return epoch_bar(batches, steps=self.spe, batch_size=self.cfg.train.batch_size,
-                         desc=f"epoch {self.epoch + 1}/{self.end_epoch}", enabled=progress)
-
-    def lr(self, step: int) -> float:
-        return lr_at(self.cfg.optim, self.end_epoch, self.spe, step, self.sched_offset)
-
-    def set_lr(self) -> None:
-        lr = self.lr(self.step)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-
-    def adopt(self, event: Optional[Event], progress: bool) -> None:
-        """A method's event: train its new model with a new optimizer (momentum dropped: the parameter tensors
-        are new), log its report after the next checkpoint, and go on with the lr schedule as it says:
-        continue; restart_schedule (from here over the epochs left); reset_epochs (the paper's protocol: the
-        epoch counter restarts, train.epochs more epochs after this one's, on a fresh schedule)."""
-        if event is None:
-            return
-        self.model = self._placed(event.model)
-        self.model.train()
-        self._graph_of = None
-        self.rebuild_optimizer()
-        self.image_flops = int(self.measure()["flops"])
-        if event.schedule in ("restart_schedule", "reset_epochs"):
-            self.sched_offset = self.step
-        if event.schedule == "reset_epochs":
-            self.end_epoch = self.epoch + 1 + self.cfg.train.epochs
-        self.pending.append((event.artifact, dict(event.report, epoch=self.epoch + 1, step=self.step)))
-        if progress:
-            from tqdm import tqdm
-
-            tqdm.write(f"  {event.label or event.kind} at epoch {self.epoch + 1} step {self.step}", file=sys.stdout)
-            sys.stdout.flush()  # tqdm.write: clears the epoch bar on the same terminal, prints, redraws it
-
-    # -- after an epoch -------------------------------------------------------------------------------
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        n_bn = self.cfg.train.precise_bn_batches
-        if n_bn:
-            batches = self.data.train_batches(self.epoch, self.cfg.train.batch_size, max_steps=n_bn)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                recalibrate_bn(self.model, ((self._layout(x), y) for x, y in batches))
-        self.model.eval()
-        n, wrong1, wrong5 = 0, 0, 0
-        for x, y in self.data.test_batches(self.cfg.train.eval_batch_size):
-            x = self._layout(x)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = self.model(x).float()
-            hit = out.topk(min(5, out.shape[1]), dim=1).indices == y[:, None]
-            wrong1 += int((~hit[:, 0]).sum())
-            wrong5 += int((~hit.any(1)).sum())
-            n += len(y)
-        return {"test_err": 100.0 * wrong1 / max(1, n), "test_err5": 100.0 * wrong5 / max(1, n)}
-
-    def measure(self) -> dict:
-        """util_params, util_flops, params, flops of the current model by the core's cost model (the channel
-        graph traced once per architecture, not once per epoch)."""
-        from nr_study.nr import build_graph, graph_utilization, live_masks
-
-        if self._graph_of is not self.model:
-            self._graph, self._graph_of = build_graph(self.model, self.input_shape), self.model
-        masks = live_masks(self.model, self._graph, self.cfg.nr.dead_threshold)
-        out = {}
-        for c in ("params", "flops"):
-            u = graph_utilization(self.model, self._graph, c, masks=masks)
-            out[f"util_{c}"], out[c] = u.ratio, u.total
-        return out
-
-    def checkpoint_bytes(self) -> int:
-        """About what one checkpoint takes: weights, momentum and the atomic write's temporary copy."""
-        n = sum(p.numel() * p.element_size() for p in self.model.state_dict().values())
-        return 3 * n + (1 << 20)
-
-    def checkpoint(self) -> None:
-        if self.ckpt_dir is None:
-            return
-        atomic_save({
-            "format": CKPT_FORMAT, "config_json": json.dumps(config_to_dict(self.cfg)),
-            "model": model_payload(self.model, self.meta), "optimizer": self.opt.state_dict(),
-            "method_state": self.method.state_dict(), "rejuvenations": int(self.method.metrics()["rejuvenations"]),
-            "epoch": self.epoch, "global_step": self.step, "sched_offset": self.sched_offset,
-            "end_epoch": self.end_epoch, "train_flops": self.train_flops,
-            "rng": rng_state(), "run_id": self.tracker.run_id, "history": self.history,
-        }, self.ckpt_dir / CKPT_NAME)
-
-    def log_pending(self) -> None:
-        for name, obj in self.pending:
-            self.tracker.log_dict(obj, name)
-        self.pending.clear()
-
-
-def epoch_bar(batches, *, steps: int, batch_size: int, desc: str, enabled: bool):
-    """A tqdm bar around one epoch's batches (images/s; the loop adds the loss), on stderr, only when enabled
-    and stderr is a terminal: a CPU epoch can take minutes, while logs, pipes and Ray trials stay clean."""
-    from tqdm import tqdm
-
-    return tqdm(batches, total=steps, desc=desc, unit="img", unit_scale=batch_size, leave=False, file=sys.stderr,
-                dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()))
-
-
 def _fault_kill(testing, epoch: int, point: str) -> None:
     """The `testing:` section's SIGKILL (tests only): at this epoch and point, once while its marker is absent."""
     if testing.kill_at_epoch != epoch or testing.kill_point != point:
@@ -430,13 +189,6 @@ def _fault_kill(testing, epoch: int, point: str) -> None:
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
     os._exit(137)  # pragma: no cover - SIGKILL does not return
-
-
-def shape_message(cfg: Config, data, exc: BaseException) -> str:
-    shape = "x".join(str(int(s)) for s in data.input_shape)
-    return (f"model.name {cfg.model.name!r} cannot take data.name {cfg.data.name!r} inputs of shape {shape} "
-            f"(C x H x W): {one_line(exc, 240)}; use a larger input (data.synthetic.shape / another dataset) or "
-            f"a model made for this size")
 
 
 def _interruptions_deferred():
@@ -504,18 +256,26 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
     row_extras(row) -> {metric: value}: more metrics for each epoch's row, added before it is checkpointed and
     logged, so they are kept and logged exactly once like the row (a sweep's paired difference).
     """
-    from nr_study.data import build_data
-    from nr_study.errors import TrackingError
-    from nr_study.tracking import (FAILED, FINISHED, KILLED, RunTracker, SystemMetrics, local_store_dir, open_run,
-                                   resolve_tracking_uri)
+    from nr_study.tracking import resolve_tracking_uri
 
     started = time.perf_counter()
     if not isinstance(cfg, Config):
         cfg = config_from_dict(cfg)
-    tc = cfg.train
     ckpt_dir = Path(checkpoint_dir).absolute() if checkpoint_dir else None
     uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri, create=False)
-    # -- preflight: bad input fails here, before a run, a checkpoint folder or a runs/ folder exists ------------
+    run, ck = _prepare(cfg, uri, ckpt_dir, resume, run_id)
+    run.row_extras = row_extras
+    return _tracked(run, ck, started, run_id=run_id, tags=tags, parent_run_id=parent_run_id,
+                    system_metrics=system_metrics, on_epoch_end=on_epoch_end, progress=progress)
+
+
+def _prepare(cfg: Config, uri: str, ckpt_dir: Optional[Path], resume: bool, run_id: Optional[str]):
+    """Preflight: bad input fails here, before a run, a checkpoint folder or a runs/ folder exists. Returns the
+    built run state and the checkpoint it resumes from (None: a fresh start)."""
+    from nr_study.data import build_data
+    from nr_study.tracking import FAILED, KILLED, RunTracker, local_store_dir
+
+    tc = cfg.train
     try:
         device = pick_device(tc.device)
         torch.set_num_threads(tc.threads or available_cpus())
@@ -535,8 +295,7 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
             raise too_large("data", cfg.data.name, exc) from None
         if ck is not None:
             check_checkpoint_fits(ck, cfg, data, ckpt_dir / CKPT_NAME)
-        run = _Run(cfg, device, data, ckpt_dir, uri)
-        run.row_extras = row_extras
+        run = RunState(cfg, device, data, ckpt_dir, uri)
         try:
             run.build(ck)
         except (MemoryError, RuntimeError, OverflowError) as exc:
@@ -551,27 +310,37 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
         if ck_probe is not None:
             check_free_space(ck_probe, run.checkpoint_bytes(), "checkpoint folder", needs="a checkpoint needs",
                              error=ConfigError)
+        if store is not None:
+            try:
+                store.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"tracking store folder {store}: cannot create it ({exc.strerror or exc})") from None
     except BaseException as exc:
         if run_id:  # a run made for us (a sweep trial): say why it never started
             t = RunTracker(uri, cfg.tracking.experiment, run_id=run_id)
             t.end_quietly(KILLED if isinstance(exc, (KeyboardInterrupt, SystemExit)) else FAILED,
                           f"{type(exc).__name__}: {one_line(exc)}")
         raise
-    # -- the run --------------------------------------------------------------------------------------------
-    if store is not None:
-        try:
-            store.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"tracking store folder {store}: cannot create it ({exc.strerror or exc})") from None
+    return run, ck
+
+
+def _tracked(run: RunState, ck: Optional[dict], started: float, *, run_id, tags, parent_run_id, system_metrics,
+             on_epoch_end, progress) -> dict:
+    """The run in its MLflow run: opened (or reopened from the checkpoint), trained, closed with the status that
+    says how it ended; a failure leaves the checkpoint and says how to continue."""
+    from nr_study.errors import TrackingError
+    from nr_study.tracking import FAILED, FINISHED, KILLED, SystemMetrics, open_run
+
+    cfg, ckpt_dir = run.cfg, run.ckpt_dir
     rng = rng_state()  # MLflow must not shift the training's random streams
-    tracker = run.tracker = open_run(uri, cfg, run_id=run_id or (ck or {}).get("run_id") or None, tags=tags,
-                                     parent_run_id=parent_run_id)
+    tracker = run.tracker = open_run(run.tracking_uri, cfg, run_id=run_id or (ck or {}).get("run_id") or None,
+                                     tags=tags, parent_run_id=parent_run_id)
     status = FAILED
     monitor = None
     try:
         if cfg.tracking.system_metrics if system_metrics is None else system_metrics:
             monitor = SystemMetrics.start(tracker)
-        tracker.log_data(cfg.data, data)
+        tracker.log_data(cfg.data, run.data)
         if ck is not None:
             tracker.sync_history(run.history)
             if progress:
@@ -611,7 +380,7 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
     return summary
 
 
-def _finish(run: _Run, tracker) -> dict:
+def _finish(run: RunState, tracker) -> dict:
     from nr_study.nr import architecture_spec, utilization
 
     m = run.measure()

@@ -221,7 +221,7 @@ def test_channels_last_on_cpu_survives_surgery_and_resumes_exactly(method, bf16,
     """train.channels_last (and bf16) on CPU: the network built and every network a rejuvenation hands back train
     in NHWC (surgery returns new tensors; the trainer lays them out again), and a resume after the rejuvenation is
     exact."""
-    from nr_study.train import _Run
+    from nr_study.run_state import RunState as _Run
 
     def nhwc(model) -> bool:  # 3x3 kernels over several channels: the two layouts differ there
         ws = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
@@ -456,7 +456,7 @@ def test_fashion_mnist_subset_learns(tracking_uri):
 
 def test_recalibrate_bn_averages_batch_statistics():
     """Precise BN: each BN's running mean/var become the mean of its batch statistics over the given batches."""
-    from nr_study.train import recalibrate_bn
+    from nr_study.run_state import recalibrate_bn
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
