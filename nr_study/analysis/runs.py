@@ -46,10 +46,6 @@ ATTR_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
 NR_METHODS = tuple(m for m, info in METHODS.items() if info.hook)  # the registry's NR variants
 
 
-def runs_folder() -> Path:
-    return N.runs_dir()
-
-
 def default_tracking_uri() -> str:
     """env MLFLOW_TRACKING_URI, else sqlite:///<abs runs folder>/mlflow.db (runs folder = env NR_STUDY_RUNS or ./runs)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or N.default_tracking_uri()
