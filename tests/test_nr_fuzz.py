@@ -6,6 +6,10 @@ U(θ) = cost of the physically pruned model, which computes what the model did; 
 rejuvenations per scheme (NR, NR-CR, NR-CA with both implementations; rescaling on/off alternating by seed), each preserving the
 function (eval mode, dead channels zeroed), costing exactly its weights, keeping U = pruned cost, and taking a
 training step.
+
+Then the rejuvenation's promise, on targets below 1 and live fractions drawn above and below them: a rejuvenation
+keeps every live channel and the function, or refuses with the reason named (DESIGN §3.3 item 7), over three
+rejuvenations per scheme; and widths rounded to multiples of m are maximal (no group can take one more).
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nr_study.errors import UnsupportedGraphError
 from nr_study.nr import build_graph, live_masks, prune, rejuvenate, utilization
+from nr_study.nr.cost import graph_utilization, widths_cost
+from nr_study.nr.surgery import split_counts
 from tests.nets import kill_channels
 from tests.randnets import random_net
 
@@ -129,3 +135,83 @@ def test_the_generator_draws_what_it_claims():
                 seen_modes.add(m.padding_mode)
     assert 5 <= refused <= 100
     assert seen_modes == {"zeros", "reflect", "replicate", "circular"}
+
+
+LIVE_SEEDS = range(*map(int, os.environ.get("NR_FUZZ_LIVE_SEEDS", "0:40").split(":")))
+
+
+def live_outcomes(seed: int) -> list[str]:
+    """Three rejuvenations per scheme on random net ``seed``, each at a target below 1 with a live fraction drawn
+    above or below it (some rounds kill nothing: every channel alive after an NR-CR rejuvenation). Each keeps
+    every live channel (as many survivors as live channels, per layer) and the function, within the target,
+    or refuses naming why. Returns what each did: grew, kept CR's blocks (no growth), or refused."""
+    model, shape, _ = random_net(seed, allow_refused=False)
+    if not build_graph(model.eval(), shape).free_groups():
+        return []
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda: float(torch.rand(1, generator=g))  # noqa: E731
+    x = torch.randn(shape, generator=g)
+    constraint = ("params", "flops")[seed % 2]
+    base = utilization(model, shape, constraint).total
+    outcomes = []
+    for scheme in ("nr", "cr", "ca"):
+        net = copy.deepcopy(model)
+        for round_ in range(3):
+            where = f"seed {seed}, {scheme}, round {round_ + 1}"
+            graph = build_graph(net, shape)
+            kill_channels(net, graph, 0.0 if draw() < 0.25 else 0.8 * draw(), seed=seed + round_)
+            live = graph_utilization(net, graph, constraint).live
+            ratio = min(0.99, live / base * (0.7 + 0.8 * draw()))  # a target below or above the live channels
+            round_to = (1, 1, None, 2, 4)[int(5 * draw())]
+            before = eval_out(net, x)
+            try:
+                new, rep = rejuvenate(net, shape, ratio, constraint, scheme=scheme, rescale=draw() < 0.5,
+                                      round_to=round_to, graph=graph)
+            except ValueError as exc:
+                if "the live channels alone cost" in str(exc):
+                    assert live > ratio * base, f"{where}: refused, yet the live channels fit: {exc}"
+                else:
+                    assert round_to and round_to > 1 and f"round_to: {round_to}:" in str(exc), f"{where}: {exc}"
+                outcomes.append("refused")
+                continue
+            assert close(eval_out(new, x), before), f"{where}: function changed"
+            assert rep.survivors == rep.widths_live, f"{where}: live channels removed"
+            assert all(rep.widths_after[k] >= n for k, n in rep.widths_live.items()), where
+            assert rep.cost_after <= rep.target and (constraint == "flops" or rep.cost_after == weights(new)), where
+            if rep.no_growth:
+                assert scheme == "cr" and not any(rep.rejuvenated.values()), f"{where}: {rep.no_growth}"
+            outcomes.append("kept blocks" if rep.no_growth else "grew")
+            net = new
+        train_step(copy.deepcopy(net), shape)
+    return outcomes
+
+
+def test_a_rejuvenation_keeps_every_live_channel_or_refuses():
+    """Over LIVE_SEEDS (a failure names its seed): the invariant, and every outcome drawn (not a vacuous fuzz)."""
+    seen = [o for seed in LIVE_SEEDS for o in live_outcomes(seed)]
+    assert seen.count("grew") >= 20 and seen.count("refused") >= 20 and seen.count("kept blocks") >= 1, seen
+
+
+@pytest.mark.parametrize("seed", LIVE_SEEDS, ids=[f"seed-{s}" for s in LIVE_SEEDS])
+def test_rounded_widths_are_maximal(seed):
+    """After rounding to multiples of m, no free group can take one more multiple within the budget."""
+    model, shape, _ = random_net(seed, allow_refused=False)
+    graph = build_graph(model, shape)
+    if not graph.free_groups():
+        return
+    g = torch.Generator().manual_seed(seed)
+    kill_channels(model, graph, 0.3 + 0.5 * float(torch.rand(1, generator=g)), seed=seed)
+    m = (2, 3, 4, 8)[seed % 4]
+    constraint, scheme = ("params", "flops")[seed % 2], ("nr", "cr", "ca")[seed % 3]
+    try:
+        _, rep = rejuvenate(model, shape, 1.0, constraint, scheme=scheme, round_to=m)
+    except ValueError as exc:
+        assert f"round_to: {m}:" in str(exc)
+        return
+    gid = {grp.producer: grp.id for grp in graph.free_groups()}
+    w_prime = {gid[k]: n for k, n in rep.widths_live.items()}
+    widths = {gid[k]: n for k, n in rep.widths_after.items()}
+    assert all(w % m == 0 for w in widths.values())
+    for grp in widths:
+        more = widths_cost(graph, *split_counts(w_prime, {**widths, grp: widths[grp] + m}), constraint, scheme)
+        assert more > rep.target, f"seed {seed}: {grp} could take {m} more ({more} <= {rep.target})"

@@ -297,3 +297,133 @@ def test_r_to_r_init_follows_one_rule_for_every_scheme():
         stds[scheme] = float(w_rr.detach().std())
         expected = math.sqrt(2 / (n_out * 9))
         assert abs(stds[scheme] - expected) < 0.15 * expected, (scheme, stds[scheme], expected)
+
+
+def all_alive(model, seed=1):
+    """Every channel alive: |γ| in [0.5, 1.5), small β."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def test_nr_cr_second_rejuvenation_keeps_every_live_channel():
+    """Issue 24.5: after one NR-CR rejuvenation with every channel alive, the live channels made dense cost 4078
+    params, over the target 2254; the second rejuvenation cut α to 0.76, removed 12 of 41 live channels and
+    changed the function by 0.085 (0.049 with rescaling), saying nothing. Now it keeps the S and R blocks, adds
+    nothing and says why."""
+    model = prepared(BiasChain())
+    x = torch.randn(SHAPE)
+    kill_channels(model, build_graph(model, SHAPE), 0.4, seed=0)
+    model, _ = rejuvenate(model, SHAPE, 1.0, scheme="cr")
+    all_alive(model)
+    widths = {"body.0": 13, "body.3": 17, "body.6": 11}
+    for rescale in (False, True):
+        new, rep = rejuvenate(model, SHAPE, 1.0, scheme="cr", rescale=rescale)
+        assert rel_change(model, new, x) < 1e-5
+        assert rep.widths_live == rep.survivors == rep.widths_after == widths and not any(rep.rejuvenated.values())
+        assert "would cost 4078 params, more than the target 2254" in rep.no_growth and rep.alpha == 1.0
+        assert rep.cost_after == rep.utilized == utilization(new, SHAPE).total == weight_params(new) <= rep.target
+        assert isinstance(new.body[3], CRConv) and isinstance(new.body[6], CRConv)
+        new.train()(x).sum().backward()
+
+
+def test_the_hook_survives_a_rejuvenation_that_cannot_grow():
+    """The training loop's side of 24.5: NR-CR with two rejuvenations, the second one finding the live channels
+    made dense over the target (3042 > 2028 params). It used to remove 7 of 35 live channels (function change
+    9.4e-3); now it removes the dead ones only, counts as a rejuvenation, and the model trains on."""
+    model = prepared(BiasChain())
+    x = torch.randn(SHAPE)
+    cfg = NRConfig(scheme="cr", tr=0.9, target_ratio=0.9, max_rejuvenations=2, delta_t=1, delta_t_unit="step",
+                   rescale=True)
+    hook = NeuralRejuvenation(model, SHAPE, cfg)
+    kill_channels(model, hook.graph, 0.3, seed=0)
+    assert hook.end_of_step()["no_growth"] is None  # the first one grows: S and R blocks
+    kill_channels(model, hook.graph, 0.1, seed=1)
+    before = copy.deepcopy(model)
+    rep = hook.end_of_step()
+    assert rep["index"] == 2 and hook.rejuvenations == 2 and not hook.flag_on
+    assert "would cost 3042 params, more than the target 2028" in rep["no_growth"]
+    assert rep["survivors"] == rep["widths_live"] == rep["widths_after"] and not any(rep["rejuvenated"].values())
+    assert rel_change(before, hook.model, x) < 1e-5
+    assert rep["cost_after"] == utilization(hook.model, SHAPE).total <= rep["target"]
+    hook.model.train()(x).sum().backward()
+
+
+def test_compression_with_tr_above_the_target_is_refused():
+    """Issue 24.6: nr.target_ratio 0.5 with Tr above it rejuvenated at live ratio 0.564 by removing 3 of 22 live
+    channels (function change 0.18). The hook now refuses such a Tr when it is built (the trainer: one line), and
+    rejuvenate() refuses a target the live channels alone exceed, naming both numbers."""
+    from nr_study.config import config_from_dict
+    from nr_study.errors import ConfigError
+    from nr_study.methods import make_method
+
+    with pytest.raises(ValueError, match=r"nr\.tr: 0\.6 is above nr\.target_ratio 0\.5: .* never removes live "
+                                         r"channels .*allowed: tr <= target_ratio"):
+        NeuralRejuvenation(prepared(BiasChain()), SHAPE, NRConfig(tr=0.6, target_ratio=0.5))
+    NeuralRejuvenation(prepared(BiasChain()), SHAPE, NRConfig(tr=0.5, target_ratio=0.5))
+    NeuralRejuvenation(prepared(BiasChain()), SHAPE, NRConfig(tr=0.6, target_ratio=0.5, realloc=False))  # NR-IP
+    cfg = config_from_dict({"method": "NR", "model": {"name": "vgg_small", "kwargs": {"width": 8}},
+                            "nr": {"tr": 0.6, "target_ratio": 0.5}})
+    model = create_model("vgg_small", num_classes=10, in_channels=1, width=8)
+    with pytest.raises(ConfigError, match=r"^method NR on model 'vgg_small': nr\.tr: 0\.6 is above") as err:
+        make_method(cfg, (1, 1, 28, 28)).on_fit_start(model)
+    assert "\n" not in str(err.value)
+    model = prepared(BiasChain())
+    kill_channels(model, build_graph(model, SHAPE), 0.3, seed=0)
+    u = utilization(model, SHAPE)
+    assert 0.5 < u.live / u.total < 0.6
+    with pytest.raises(ValueError, match=rf"target_ratio: 0\.5: the live channels alone cost {u.live} params, more "
+                                         rf"than the target {int(0.5 * u.total)}; .*at least {u.live / u.total:.3f}"):
+        rejuvenate(model, SHAPE, 0.5)
+
+
+def test_round_to_never_rounds_live_channels_away():
+    """Multiples of 8 below the live widths (17 → 16, 43 → 40) removed live channels. Now rejuvenate() refuses
+    an explicit round_to whose multiples cannot hold the live channels within the budget, and the hook, which
+    found that only mid-run, rejuvenates with the exact widths instead and warns."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 48, 3, padding=1, bias=False), nn.BatchNorm2d(48), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+    prepared(model)
+    with torch.no_grad():  # 17 and 43 live: 7468 params, r 0.492, under tr = target_ratio = 0.5
+        for bn, live in ((model[1], 17), (model[4], 43)):
+            bn.weight[live:] = 0
+            bn.bias[live:] = 0
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match=r"round_to: 8: widths in multiples of 8 .*at least the live channels"):
+        rejuvenate(model, SHAPE, 0.5, round_to=8)
+    before = copy.deepcopy(model)
+    hook = NeuralRejuvenation(model, SHAPE, NRConfig(tr=0.5, target_ratio=0.5, round_to=8, delta_t=1,
+                                                     delta_t_unit="step"))
+    with pytest.warns(UserWarning, match=r"nr\.round_to: 8: .*this rejuvenation uses the exact widths"):
+        rep = hook.end_of_step()
+    assert rep["round_to"] == 1 and rep["survivors"] == {"0": 17, "3": 43} and rep["cost_after"] <= rep["target"]
+    assert rel_change(before, hook.model, x) < 1e-5
+
+
+def test_round_to_fills_the_budget():
+    """Issue 24.8: vgg_small width 8, every γ = 1 but 16 channels of the last conv dead, round_to 4 gave widths
+    [12, 8, 20, 20, 36, 16] costing 17836 of 18248 params, though features.0 at 16 still fit (18160). The
+    widths are now maximal: no layer can take 4 more within the budget."""
+    from nr_study.nr.cost import widths_cost
+    from nr_study.nr.surgery import split_counts
+
+    model = create_model("vgg_small", num_classes=10, in_channels=1, width=8)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.fill_(1.0)
+        bns[-1].weight[:16] = 0
+    shape = (1, 1, 28, 28)
+    graph = build_graph(model, shape)
+    _, rep = rejuvenate(model, shape, 1.0, round_to=4)
+    assert list(rep.widths_after.values()) == [16, 8, 20, 20, 36, 16]
+    assert rep.cost_after == 18160 and rep.target == 18248
+    gid = {g.producer: g.id for g in graph.free_groups()}
+    w_prime = {gid[k]: n for k, n in rep.widths_live.items()}
+    widths = {gid[k]: n for k, n in rep.widths_after.items()}
+    for g in widths:
+        assert widths_cost(graph, *split_counts(w_prime, {**widths, g: widths[g] + 4}), "params") > rep.target

@@ -4,6 +4,12 @@ Events: ``after_backward()`` adds the L1 subgradient; ``end_of_step()`` / ``end_
 when the NR flag is on, monitor r(θ), update λ and rejuvenate when r < Tr. A rejuvenation changes the model
 in place and is returned as a report dict; the caller must then rebuild its optimizer (we do not carry
 momentum over: the S weights restart their momentum, the R weights have none to carry).
+
+A rejuvenation never removes a live channel (DESIGN §3.3 item 7). A Tr above the target ratio could meet live
+channels costing more than the target, so it is refused here. Under NR-CR a later rejuvenation may find the
+live channels too costly made dense: it keeps the S and R blocks, removes the dead channels and adds none (the
+report's ``no_growth`` says why). An nr.round_to whose multiples cannot hold the live channels within the budget
+at that rejuvenation gives way to the exact widths, with a warning (the report's ``round_to`` is then 1).
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from nr_study.config import NRCfg
 from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks, min_reachable_ratio, widths_cost
 from nr_study.nr.graph import build_graph
 from nr_study.nr.sparsity import LambdaController, l1_subgradient_
-from nr_study.nr.surgery import base_cost, rejuvenate, split_counts
+from nr_study.nr.surgery import RoundToError, base_cost, rejuvenate, split_counts
 
 
 # NR's settings have one definition, torch-free: the `nr:` section of a config (nr_study.config.NRCfg).
@@ -31,6 +37,12 @@ class NeuralRejuvenation:
         base_cost(model, self.graph)
         if self.cfg.max_rejuvenations > 0:
             self._check_reachable()
+            if self.cfg.realloc and self.cfg.tr > self.cfg.target_ratio:
+                raise ValueError(f"nr.tr: {self.cfg.tr} is above nr.target_ratio {self.cfg.target_ratio}: a "
+                                 f"rejuvenation at r between them finds its live channels costing more than the "
+                                 "target, and a rejuvenation never removes live channels (that is Network "
+                                 "Slimming's job); allowed: tr <= target_ratio (the paper compresses with tr "
+                                 "0.25, target_ratio 0.5)")
             if (self.cfg.round_to or 1) > 1 and self.cfg.realloc and self.cfg.scheme != "cr":
                 self._check_round_to(self.cfg.round_to)
         self.lam = LambdaController(self.cfg.delta_r, self.cfg.delta_lambda, self.cfg.lambda_mode,
@@ -117,10 +129,11 @@ class NeuralRejuvenation:
             self.last_ratio[c] = graph_utilization(self.model, self.graph, c, masks=masks).ratio
         r = self.last_ratio[self.cfg.constraint]
         if r < self.cfg.tr:
-            _, report = rejuvenate(self.model, self.input_shape, self.cfg.target_ratio, self.cfg.constraint,
-                                   self.cfg.scheme, self.cfg.rescale, self.cfg.realloc, inplace=True,
-                                   threshold=self.cfg.dead_threshold, gamma0=self.cfg.gamma0, graph=self.graph,
-                                   impl=self.cfg.impl, round_to=self._round_to())
+            try:
+                report = self._rejuvenate(self._round_to())
+            except RoundToError as exc:  # found before any surgery: the model is untouched
+                warnings.warn(f"nr.{exc}; this rejuvenation uses the exact widths", stacklevel=2)
+                report = self._rejuvenate(1)
             self.rejuvenations += 1
             self.lam.reset()
             self.last_ratio = {}
@@ -130,6 +143,11 @@ class NeuralRejuvenation:
             return out
         self.lam.update(r)
         return None
+
+    def _rejuvenate(self, round_to: int | None):
+        return rejuvenate(self.model, self.input_shape, self.cfg.target_ratio, self.cfg.constraint, self.cfg.scheme,
+                          self.cfg.rescale, self.cfg.realloc, inplace=True, threshold=self.cfg.dead_threshold,
+                          gamma0=self.cfg.gamma0, graph=self.graph, impl=self.cfg.impl, round_to=round_to)[1]
 
     def _collect_gammas(self) -> None:
         modules = dict(self.model.named_modules())

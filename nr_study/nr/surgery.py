@@ -2,11 +2,13 @@
 
 Every free group g goes from width w to w'' = [S; R]: S its survivors (old order), R new channels.
 The shared expansion rate α is the largest one whose widths w'' = floor(α·w') meet the target cost
-(bisection: √(all/live) is right only when every layer is free). Reinitialisation keeps the function of
-the pruned network: W_S→S kept, W_R→S = 0, W_S→R = 0, W_R→R Kaiming, R's γ = γ0, β = 0. Where a layer has no
-R input (it reads the image or a fixed residual stream) its R outputs are initialised from all inputs
-instead, since otherwise they would be constant. The same code prunes (no new channels) for Network
-Slimming and for the utilization invariants.
+(bisection: √(all/live) is right only when every layer is free). α is never below 1: every live channel
+survives (DESIGN §3.3 item 7); where the live channels alone exceed the target the rejuvenation is refused,
+and where only NR-CR's densification would exceed it the CR blocks are kept and nothing is added.
+Reinitialisation keeps the function of the pruned network: W_S→S kept, W_R→S = 0, W_S→R = 0, W_R→R Kaiming,
+R's γ = γ0, β = 0. Where a layer has no R input (it reads the image or a fixed residual stream) its R outputs
+are initialised from all inputs instead, since otherwise they would be constant. The same code prunes (no new
+channels) for Network Slimming and for the utilization invariants.
 
 Every new weight block is drawn with one rule, the layer's own Kaiming init (He-normal, ReLU gain, fan-out
 of the whole new layer), whatever the scheme. A conv bias stays with its block: b_S with W_SS, b_R (zero)
@@ -49,6 +51,7 @@ class RejuvenationReport:
     rescaled_channels: int = 0
     rescale_skipped: dict[str, str] = field(default_factory=dict)
     round_to: int = 1  # the multiple the new widths are in (1: exact floor(α·w'))
+    no_growth: str | None = None  # why this rejuvenation added no channel (it still removed the dead ones)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +74,8 @@ def expansion_widths(w_prime: dict[int, int], alpha: float, multiple: int = 1) -
 
 
 def split_counts(w_prime: dict[int, int], widths: dict[int, int]) -> tuple[dict[int, int], dict[int, int]]:
-    """(|S|, |R|) per group: survivors fill first; a width below w' keeps only the strongest survivors."""
+    """(|S|, |R|) per group: survivors fill first. A width below w' is only ever a cost probe (α < 1 while
+    bisecting): rejuvenate() builds widths of at least w', since it never removes a live channel."""
     s = {g: min(widths[g], w_prime[g]) for g in widths}
     return s, {g: widths[g] - s[g] for g in widths}
 
@@ -102,24 +106,40 @@ def solve_alpha(graph: ChannelGraph, w_prime: dict[int, int], target: float, con
 
 def rounded_widths(graph: ChannelGraph, w_prime: dict[int, int], alpha: float, multiple: int, target: float,
                    constraint: str, scheme: str = "nr") -> dict[int, int] | None:
-    """α·w' in multiples of m, as close to the budget as multiples allow: floor(α·w'/m)·m (at least m), then
-    one m more per group, largest remainder first, wherever the budget still allows it. Each width stays within
-    one multiple of the exact α·w' (so the layers keep the exact solution's proportions; a plain floor loses up
-    to m−1 channels per layer, 17 % of the budget on a small VGG). None: even the floors exceed the budget."""
-    widths = expansion_widths(w_prime, alpha, multiple)
+    """α·w' in multiples of m, filling the budget. Each width starts at floor(α·w'/m)·m, never below its live
+    channels rounded up to m (a rejuvenation keeps every live channel); the widths below their exact α·w' take
+    one m more, largest remainder first, where the budget allows (so the layers keep the exact solution's
+    proportions); then any group that still fits takes m more, the one furthest below α·w' first, until none
+    fits: the widths are maximal (the remainder pass alone left up to 8 % of the budget unused on a small VGG).
+    None: even the starting widths exceed the budget."""
+    m = multiple
+    widths = {g: max(m * math.floor(alpha * w / m), m * math.ceil(w / m)) for g, w in w_prime.items()}
 
     def cost(w: dict[int, int]) -> int:
         return widths_cost(graph, *split_counts(w_prime, w), constraint, scheme)
 
+    def fill(order) -> bool:
+        """One multiple more for each group of ``order`` in turn that the budget still allows."""
+        grew = False
+        for g in order:
+            widths[g] += m
+            if cost(widths) <= target:
+                grew = True
+            else:
+                widths[g] -= m
+        return grew
+
     if cost(widths) > target:
         return None
-    by_remainder = sorted(widths, key=lambda g: (-(alpha * w_prime[g] / multiple % 1), g))
-    for g in by_remainder:
-        if alpha * w_prime[g] > widths[g]:
-            widths[g] += multiple
-            if cost(widths) > target:
-                widths[g] -= multiple
+    fill(sorted((g for g in widths if alpha * w_prime[g] > widths[g]),
+                key=lambda g: (-(alpha * w_prime[g] / m % 1), g)))
+    while fill(sorted(widths, key=lambda g: (widths[g] / (alpha * w_prime[g] or 1.0), g))):
+        pass
     return widths
+
+
+class RoundToError(ValueError):
+    """round_to's multiples, holding every live channel, cost more than the target on this model now."""
 
 
 AUTO_ROUND_TO = 8  # round_to None: GPU kernels tile by 8 (and oneDNN on CPU blocks channels by 8 or 16)
@@ -136,7 +156,8 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
     """Rejuvenate ``model``'s dead channels under target_ratio · c(A as first built); returns (model, report).
 
     ``round_to`` m > 1 puts the new widths in multiples of m (:func:`rounded_widths`; refused where they cannot
-    meet the budget); None: multiples of 8 where they meet it, else the exact widths (the report says which)."""
+    meet the budget); None: multiples of 8 where they meet it, else the exact widths (the report says which).
+    Refused (ValueError) where the live channels alone cost more than the target: no live channel is removed."""
     if constraint not in CONSTRAINTS:
         raise ValueError(f"constraint: {constraint!r} is not allowed; allowed: {', '.join(CONSTRAINTS)}")
     if scheme not in SCHEMES:
@@ -149,43 +170,50 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
         raise ValueError(f"model {type(model).__name__}: no free channel group to rejuvenate (every channel "
                          "is fixed by residual adds, grouped convs, gates or a missing BatchNorm)")
     target = target_ratio * base_cost(model, graph)[constraint]
-    modules = dict(model.named_modules())
     masks = live_masks(model, graph, threshold)  # a layer, and each side of a split conv, keeps a channel
     util = graph_utilization(model, graph, constraint, masks=masks)
 
-    gammas = {g.id: modules[g.bn].weight.detach().abs() for g in free}
     live_idx = {g.id: torch.nonzero(masks[g.id]).flatten() for g in free}
     w_prime = {gid: len(idx) for gid, idx in live_idx.items()}
-    multiple = 1
-    if realloc:
+    multiple, no_growth = 1, None
+    dense_live = widths_cost(graph, w_prime, {}, constraint)  # every survivor S: the form the next net holds
+    if not realloc:  # NR-IP: widths unchanged, dead channels reborn in place
+        alpha, widths = 1.0, {g.id: g.width for g in free}
+    elif dense_live <= target:  # so α >= 1: every live channel stays
         alpha = solve_alpha(graph, w_prime, target, constraint, scheme)
         widths = expansion_widths(w_prime, alpha)
         m = round_to or AUTO_ROUND_TO
         rounded = rounded_widths(graph, w_prime, alpha, m, target, constraint, scheme) if m > 1 else None
         if rounded is None and round_to is not None and round_to > 1:
-            raise ValueError(f"round_to: {m}: widths in multiples of {m} (at least {m} per layer) cost more than "
-                             f"the target {int(target)} {constraint} on this model; allowed: a smaller round_to, "
-                             "or 1 (exact widths)")
+            raise RoundToError(f"round_to: {m}: widths in multiples of {m} (at least {m} per layer, and at "
+                               f"least the live channels) cost more than the target {int(target)} {constraint} "
+                               "on this model; allowed: a smaller round_to, or 1 (exact widths)")
         if rounded is not None:
             multiple, widths = m, rounded
-    else:  # NR-IP: widths unchanged, dead channels reborn in place
-        alpha, widths = 1.0, {g.id: g.width for g in free}
+    elif util.live <= target:  # NR-CR blocks that would not fit made dense: kept, so nothing live is lost
+        alpha, widths = 1.0, dict(w_prime)
+        no_growth = (f"the live channels made dense (every survivor S) would cost {dense_live} {constraint}, "
+                     f"more than the target {int(target)}: NR-CR's S and R blocks are kept apart, the dead "
+                     "channels removed, none added")
+    else:
+        raise ValueError(f"target_ratio: {target_ratio}: the live channels alone cost {util.live} {constraint}, "
+                         f"more than the target {int(target)}; a rejuvenation keeps every live channel (removing "
+                         "live ones is Network Slimming's job); allowed: a target_ratio of at least "
+                         f"{util.live / base_cost(model, graph)[constraint]:.3f}, or a rejuvenation once r(θ) "
+                         "is below the target_ratio")
+    assert all(widths[gid] >= n for gid, n in w_prime.items()), "a rejuvenation never removes a live channel"
     s_count, r_count = split_counts(w_prime, widths)
-    keep = {gid: _strongest(idx, gammas[gid], s_count[gid], graph.sides.get(gid, []))
-            for gid, idx in live_idx.items()}
-    s_count = {gid: len(idx) for gid, idx in keep.items()}
-    widths = {gid: s_count[gid] + r_count[gid] for gid in keep}
 
     report = RejuvenationReport(alpha, constraint, scheme, rescale, realloc, target_ratio, int(target),
-                                util.total, util.live, 0, round_to=multiple)
+                                util.total, util.live, 0, round_to=multiple, no_growth=no_growth)
     for g in free:
         report.widths_before[g.producer] = g.width
         report.widths_live[g.producer] = w_prime[g.id]
         report.widths_after[g.producer] = widths[g.id]
         report.survivors[g.producer] = s_count[g.id]
         report.rejuvenated[g.producer] = r_count[g.id]
-    apply_surgery(model, graph, keep, r_count, scheme=scheme, rescale=rescale, gamma0=gamma0, impl=impl,
-                  report=report, densify_cr=True)
+    apply_surgery(model, graph, live_idx, r_count, scheme=scheme, rescale=rescale, gamma0=gamma0, impl=impl,
+                  report=report, densify_cr=no_growth is None)
     report.cost_after = graph_utilization(model, graph, constraint, masks={}).total
     return model, report
 
@@ -196,20 +224,6 @@ def _target(model: nn.Module, input_shape, graph: ChannelGraph | None, inplace: 
         model = copy.deepcopy(model)
         graph = copy.deepcopy(graph) if graph is not None else None
     return model, graph or build_graph(model, input_shape)
-
-
-def _strongest(idx: torch.Tensor, score: torch.Tensor, n: int, sides: list[torch.Tensor]) -> torch.Tensor:
-    """Compressing below the survivors keeps the ``n`` strongest (in their old order). Each side of a split
-    conv still keeps its best survivor, which may keep a channel or two more than ``n``."""
-    if n >= len(idx):
-        return idx
-    chosen = set(idx[score[idx].argsort(descending=True)[:n]].tolist())
-    alive = set(idx.tolist())
-    for side in sides:
-        cand = [c for c in side.tolist() if c in alive]
-        if cand and not chosen.intersection(cand):
-            chosen.add(max(cand, key=lambda c: float(score[c])))
-    return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
 def prune(model: nn.Module, input_shape, keep_masks: dict[str, torch.Tensor], inplace: bool = False,
@@ -334,7 +348,10 @@ def _rescale(modules, graph: ChannelGraph, keep, gamma0: float, report) -> None:
 
 
 def _scale_input(module: nn.Module, vec: torch.Tensor) -> None:
-    if isinstance(module, CAConv):
+    if isinstance(module, CRConv):  # NR-CR blocks kept by a rejuvenation that could not densify them
+        _scale_input(module.conv_s, vec[module.s_idx])
+        _scale_input(module.conv_r, vec[module.r_idx])
+    elif isinstance(module, CAConv):
         _scale_input(module.inner, vec[module.s_idx])
         if module.w_sr is not None:
             _scale_input(module.w_sr, vec[module.s_idx])
