@@ -150,9 +150,10 @@ class NRCfg:
     gamma0: float = F(1.0, rng(0.0, lo_open=True), doc="γ of a rejuvenated channel (a fresh BN's)")
     dead_threshold: float = F(0.01, rng(0.0, 1.0, True, True))
     impl: str = F("two", choice(("two", "four")), doc="CA convolutions: two or four per layer")
-    round_to: Optional[int] = F(None, rng(1), doc="rejuvenated widths in multiples of this, filling the budget "
-                                "(refused where they cannot meet it); 1: the paper's exact floor(α·w'); null: on "
-                                "CUDA 8 where they meet the budget, else exact; on CPU exact")
+    round_to: Optional[int] = F(None, rng(1), doc="rejuvenated widths in multiples of this, maximal within the "
+                                "budget (refused up front where they cannot meet it; a rejuvenation whose live "
+                                "channels do not fit falls back to exact widths, warned); 1: the paper's exact "
+                                "floor(α·w'); null: on CUDA 8 where they meet the budget, else exact; on CPU exact")
 
     def __post_init__(self):
         errors = check_section(self, "nr.")

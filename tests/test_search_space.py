@@ -330,3 +330,27 @@ def test_asha_horizon_covers_the_longest_trial(epochs, rejuvenations, protocol, 
         parse_search_space(d, "x.yaml")
     assert str(e.value).count("\n") == 0 and f"scheduler.max_t: {want - 1} is not allowed; allowed: >= {want}" \
         in str(e.value)
+
+
+@pytest.mark.parametrize("base_nr,space,refused", [
+    ({"target_ratio": 0.5}, {"method": ["NR-CR"], "nr.tr": [0.3, 0.6]}, True),
+    ({"target_ratio": 0.5}, {"method": ["BL"], "nr.tr": [0.3, 0.6]}, False),  # BL never runs NR's hook
+    ({"target_ratio": 0.5, "tr": 0.4}, {"method": ["NR", "SLIM"]}, False),
+    ({}, {"method": ["NR"], "nr.target_ratio": {"uniform": [0.3, 1.0]}, "nr.tr": {"uniform": [0.2, 0.4]}}, True),
+    ({}, {"method": ["NR"], "nr.target_ratio": {"uniform": [0.3, 1.0]}, "nr.tr": {"uniform": [0.1, 0.3]}}, False),
+    ({}, {"variant": [{"method": "NR-CR", "nr.tr": 0.7, "nr.target_ratio": 1.0},
+                      {"method": "NR-CR", "nr.tr": 0.2, "nr.target_ratio": 0.25}, {"method": "BL"}]}, False),
+    ({}, {"variant": [{"method": "NR-CR", "nr.tr": 0.7, "nr.target_ratio": 1.0},
+                      {"method": "NR-CA", "nr.tr": 0.5, "nr.target_ratio": 0.25}]}, True),
+])
+def test_tr_above_the_target_is_refused_up_front(base_nr, space, refused):
+    """NR's hook refuses nr.tr above nr.target_ratio (a rejuvenation keeps every live channel): the space says so
+    before anything runs, exactly per variant, over a sampled dimension's whole range, and only for NR methods."""
+    d = doc(space=space, search="random" if any(isinstance(v, dict) and ("uniform" in v) for v in space.values())
+            else "grid")
+    d["base"]["nr"] = dict(base_nr)
+    if not refused:
+        parse_search_space(d, "x.yaml")
+        return
+    lines = errors_of(d)
+    assert len(lines) == 1 and "nr.tr:" in lines[0] and "allowed: nr.tr <= nr.target_ratio" in lines[0], lines

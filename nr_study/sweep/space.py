@@ -50,7 +50,8 @@ from nr_study.errors import ConfigError
 from nr_study.labels import fmt_value, short_key
 from nr_study.schema import show_key
 from nr_study.sweep.space_fields import (
-    ALIASES, REPEAT_KEY, SAMPLERS, TOP_KEYS, TRIAL_INDEX_KEY, VARIANT_KEY, Dim, _check_device, _fit_asha_horizon,
+    ALIASES, REPEAT_KEY, SAMPLERS, TOP_KEYS, TRIAL_INDEX_KEY, VARIANT_KEY, Dim, _check_device, _check_tr_below_target,
+    _fit_asha_horizon,
     _parse_base, _parse_counts, _parse_dims, _parse_names, _parse_pair_with, _parse_resources, _parse_scheduler,
     _parse_search, _parse_tags, _suggest, format_template)
 
@@ -297,6 +298,7 @@ def parse_search_space(doc: dict, path: str = "<search space>") -> SearchSpace:
     tags, cell = _parse_tags(doc.get("tags"), base, err, errors, path)
     pair_with = _parse_pair_with(doc.get("pair_with"), base, dims, objectives, scheduler, err)
     _fit_asha_horizon(scheduler, doc.get("scheduler"), base, dims, err)
+    _check_tr_below_target(base, dims, err)
     if errors:
         raise ConfigError("\n".join(errors))
     return SearchSpace(path=path, name=name, experiment=experiment, description=description, base=base,

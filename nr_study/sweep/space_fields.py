@@ -235,6 +235,36 @@ def _values_of(key: str, base: dict, dims: list[Dim]) -> list:
     return vals
 
 
+def _check_tr_below_target(base: dict, dims: list[Dim], err) -> None:
+    """NR's hook refuses nr.tr above nr.target_ratio (a rejuvenation then would have to drop live channels to meet
+    the target, and it keeps every live one): refuse the space now, naming the values, rather than each such trial
+    when it starts. Exact per variant; a sampled dimension counts with its whole range."""
+    from nr_study.methods import METHODS
+
+    if not base:
+        return
+
+    def values(key: str, combo: dict) -> list:
+        if key in combo:
+            return [combo[key]]
+        dim = next((d for d in dims if d.key == key), None)
+        if dim is None:
+            return [get_dotted(base, key)]
+        return list(dim.values) if dim.values is not None else [dim.low, dim.high]
+
+    variants = next((d.variants for d in dims if d.variants is not None), None) or {"": {}}
+    for label, combo in variants.items():
+        if not any(m in METHODS and METHODS[m].hook for m in map(str, values("method", combo))):
+            continue
+        nums = lambda key: [float(v) for v in values(key, combo) if isinstance(v, (int, float))]  # noqa: E731
+        tr, target = max(nums("nr.tr"), default=0.0), min(nums("nr.target_ratio"), default=1.0)
+        if tr > target:
+            where = f" (variant {label})" if label else ""
+            err("nr.tr", f"{tr:g} is above nr.target_ratio {target:g}{where}: a rejuvenation keeps every live "
+                         f"channel, so it could not meet the target; allowed: nr.tr <= nr.target_ratio")
+            return
+
+
 def _largest(key: str, base: dict, dims: list[Dim]) -> int:
     """The largest value an integer config key takes in this space (a randint's upper end included)."""
     vals = [v for v in _values_of(key, base, dims) if isinstance(v, (int, float)) and not isinstance(v, bool)]
