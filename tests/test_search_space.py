@@ -112,7 +112,7 @@ def test_aliases_and_all_distributions():
     d = doc(search="random", num_samples=3, space={
         "model.arch": {"choice": ["vgg_small"]}, "train.seed": {"randint": [0, 10]},
         "nr.delta_lambda": {"loguniform": ["1e-5", 1e-3]}, "nr.delta_r": {"uniform": [0.005, 0.05]},
-        "nr.max_rejuvenations": {"randint": [0, 6]}, "nr.target_ratio": {"uniform": [0.3, 1.0]},
+        "nr.max_rejuvenations": {"randint": [0, 6]}, "nr.target_ratio": {"uniform": [0.6, 1.0]},
         "nr.constraint": ["params", "flops"], "nr.scheme": {"choice": ["cr", "ca"]}, "nr.rescale": [True, False],
         "method": ["NR", "NR-CA"], "nr.tr": {"uniform": [0.2, 0.6]}})
     space = parse_search_space(d, "x.yaml")
