@@ -23,7 +23,7 @@ def _gamma_l1(run_id: str, uri: str) -> float:
     from nr_study.tracking import load_model
 
     model = load_model(run_id, uri)
-    return sum(float(m.weight.abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    return sum(float(m.weight.detach().abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_a_method_registered_from_one_file_trains(tmp_path):
