@@ -26,12 +26,22 @@ def _gamma_l1(run_id: str, uri: str) -> float:
     return sum(float(m.weight.detach().abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
-def test_a_method_registered_from_one_file_trains(tmp_path):
+@pytest.fixture
+def toy_registered():
+    """BL-L1 registered for one test, then gone again: the registry is global and other tests list it."""
     import importlib
 
     from nr_study.methods import METHODS
 
+    sys.modules.pop("tests.toy_method", None)
     importlib.import_module("tests.toy_method")  # registers BL-L1
+    yield
+    METHODS.pop("BL-L1", None)
+    sys.modules.pop("tests.toy_method", None)
+
+
+def test_a_method_registered_from_one_file_trains(tmp_path, toy_registered):
+    from nr_study.methods import METHODS
     from nr_study.train import train
 
     assert METHODS["BL-L1"].reads == ("slim",)
@@ -42,6 +52,26 @@ def test_a_method_registered_from_one_file_trains(tmp_path):
     assert run.data.tags["nr.method"] == "BL-L1" and run.data.metrics["lambda"] == 0.05
     assert toy["final_params"] == base["final_params"]  # no surgery, no prune
     assert _gamma_l1(toy["run_id"], uri) < _gamma_l1(base["run_id"], uri)  # its L1 pulled γ down (same seed)
+
+
+def test_a_module_that_cannot_be_imported_is_one_line(monkeypatch, tmp_path):
+    from nr_study.errors import ConfigError
+    from nr_study.methods.registry import load_plugins
+
+    from nr_study.methods import METHODS
+
+    monkeypatch.setenv("NR_STUDY_METHODS", "tests.toy_method, no_such_module_here")
+    with pytest.raises(ConfigError) as exc:
+        load_plugins()
+    METHODS.pop("BL-L1", None)  # registered by the first module before the second failed
+    sys.modules.pop("tests.toy_method", None)
+    assert "\n" not in str(exc.value) and "'no_such_module_here' cannot be imported" in str(exc.value)
+    (tmp_path / "cfg.yaml").write_text("method: BL\n")
+    proc = subprocess.run([sys.executable, "-m", "nr_study.cli", "train", str(tmp_path / "cfg.yaml")], cwd=str(tmp_path),
+                          text=True, capture_output=True, timeout=120,
+                          env={**os.environ, "NR_STUDY_METHODS": "no_such_module_here", "NR_STUDY_RUNS": str(tmp_path)})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "no_such_module_here" in lines[0], proc.stderr
 
 
 @pytest.mark.slow

@@ -50,9 +50,17 @@ def register_method(name: str, **info) -> Callable[[type], type]:
 
 
 def load_plugins() -> None:
-    """Import the modules $NR_STUDY_METHODS names: their @register_method calls add methods."""
+    """Import the modules $NR_STUDY_METHODS names: their @register_method calls add methods. One that cannot be
+    imported is one line naming it, not a traceback from every command."""
+    from nr_study.errors import ConfigError, one_line
+
     for mod in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
-        importlib.import_module(mod)
+        try:
+            importlib.import_module(mod)
+        except Exception as exc:
+            raise ConfigError(f"${PLUGINS_ENV}: module {mod!r} cannot be imported ({type(exc).__name__}: "
+                              f"{one_line(exc, 200)}); allowed: comma-separated importable modules that register "
+                              f"methods") from None
 
 
 def resolved_nr(cfg) -> dict:
