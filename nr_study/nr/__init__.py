@@ -1,19 +1,38 @@
-"""The Neural Rejuvenation method as pure functions over an nn.Module (imports torch only)."""
-from nr_study.nr.arch import apply_architecture, architecture_spec
-from nr_study.nr.cost import CONSTRAINTS, LayerUtil, Utilization, graph_utilization, live_masks
-from nr_study.nr.graph import ChannelGraph, build_graph
-from nr_study.nr.hook import NeuralRejuvenation, NRConfig
-from nr_study.nr.schemes import CAConv, CRConv
-from nr_study.nr.sparsity import LambdaController, l1_subgradient_
-from nr_study.nr.surgery import SCHEMES, RejuvenationReport, prune, rejuvenate, split_to_ca
+"""The Neural Rejuvenation method as pure functions over an nn.Module. The core imports torch and nothing of the
+app (its settings, nr_study.nr.settings, are plain dataclasses the config imports). Names load on first use
+(PEP 562), so importing nr_study.nr.settings, as the config does, does not import torch."""
+import importlib
+
+_EXPORTS = {
+    "apply_architecture": "arch", "architecture_spec": "arch",
+    "CONSTRAINTS": "settings", "SCHEMES": "settings", "NRConfig": "settings",
+    "LayerUtil": "cost", "Utilization": "cost", "graph_utilization": "cost", "live_masks": "cost",
+    "ChannelGraph": "graph", "build_graph": "graph",
+    "NeuralRejuvenation": "hook",
+    "CAConv": "schemes", "CRConv": "schemes",
+    "LambdaController": "sparsity", "l1_subgradient_": "sparsity",
+    "RejuvenationReport": "surgery", "prune": "surgery", "rejuvenate": "surgery", "split_to_ca": "surgery",
+}
 
 
-def utilization(model, input_shape, constraint: str = "params", threshold: float = 0.01) -> Utilization:
+def utilization(model, input_shape, constraint: str = "params", threshold: float = 0.01):
     """c(A), U(θ) and r for ``model`` (traces it; the hook keeps its graph and skips this)."""
+    from nr_study.nr.cost import graph_utilization
+    from nr_study.nr.graph import build_graph
+
     return graph_utilization(model, build_graph(model, input_shape), constraint, threshold)
 
 
-__all__ = ["CONSTRAINTS", "SCHEMES", "CAConv", "CRConv", "ChannelGraph", "LambdaController", "LayerUtil",
-           "NRConfig", "NeuralRejuvenation", "RejuvenationReport", "Utilization", "apply_architecture",
-           "architecture_spec", "build_graph", "graph_utilization", "l1_subgradient_", "live_masks", "prune",
-           "rejuvenate", "split_to_ca", "utilization"]
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"nr_study.nr.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nr_study.nr' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted([*_EXPORTS, "utilization"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from nr_study.config import CONSTRAINTS  # one definition, torch-free, with the config
+from nr_study.nr.settings import CONSTRAINTS
 from nr_study.nr.graph import ChannelGraph, Layer
 from nr_study.nr.schemes import CRConv
 

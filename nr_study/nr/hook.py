@@ -17,15 +17,11 @@ import warnings
 
 import torch.nn as nn
 
-from nr_study.config import NRCfg
 from nr_study.nr.cost import CONSTRAINTS, graph_utilization, live_masks, min_reachable_ratio, widths_cost
 from nr_study.nr.graph import build_graph
 from nr_study.nr.sparsity import LambdaController, l1_subgradient_
+from nr_study.nr.settings import NRConfig
 from nr_study.nr.surgery import RoundToError, base_cost, rejuvenate, split_counts
-
-
-# NR's settings have one definition, torch-free: the `nr:` section of a config (nr_study.config.NRCfg).
-NRConfig = NRCfg
 
 
 class NeuralRejuvenation:

@@ -29,14 +29,13 @@ def pair_config(cfg, method: str):
     """The configuration `cfg` trained as `method`: everything but the method the same. The settings the method
     never reads (the nr / fs / slim sections outside its `reads`, what follows a rejuvenation for a method that
     never changes the model) are reset to their defaults, so trials that differ only there share one pair."""
-    from nr_study.config import FSCfg, NRCfg, SlimCfg
     from nr_study.methods import METHODS
+    from nr_study.methods.registry import SECTIONS
 
     R = dataclasses.replace
     info = METHODS[method]
     out = R(cfg, method=method, tracking=R(cfg.tracking, run_name=None))
-    defaults = {"nr": NRCfg(), "fs": FSCfg(), "slim": SlimCfg()}
-    out = R(out, **{s: d for s, d in defaults.items() if s not in info.reads})
+    out = R(out, **{s: type(getattr(cfg, s))() for s in SECTIONS if s not in info.reads})
     if not info.changes_model:
         out = R(out, train=R(out.train, after_rejuvenation="continue"))
     return out
