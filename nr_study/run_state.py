@@ -104,6 +104,7 @@ class RunState:
         self.model: nn.Module = None
         self.method = None
         self.opt: torch.optim.Optimizer = None
+        self._opt_params: list = []  # (name, tensor) of what self.opt trains
         self.tracker = None
         self.epoch, self.step, self.sched_offset = 0, 0, 0
         self.end_epoch = cfg.train.epochs  # the epoch this run ends after
@@ -145,10 +146,21 @@ class RunState:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
-    def rebuild_optimizer(self) -> None:
+    def rebuild_optimizer(self, sources=None) -> None:
+        """A new SGD over the model's parameters; ``sources`` (an event's ParamSources): the old optimizer's
+        momentum follows the surviving weights into it (nr.carry_momentum), else it starts empty."""
         o = self.cfg.optim
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
+        old = {n: self.opt.state.get(p, {}).get("momentum_buffer") for n, p in self._opt_params} if sources else {}
+        named = list(self.model.named_parameters())
+        self.opt = torch.optim.SGD([p for _, p in named], lr=o.lr, momentum=o.momentum,
                                    weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
+        self._opt_params = named  # by name: a later surgery replaces the modules these tensors belong to
+        if sources is not None and o.momentum > 0 and any(v is not None for v in old.values()):
+            from nr_study.nr.surgery import carry_state
+
+            carried = carry_state(sources, old, dict(named))
+            for n, p in named:
+                self.opt.state[p]["momentum_buffer"] = carried[n]
 
     def check_input(self, model: nn.Module) -> None:
         """One forward pass on a zero image of the dataset's shape: a model that cannot take it fails here,
@@ -180,8 +192,8 @@ class RunState:
             g["lr"] = lr
 
     def adopt(self, event: Optional[Event], progress: bool) -> None:
-        """A method's event: train its new model with a new optimizer (momentum dropped: the parameter tensors
-        are new), log its report after the next checkpoint, and go on with the lr schedule as it says:
+        """A method's event: train its new model with a new optimizer (momentum dropped — the parameter tensors
+        are new — unless the event says where they came from: nr.carry_momentum), log its report after the next checkpoint, and go on with the lr schedule as it says:
         continue; restart_schedule (from here over the epochs left); reset_epochs (the paper's protocol: the
         epoch counter restarts, train.epochs more epochs after this one's, on a fresh schedule)."""
         if event is None:
@@ -189,7 +201,7 @@ class RunState:
         self.model = self._placed(event.model)
         self.model.train()
         self._graph_of = None
-        self.rebuild_optimizer()
+        self.rebuild_optimizer(event.sources)
         self.image_flops = int(self.measure()["flops"])
         if event.schedule in ("restart_schedule", "reset_epochs"):
             self.sched_offset = self.step

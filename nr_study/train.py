@@ -5,8 +5,8 @@ after_backward, SGD step; then the method's end_of_step), the method's end_of_ep
 measures and the method's metrics, checkpoint (atomic), MLflow (one log_batch), on_epoch_end, fault injection.
 The method (nr_study.methods: BL, BL-CA, NR and its variants, NR-FS, SLIM) is one object with those events; the
 loop never asks which one runs. An event (a rejuvenation, SLIM's prune) hands the loop a new model: the
-optimizer is rebuilt (momentum is dropped, the parameter tensors are new) and the lr schedule continues or
-restarts as the event says. With progress on and stderr a terminal, an epoch's steps show a tqdm bar (images/s,
+optimizer is rebuilt (momentum dropped: the tensors are new; nr.carry_momentum carries it to the survivors) and
+the lr schedule continues or restarts as the event says. With progress on and stderr a terminal, an epoch's steps show a tqdm bar (images/s,
 loss) on stderr; the epoch's line follows on stdout. Sweep trials run with progress off.
 
 Checkpoints: nr_study.checkpoint (a run resumed after a rejuvenation continues bit for bit on CPU).

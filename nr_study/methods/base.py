@@ -4,7 +4,7 @@ methods share: the prunable graph and its γ."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from nr_study.errors import ConfigError
 from nr_study.methods.registry import METHODS
@@ -24,6 +24,7 @@ class Event:
     artifact: str
     schedule: str = "continue"  # what the lr schedule does next: one of config.AFTER_REJUVENATION
     label: str = ""             # what the progress line says ("rejuvenation 2")
+    sources: Any = None         # nr.surgery.ParamSources: where the new weights came from (optimizer state follows)
 
 
 def make_method(cfg: Config, input_shape: tuple, tracking_uri: Optional[str] = None) -> "Method":

@@ -45,7 +45,7 @@ class Rejuvenation(Method):
             return None
         n = self.hook.rejuvenations
         return Event("rejuvenation", self.hook.model, report, f"rejuvenations/{n:03d}.json",
-                     self.cfg.train.after_rejuvenation, f"rejuvenation {n}")
+                     self.cfg.train.after_rejuvenation, f"rejuvenation {n}", self.hook.last_sources)
 
     def metrics(self):
         return {"lambda": self.hook.lam.lam if self.hook.flag_on else 0.0, "rejuvenations": self.hook.rejuvenations}

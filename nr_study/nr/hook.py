@@ -47,6 +47,7 @@ class NeuralRejuvenation:
         self.epoch = 0
         self.rejuvenations = 0
         self.last_ratio: dict[str, float] = {}
+        self.last_sources = None
         self._collect_gammas()
 
     def _check_reachable(self) -> None:
@@ -134,6 +135,7 @@ class NeuralRejuvenation:
             self.lam.reset()
             self.last_ratio = {}
             self._collect_gammas()
+            self.last_sources = report.sources  # where the new weights came from (nr.carry_momentum), else None
             out = report.as_dict()
             out.update(step=self.step, epoch=self.epoch, ratio=r, index=self.rejuvenations)
             return out
@@ -143,7 +145,8 @@ class NeuralRejuvenation:
     def _rejuvenate(self, round_to: int | None):
         return rejuvenate(self.model, self.input_shape, self.cfg.target_ratio, self.cfg.constraint, self.cfg.scheme,
                           self.cfg.rescale, self.cfg.realloc, inplace=True, threshold=self.cfg.dead_threshold,
-                          gamma0=self.cfg.gamma0, graph=self.graph, impl=self.cfg.impl, round_to=round_to)[1]
+                          gamma0=self.cfg.gamma0, graph=self.graph, impl=self.cfg.impl, round_to=round_to,
+                          sources=self.cfg.carry_momentum)[1]
 
     def _collect_gammas(self) -> None:
         modules = dict(self.model.named_modules())

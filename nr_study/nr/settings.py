@@ -36,6 +36,8 @@ class NRCfg:
     rescale: Optional[bool] = F(None, doc="null: the method's default")
     realloc: Optional[bool] = F(None, doc="null: the method's default")
     gamma0: float = F(1.0, rng(0.0, lo_open=True), doc="γ of a rejuvenated channel (a fresh BN's)")
+    carry_momentum: bool = F(False, doc="SGD momentum follows the surviving weights across a rejuvenation "
+                             "(rescaling inverted, new entries 0); false: the paper's fresh optimizer")
     dead_threshold: float = F(0.01, rng(0.0, 1.0, True, True))
     impl: str = F("two", choice(("two", "four")), doc="CA convolutions: two or four per layer")
     round_to: Optional[int] = F(None, rng(1), doc="rejuvenated widths in multiples of this, maximal within the "
