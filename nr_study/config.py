@@ -18,9 +18,10 @@ import yaml
 
 from nr_study.errors import ConfigError
 from nr_study.files import read_yaml
-from nr_study.nr.settings import CONSTRAINTS, SCHEMES, NRCfg  # NR's settings live with the method (torch-free)
-from nr_study.schema import (F, build_section, check_section, choice, field_types, is_section, rng, show, show_key,
+from nr_study.nr.settings import CONSTRAINTS, SCHEMES, NRCfg  # noqa: F401 (NR's settings live with the method)
+from nr_study.schema import (F, build_section, choice, field_types, is_section, rng, show, show_key,
                              suggest, type_name, unwrap_optional)
+from nr_study.tracking_uri import ALLOWED as URI_ALLOWED, scheme_ok
 
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
@@ -29,31 +30,6 @@ DEVICES = ("auto", "cpu", "cuda")
 AFTER_REJUVENATION = ("continue", "restart_schedule", "reset_epochs")
 SEED_MAX = 2**32 - 1            # numpy's seed range (Ray and Optuna seeds too)
 MAX_THREADS = 1024              # torch's OpenMP pool: 20,000 threads abort, 10**6 segfault
-TRACKING_URI_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
-
-
-def _uri_ok(v) -> bool:
-    from urllib.parse import urlparse
-
-    if v is None:
-        return True
-    try:
-        return bool(v.strip()) and urlparse(v).scheme in TRACKING_URI_SCHEMES
-    except ValueError:  # a broken IPv6 host in brackets
-        return False
-
-
-URI_ALLOWED = "a path or a URI whose scheme is one of " + ", ".join(s for s in TRACKING_URI_SCHEMES if s)
-
-
-def check_tracking_uri_scheme(uri: str, source: str) -> str:
-    """A tracking URI from the command line or the environment gets the config's check (`tracking.uri`): MLflow
-    raised an internal error deep in its client on a scheme it lacks (ftp://)."""
-    if not _uri_ok(uri):
-        raise ConfigError(f"{source} {uri}: not a tracking store MLflow can use; allowed: {URI_ALLOWED}")
-    return uri
-
-
 def _methods() -> dict:
     """The method registry (nr_study.methods), read when a config is checked: methods register themselves there,
     and a method's module may import this one."""
@@ -141,7 +117,7 @@ class SlimCfg:
 
 @dataclass(frozen=True)
 class TrackingCfg:
-    uri: Optional[str] = F(None, (_uri_ok, URI_ALLOWED), doc="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db")
+    uri: Optional[str] = F(None, (scheme_ok, URI_ALLOWED), doc="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db")
     experiment: str = F("nr_study", ((lambda v: v is None or 0 < len(v.strip()) and len(v) <= 500),
                                      "a non-empty name of at most 500 characters (MLflow's limit)"))
     run_name: Optional[str] = F(None)

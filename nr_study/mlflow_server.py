@@ -329,8 +329,8 @@ def experiment_link(folder, port: int, experiment: Optional[str]) -> str:
     expanded rows or columns, so the line says what to click."""
     experiment_id = None
     if experiment and (_runs_dir(folder) / DB_NAME).is_file():
-        from nr_study.names import default_tracking_uri
         from nr_study.tracking import client_for
+        from nr_study.tracking_uri import default_tracking_uri
 
         found = client_for(default_tracking_uri(folder)).get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else None

@@ -55,8 +55,3 @@ EPOCH_KEY = "test_err"  # the metric whose history says which epochs a run alrea
 def runs_dir(path: Optional[str | os.PathLike] = None) -> Path:
     """The runs folder: `path`, else $NR_STUDY_RUNS, else ./runs; absolute, `~` expanded. Creates nothing."""
     return Path(path or os.environ.get(RUNS_ENV) or "runs").expanduser().resolve()
-
-
-def default_tracking_uri(path: Optional[str | os.PathLike] = None) -> str:
-    """sqlite:///<runs folder>/mlflow.db (without looking at $MLFLOW_TRACKING_URI)."""
-    return f"sqlite:///{runs_dir(path) / DB_NAME}"

@@ -48,46 +48,9 @@ from nr_study.names import (DATA_CONTEXT_TEST, DATA_CONTEXT_TRAIN, EPOCH_KEY, EX
                             SYSTEM_METRICS_INTERVAL_S, TAG_ARCH, TAG_CODE_VERSION, TAG_CONSTRAINT, TAG_DATASET,
                             TAG_ERROR, TAG_EXPERIMENT_KIND, TAG_GIT_COMMIT, TAG_METHOD, TAG_SCHEME, TAG_SEED,
                             VERSION_TAGS, runs_dir)
+from nr_study.tracking_uri import resolve_tracking_uri  # noqa: E402
 
 __all__ = ["FINISHED", "FAILED", "KILLED", "RUNNING", "EPOCH_KEY", "runs_dir", "RunTracker", "open_run", "run_tags"]
-
-
-def default_tracking_uri(create: bool = True) -> str:
-    from nr_study.names import default_tracking_uri as uri_in
-
-    d = runs_dir()
-    if create:
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"runs folder {d}: cannot create it ({exc.strerror or exc}); set $NR_STUDY_RUNS "
-                              f"to a writable folder or pass --tracking-uri") from None
-    return uri_in(d)
-
-
-def resolve_tracking_uri(uri: Optional[str] = None, cfg_uri: Optional[str] = None, create: bool = True) -> str:
-    """The URI to use (the flag, the config, $MLFLOW_TRACKING_URI, the runs folder's store), its scheme checked;
-    `create=False` computes the default without creating the runs folder (preflight)."""
-    from nr_study.config import check_tracking_uri_scheme
-
-    for value, source in ((uri, "--tracking-uri"), (cfg_uri, "tracking.uri"),
-                          (os.environ.get("MLFLOW_TRACKING_URI"), "$MLFLOW_TRACKING_URI")):
-        if value:
-            return check_tracking_uri_scheme(value, source)
-    return default_tracking_uri(create)
-
-
-def local_store_dir(uri: str) -> Optional[Path]:
-    """The folder a local store writes into (sqlite DB's folder, file store root), None for a server."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).parent
-    if uri.startswith("file:"):
-        from urllib.parse import urlparse
-
-        return Path(urlparse(uri).path)
-    if "://" not in uri:
-        return Path(uri)
-    return None
 
 
 _UNREACHABLE = ("Max retries exceeded", "Connection refused", "NewConnectionError", "timed out", "ConnectionError",

@@ -256,7 +256,7 @@ def train(cfg, *, tracking_uri: Optional[str] = None, run_id: Optional[str] = No
     row_extras(row) -> {metric: value}: more metrics for each epoch's row, added before it is checkpointed and
     logged, so they are kept and logged exactly once like the row (a sweep's paired difference).
     """
-    from nr_study.tracking import resolve_tracking_uri
+    from nr_study.tracking_uri import resolve_tracking_uri
 
     started = time.perf_counter()
     if not isinstance(cfg, Config):
@@ -273,7 +273,8 @@ def _prepare(cfg: Config, uri: str, ckpt_dir: Optional[Path], resume: bool, run_
     """Preflight: bad input fails here, before a run, a checkpoint folder or a runs/ folder exists. Returns the
     built run state and the checkpoint it resumes from (None: a fresh start)."""
     from nr_study.data import build_data
-    from nr_study.tracking import FAILED, KILLED, RunTracker, local_store_dir
+    from nr_study.tracking import FAILED, KILLED, RunTracker
+    from nr_study.tracking_uri import local_store_dir
 
     tc = cfg.train
     try:

@@ -4,20 +4,21 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from nr_study import tracking as T
+from nr_study import tracking_uri as U
 
 
 def test_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("NR_STUDY_RUNS", str(tmp_path / "r"))
-    assert T.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}"
+    assert U.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'r' / 'mlflow.db'}"
     assert (tmp_path / "r").is_dir()
     monkeypatch.delenv("NR_STUDY_RUNS")
     monkeypatch.chdir(tmp_path)
-    assert T.default_tracking_uri() == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert U.default_tracking_uri() == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////env.db")
-    assert T.resolve_tracking_uri() == "sqlite:////env.db"
-    assert T.resolve_tracking_uri(None, "sqlite:////cfg.db") == "sqlite:////cfg.db"
-    assert T.resolve_tracking_uri("http://x:5000", "sqlite:////cfg.db") == "http://x:5000"
+    assert U.resolve_tracking_uri() == "sqlite:////env.db"
+    assert U.resolve_tracking_uri(None, "sqlite:////cfg.db") == "sqlite:////cfg.db"
+    assert U.resolve_tracking_uri("http://x:5000", "sqlite:////cfg.db") == "http://x:5000"
 
 
 def test_run_reopened_and_epochs_logged_once(tracking_uri):

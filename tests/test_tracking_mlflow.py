@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from nr_study import names as N
 from nr_study import tracking as T
+from nr_study.tracking_uri import default_tracking_uri
 
 
 def test_every_experiment_opens_on_the_runs_table(tracking_uri):
@@ -211,8 +212,8 @@ def test_demo_prints_the_experiments_runs_link(tmp_path):
     out = subprocess.run([sys.executable, "-m", "nr_study.mlflow_server", "--runs", str(runs), "--experiment",
                           "nr-demo", "--print-url"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ui_url("http://127.0.0.1:5000") and not runs.exists()  # no store yet: list, nothing made
-    exp = MlflowClient(N.default_tracking_uri(runs)).create_experiment("nr-demo")
-    MlflowClient(N.default_tracking_uri(runs)).create_experiment("other")
+    exp = MlflowClient(default_tracking_uri(runs)).create_experiment("nr-demo")
+    MlflowClient(default_tracking_uri(runs)).create_experiment("other")
     assert main(["--runs", str(runs), "--experiment", "nr-demo", "--print-url", "--port", "5001"]) == 0
     out = subprocess.run([sys.executable, "-m", "nr_study.mlflow_server", "--runs", str(runs), "--experiment",
                           "nr-demo", "--print-url"], capture_output=True, text=True, check=True).stdout

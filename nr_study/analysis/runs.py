@@ -9,17 +9,14 @@ lookup tolerates a missing key (returns None) so callers can skip and say so.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 from nr_study import names as N
-from nr_study.config import check_tracking_uri_scheme
 from nr_study.errors import ConfigError
-from nr_study.files import check_sqlite_store
 from nr_study.methods import METHODS
+from nr_study.tracking_uri import check_readable_store, resolve_tracking_uri
 
 FINISHED = N.FINISHED
 
@@ -44,37 +41,6 @@ ATTR_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 NR_METHODS = tuple(m for m, info in METHODS.items() if info.hook)  # the registry's NR variants
-
-
-def default_tracking_uri() -> str:
-    """env MLFLOW_TRACKING_URI, else sqlite:///<abs runs folder>/mlflow.db (runs folder = env NR_STUDY_RUNS or ./runs)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or N.default_tracking_uri()
-
-
-def check_tracking_uri(uri: str) -> str:
-    """Refuse a sqlite or file store that does not exist (MLflow would silently create an empty one), and a
-    scheme MLflow lacks."""
-    check_tracking_uri_scheme(uri, "--tracking-uri")
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.is_file():
-            raise ConfigError(f"--tracking-uri: no MLflow database at {path} (run a sweep first, or pass --tracking-uri)")
-        check_sqlite_store(uri)
-    elif uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
-        try:  # fail fast: MLflow's own client retries for minutes against a dead server
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
-        except urllib.error.HTTPError:
-            pass  # something answers (auth, proxy, no /health): let MLflow speak for itself
-        except (urllib.error.URLError, OSError) as exc:
-            raise ConfigError(f"--tracking-uri: no MLflow server answers at {uri} ({getattr(exc, 'reason', exc)})") from None
-    elif uri.startswith("file:") or "://" not in uri:
-        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:"))
-        if not path.is_dir():
-            raise ConfigError(f"--tracking-uri: no MLflow file store at {path}")
-    return uri
 
 
 def to_float(value: Any) -> float | None:
@@ -204,9 +170,9 @@ class RunStore:
     def __init__(self, tracking_uri: str | None = None, experiments: Iterable[str] | None = None, *, check: bool = True):
         from mlflow.tracking import MlflowClient  # imported here: mlflow is slow to import
 
-        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.tracking_uri = tracking_uri or resolve_tracking_uri(create=False)
         if check:
-            check_tracking_uri(self.tracking_uri)
+            check_readable_store(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         try:
             known = {e.experiment_id: e.name for e in self._all_experiments()}

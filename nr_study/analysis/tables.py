@@ -49,7 +49,7 @@ from pathlib import Path
 from nr_study.analysis.builders import TABLE_KINDS
 from nr_study.analysis.formats import FORMATS
 from nr_study.analysis.paper import Paper, load_paper
-from nr_study.analysis.runs import RunStore, default_tracking_uri
+from nr_study.analysis.runs import RunStore
 from nr_study.analysis.table_model import BuiltTable
 from nr_study.cli_parser import CommandParser
 from nr_study.names import runs_dir
@@ -109,7 +109,7 @@ def parse_common(prog: str, description: str, argv: list[str]) -> argparse.Names
     args = common_parser(prog, description).parse_args(argv)
     if args.metric not in METRIC_MODES:
         raise ConfigError(f"--metric: unknown value {args.metric!r}; allowed: {', '.join(METRIC_MODES)}")
-    args.store = RunStore(args.tracking_uri or default_tracking_uri(), args.experiment)
+    args.store = RunStore(args.tracking_uri, args.experiment)
     args.out = Path(args.out) if args.out else runs_dir() / "report"
     try:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ from nr_study.errors import FaultError
 
 def local_store_dir(tracking_uri: Optional[str], runs_folder: Path) -> Optional[str]:
     """Where the tracking store lives on this machine: the run folder for the sweep's own server, else the
-    store's own folder (tracking.local_store_dir); None for a server elsewhere (its disk is not ours to measure)."""
-    from nr_study.tracking import local_store_dir as store_of
+    store's own folder (tracking_uri.local_store_dir); None for a server elsewhere (its disk is not ours to measure)."""
+    from nr_study.tracking_uri import local_store_dir as store_of
 
     store = store_of(tracking_uri) if tracking_uri else runs_folder
     return str(store) if store is not None else None

@@ -32,7 +32,6 @@ checkpoint in the same process instead of spending one of Ray's retries.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import signal
 import sys
@@ -41,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from nr_study.errors import ConfigError, Terminated, UserError
+from nr_study.errors import Terminated, UserError
 from nr_study.files import check_sqlite_store, read_json, write_json_atomic
 from nr_study.names import RUNNING
 from nr_study.sweep.faults import check_disk, driver_fault, full_disk, local_store_dir, store_full
@@ -50,6 +49,7 @@ from nr_study.sweep.ray_setup import (UNREADABLE_ERROR_FILES, OneLineTrialErrors
                                       quiet_loggers, tolerate_unreadable_error_files, trials_from_state)
 from nr_study.sweep.runs import ensure_tracking, finalize, start_parent, tcall
 from nr_study.tracking import client_for
+from nr_study.tracking_uri import check_sweep_server
 from nr_study.sweep.space import SearchSpace
 from nr_study.sweep.summary import count_finished, format_summary, has_early_stops, log_summary, summarize
 from nr_study.sweep.trial import TrialContext
@@ -117,7 +117,7 @@ def open_folder(space: SearchSpace, *, address, tracking_uri, resume, runs, out)
     from nr_study.mlflow_server import DB_NAME, runs_dir
 
     if tracking_uri:  # flags first: a bad one is refused before any folder, server or run exists
-        _check_tracking_uri(tracking_uri)
+        check_sweep_server(tracking_uri)
     check_address(address)
     folder = runs_dir(runs)
     if not tracking_uri:  # the local server's store: a garbage mlflow.db is one line, before any sweep folder
@@ -371,16 +371,6 @@ def _close_runs(sw: Sweep, error: Optional[BaseException], out) -> None:
 def find_latest_sweep(storage_root: Path, name: str) -> Optional[Path]:
     cands = [p for p in storage_root.glob(f"{name}-*") if (p / SWEEP_FILE).is_file()]
     return max(cands, key=lambda p: p.name) if cands else None
-
-
-def _check_tracking_uri(uri: str) -> None:
-    if uri.startswith("sqlite:"):
-        raise ConfigError(f"--tracking-uri {uri}: SQLite takes one writer and trials log concurrently; omit "
-                          "--tracking-uri (a local mlflow server is started on the run folder's SQLite file) or "
-                          "pass an http:// server")
-    if not re.match(r"https?://[^/\s]+", uri):
-        raise ConfigError(f"--tracking-uri {uri}: not an MLflow server address; allowed: http://host:port or "
-                          f"https://host[:port], or omit it (a local mlflow server is started)")
 
 
 def sweep_command(path: str, folder: Path, resume_dir: Optional[Path] = None, tracking_uri: Optional[str] = None,
