@@ -116,6 +116,27 @@ class SlimCfg:
 
 
 @dataclass(frozen=True)
+class ReDoCfg:
+    """ReDo (Sokar et al. 2023): recycle the dormant units every `every` steps."""
+
+    tau: float = F(0.1, rng(0.0), doc="a unit is dormant when its score (mean |activation| over a batch, over the "
+                   "layer's mean) is <= tau; 0: only units that are exactly 0 on the batch (dopamine's default)")
+    every: int = F(1000, rng(1), doc="score and recycle every this many optimizer steps (the training batch of "
+                   "that step)")
+
+
+@dataclass(frozen=True)
+class CBPCfg:
+    """Continual Backprop (Dohare et al. 2024): replace a fraction of the mature units of least utility each
+    step."""
+
+    replacement_rate: float = F(3e-4, rng(0.0, 1.0, lo_open=True), doc="ρ: units replaced per step, as a "
+                                "fraction of a layer's mature units (accumulated across steps)")
+    maturity: int = F(100, rng(0), doc="m: a unit is replaceable once older than this many steps")
+    decay: float = F(0.99, rng(0.0, 1.0, hi_open=True), doc="η of the running average of the utility")
+
+
+@dataclass(frozen=True)
 class TrackingCfg:
     uri: Optional[str] = F(None, (scheme_ok, URI_ALLOWED), doc="default: $MLFLOW_TRACKING_URI or sqlite:///<runs>/mlflow.db")
     experiment: str = F("nr_study", ((lambda v: v is None or 0 < len(v.strip()) and len(v) <= 500),
@@ -148,6 +169,8 @@ class Config:
     nr: NRCfg = field(default_factory=NRCfg)
     fs: FSCfg = field(default_factory=FSCfg)
     slim: SlimCfg = field(default_factory=SlimCfg)
+    redo: ReDoCfg = field(default_factory=ReDoCfg)
+    cbp: CBPCfg = field(default_factory=CBPCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
     testing: FaultInjectionCfg = field(default_factory=FaultInjectionCfg)
 

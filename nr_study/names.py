@@ -45,8 +45,8 @@ OPTUNA_DB = "optuna.db"
 
 # Per-epoch metrics (step = epoch, 1-based): the same names for every method (tests/test_methods.py).
 EPOCH_METRICS = ("train_loss", "train_err", "lr", "epoch_time", "images_per_s", "test_err", "test_err5",
-                 "util_params", "util_flops", "params", "flops", "lambda", "rejuvenations", "total_epochs",
-                 "train_flops")
+                 "util_params", "util_flops", "params", "flops", "lambda", "rejuvenations", "recycled", "dormant",
+                 "total_epochs", "train_flops")
 # Logged once at the end (no step).
 SUMMARY_METRICS = ("final_test_err", "best_test_err", "final_params", "final_flops")
 EPOCH_KEY = "test_err"  # the metric whose history says which epochs a run already has

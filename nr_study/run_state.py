@@ -161,6 +161,8 @@ class RunState:
             carried = carry_state(sources, old, dict(named))
             for n, p in named:
                 self.opt.state[p]["momentum_buffer"] = carried[n]
+        if self.method is not None:  # a method that edits weights in place zeroes their state in this optimizer
+            self.method.on_optimizer(self.opt)
 
     def check_input(self, model: nn.Module) -> None:
         """One forward pass on a zero image of the dataset's shape: a model that cannot take it fails here,

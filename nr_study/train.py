@@ -41,6 +41,7 @@ from nr_study.config import Config, config_from_dict, load_config
 from nr_study.errors import ConfigError, Terminated, UnsupportedGraphError, one_line
 from nr_study.files import check_free_space, check_writable_dir
 from nr_study.files import check_sqlite_store
+from nr_study.methods.base import method_metrics
 from nr_study.run_state import RunState, lr_at, shape_message
 
 NAN_CHECK_EVERY = 20  # CUDA: look at the loss flag every N steps (a host sync), and at the end of each epoch
@@ -154,7 +155,7 @@ def fit(run: "RunState", tracker, on_epoch_end: Optional[Callable] = None, progr
         with time_in("measure"):
             measured = run.measure()
         row = {"epoch": run.epoch, **stats.row(time.perf_counter() - t0), "lr": run.lr(max(0, run.step - 1)),
-               **evaluated, **measured, **{k: float(v) for k, v in method.metrics().items()},
+               **evaluated, **measured, **{k: float(v) for k, v in method_metrics(method).items()},
                "total_epochs": run.end_epoch, "train_flops": run.train_flops}
         if run.row_extras is not None:
             row.update(run.row_extras(row))
@@ -238,6 +239,8 @@ def _fmt(row: dict, epochs: int) -> str:
     s += f" λ {row.get('lambda', 0.0):.2e} lr {row['lr']:.4g}"
     if row.get("rejuvenations"):
         s += f" rejuv {int(row['rejuvenations'])}"
+    if row.get("recycled"):  # ReDo, CBP: units recycled so far
+        s += f" recycled {int(row['recycled'])}"
     return s + f" ({row['epoch_time']:.1f}s)"
 
 

@@ -28,10 +28,15 @@ BASE = {
     "tracking": {"experiment": "methods"},
     "nr": {"tr": 0.95, "delta_lambda": 0.05, "delta_t": 1, "delta_t_unit": "step"},
     "slim": {"l1": 1e-3, "prune_epoch": 1},
+    # the recyclers at a pace a 64-step run sees: ReDo scores every 10 steps (τ = 1: at init every unit scores
+    # about the layer's mean, so about half are recycled each time); CBP's units mature after 10 steps
+    "redo": {"tau": 1.0, "every": 10},
+    "cbp": {"replacement_rate": 0.01, "maturity": 10},
 }
 STEPS = 64
 NR_VARIANTS = [m for m, info in METHODS.items() if info.hook]
 EVENT = {**{m: "rejuvenations/001.json" for m in NR_VARIANTS}, "SLIM": "slim_prune.json"}
+RECYCLERS = ("ReDo", "CBP")  # units recycled in place: no event, the architecture unchanged
 # what every method logs, per epoch and once at the end (the one list: nr_study.names)
 EPOCH_METRICS, SUMMARY_METRICS = set(N.EPOCH_METRICS), set(N.SUMMARY_METRICS)
 TIMING = ("epoch_time", "images_per_s")
@@ -121,10 +126,17 @@ def test_method(method, found_widths, l1_spy, tracking_uri, tmp_path):
             assert rep["scheme"] == METHODS[method].scheme and rep["rescale"] == METHODS[method].rescale
             assert (rep["widths_after"] == rep["widths_before"]) == (method == "NR-IP")
             assert h[-1]["lambda"] == 0.0 and method_state["rejuvenations"] == 1 and "config" not in method_state
+    elif method in RECYCLERS:  # no L1, no event: units recycled in place, counted in the state and the metrics
+        assert calls == [] and h[0]["params"] == h[1]["params"] == ref["final_params"]
+        assert [r["lambda"] for r in h] == [0.0, 0.0] and ref["rejuvenations"] == 0
+        assert method_state["step"] == STEPS and 0 < h[0]["recycled"] < h[1]["recycled"] == method_state["recycled"]
+        assert all(0.0 <= r["dormant"] <= 1.0 for r in h)
     else:  # no L1, no event, no state: the architecture is the one training started with
         assert calls == [] and method_state == {}
         assert h[0]["params"] == h[1]["params"] == ref["final_params"]
         assert [r["lambda"] for r in h] == [0.0, 0.0] and ref["rejuvenations"] == 0
+    if method not in RECYCLERS:
+        assert [(r["recycled"], r["dormant"]) for r in h] == [(0.0, 0.0)] * 2
     # training FLOPs: 3 × the forward multiply-adds of the architecture trained, per image (1024 an epoch)
     first_clean = rep["epoch"] + 1 if method in EVENT else 1  # epochs whose architecture did not change
     steps_flops = [b["train_flops"] - a["train_flops"] for a, b in zip([{"train_flops": 0}] + h, h)]

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 from nr_study import names as N
 from nr_study.errors import ConfigError
 from nr_study.methods import METHODS
+from nr_study.methods.registry import SECTIONS
 from nr_study.tracking_uri import check_readable_store, resolve_tracking_uri
 
 FINISHED = N.FINISHED
@@ -250,7 +251,7 @@ NOT_CONFIG = ("seed", "name", "data.root", "data.download", "data.num_workers", 
 NOT_CONFIG_PREFIXES = ("tracking.", "testing.")
 # What a method itself defines (nr_study.sweep.pairs.pair_config): the only keys a paired comparison may differ in.
 METHOD_KEYS = ("method", "train.after_rejuvenation", "optim.restart_after_rejuvenation")
-METHOD_PREFIXES = ("nr.", "fs.", "slim.")
+METHOD_PREFIXES = tuple(f"{s}." for s in SECTIONS)  # nr., fs., slim., redo., cbp.
 
 
 def is_method_key(key: str) -> bool:

@@ -27,6 +27,17 @@ class Event:
     sources: Any = None         # nr.surgery.ParamSources: where the new weights came from (optimizer state follows)
 
 
+# What every method logs each epoch (nr_study.names.EPOCH_METRICS): a method's metrics() over these defaults, so
+# the names are the same for every method, a plugin's included. `recycled`: units recycled in place so far (ReDo,
+# CBP); `dormant`: the fraction of units dormant at the last scoring (methods that score units).
+METRIC_DEFAULTS = {"lambda": 0.0, "rejuvenations": 0, "recycled": 0, "dormant": 0.0}
+
+
+def method_metrics(method: "Method") -> dict:
+    """The method's metrics with every name present (METRIC_DEFAULTS where it says nothing)."""
+    return {**METRIC_DEFAULTS, **method.metrics()}
+
+
 def make_method(cfg: Config, input_shape: tuple, tracking_uri: Optional[str] = None) -> "Method":
     """The method object registered under cfg.method."""
     return METHODS[cfg.method].cls(cfg, tuple(input_shape), tracking_uri)
@@ -48,6 +59,10 @@ class Method:
     def on_fit_start(self, model: nn.Module) -> nn.Module:
         return model
 
+    def on_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        """The optimizer the loop built (at the start, after an event, on a resume before its state is loaded into
+        it): a method that edits weights in place keeps it to zero their optimizer state."""
+
     def after_backward(self) -> None:
         pass
 
@@ -58,7 +73,7 @@ class Method:
         return None
 
     def metrics(self) -> dict:
-        return {"lambda": 0.0, "rejuvenations": 0}
+        return dict(METRIC_DEFAULTS)
 
     def state_dict(self) -> dict:
         return {}
@@ -76,7 +91,7 @@ def prunable_graph(model: nn.Module, input_shape: tuple, method: str, name: str)
         reasons = sorted({g.fixed_reason.split("'")[0].strip() for g in graph.groups.values()
                           if g.producer is not None and g.fixed_reason})
         raise ConfigError(f"method {method}: model {name!r} has no prunable channels (every channel group is "
-                          f"fixed: {'; '.join(reasons[:3]) or 'none found'}); NR/SLIM/BL-CA need convolutions "
+                          f"fixed: {'; '.join(reasons[:3]) or 'none found'}); {method} needs convolutions "
                           f"followed by a BatchNorm outside residual additions; allowed here: method BL")
     return graph
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 PLUGINS_ENV = "NR_STUDY_METHODS"
-SECTIONS = ("nr", "fs", "slim")  # the method-owned config sections (a method reads some, none or all of them)
+SECTIONS = ("nr", "fs", "slim", "redo", "cbp")  # the method-owned config sections (a method reads some, none or all of them)
 
 
 @dataclass(frozen=True)

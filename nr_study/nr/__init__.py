@@ -10,7 +10,7 @@ _EXPORTS = {
     "ChannelGraph": "graph", "build_graph": "graph",
     "NeuralRejuvenation": "hook",
     "CAConv": "schemes", "CRConv": "schemes",
-    "LambdaController": "sparsity", "l1_subgradient_": "sparsity",
+    "LambdaController": "sparsity", "l1_subgradient_": "sparsity", "zero_optimizer_state": "optim_state",
     "RejuvenationReport": "surgery", "prune": "surgery", "rejuvenate": "surgery", "split_to_ca": "surgery",
 }
 

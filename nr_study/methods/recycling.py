@@ -1,0 +1,226 @@
+"""What ReDo and CBP share: which units they may recycle, the activation they score a unit by, and recycling a
+unit in place.
+
+Units are the channels of the core's free channel groups (nr_study.nr.graph): a conv (or linear) whose channels
+go straight into one BatchNorm, outside residual adds, gates and grouped convs. Fixed groups and the classifier
+are never recycled (the network's output is always fixed). A unit's weights come from the graph as the surgery
+reads them: its producer's rows and bias (incoming), every BN over its channels and every depthwise conv on its
+path (part of the unit), and the columns of every dense layer that reads it, through concatenations and flattens
+(outgoing). Recycling re-initialises the incoming weights with the rule NR gives its new channels (He-normal,
+fan-out of the whole layer), resets the BNs (γ 1, β 0, running mean 0, var 1) and depthwise weights like them,
+zeroes the outgoing weights, and zeroes the optimizer state of all of them. With its outgoing weights at zero a
+recycled unit changes nothing the network computes at that moment, in train or eval mode: every path from a free
+channel to the output goes through a dense reader (anything else would have fixed the group).
+
+The activation of a unit is what its first dense reader reads of it (after the nonlinearity, pooling, a
+flatten): mean |x| over the batch and positions, reduced on the device by a forward pre-hook, only while the
+model trains with gradients on (not in evaluation, BN recalibration or tracing)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn as nn
+
+from nr_study.errors import ConfigError
+from nr_study.methods.base import prunable_graph
+
+if TYPE_CHECKING:
+    from nr_study.nr.graph import ChannelGraph
+
+
+@dataclass
+class Slot:
+    """Where a layer holds a group's channels: channel c of the group is at positions offset + c·factor ..
+    offset + (c + 1)·factor − 1 of the layer's channels (factor > 1 after a flatten)."""
+
+    name: str
+    offset: int
+    factor: int = 1
+
+
+@dataclass
+class UnitGroup:
+    """One free channel group: its channels are the units. ``readers`` are the dense layers reading them (their
+    columns are the outgoing weights; the first one's input is the activation scored)."""
+
+    gid: int
+    width: int
+    producer: str
+    norms: list[Slot] = field(default_factory=list)
+    depthwise: list[Slot] = field(default_factory=list)
+    readers: list[Slot] = field(default_factory=list)
+
+
+def unit_groups(model: nn.Module, input_shape: tuple, method: str, model_name: str) -> list[UnitGroup]:
+    """The free channel groups of ``model`` with their weights, or a one-line ConfigError: a model with no free
+    group, with NR's split convolutions (their blocks are not one weight per unit), or with a free group no
+    dense layer reads (its activation could not be scored)."""
+    from nr_study.nr.schemes import SPLIT_CONVS
+
+    split = next((n for n, m in model.named_modules() if isinstance(m, SPLIT_CONVS)), None)
+    if split is not None:
+        raise ConfigError(f"method {method}: model {model_name!r} has a split convolution ({split!r}, NR's CR/CA "
+                          f"form); {method} recycles units of dense layers; allowed: a model without split convs")
+    graph = prunable_graph(model, input_shape, method, model_name)
+    groups = {g.id: UnitGroup(g.id, g.width, g.producer) for g in graph.free_groups()}
+    for bn in graph.bns:
+        for gid, offset, factor in _segments(graph, bn.layout):
+            if gid in groups:
+                groups[gid].norms.append(Slot(bn.name, offset, factor))
+    for layer in graph.layers:
+        for gid, offset, factor in _segments(graph, layer.in_layout):
+            if gid not in groups:
+                continue
+            if layer.kind == "depthwise":
+                groups[gid].depthwise.append(Slot(layer.name, offset, factor))
+            elif layer.kind in ("conv", "linear"):
+                groups[gid].readers.append(Slot(layer.name, offset, factor))
+            else:  # pragma: no cover - a grouped conv fixes what it reads
+                raise AssertionError(f"free group read by {layer.kind} layer {layer.name!r}")
+    unread = [g.producer for g in groups.values() if not g.readers]
+    if unread:
+        raise ConfigError(f"method {method}: model {model_name!r}: no layer reads the channels of {unread[0]!r}, so "
+                          f"their activations cannot be scored; allowed: models whose every BN-followed conv feeds "
+                          f"a later conv or linear layer")
+    return list(groups.values())
+
+
+def _segments(graph: ChannelGraph, layout) -> list[tuple[int, int, int]]:
+    """(group, offset, factor) of each segment of a layout (a group appears twice after a cat of one tensor)."""
+    out, offset = [], 0
+    for gid, factor in layout:
+        out.append((gid, offset, factor))
+        offset += graph.groups[gid].width * factor
+    return out
+
+
+def _positions(slot: Slot, idx: torch.Tensor) -> torch.Tensor:
+    """The layer positions of channels ``idx`` of the group (all ``factor`` positions of each)."""
+    if slot.factor == 1:
+        return idx + slot.offset
+    return (idx[:, None] * slot.factor + torch.arange(slot.factor, device=idx.device)).flatten() + slot.offset
+
+
+class Probe:
+    """Mean |activation| of every unit on a training forward: a forward pre-hook on each group's first reader
+    reduces its input on the device (one L1 norm per group, no host sync) into ``mags[i]`` (float32, one value
+    per channel)."""
+
+    def __init__(self, model: nn.Module, groups: list[UnitGroup]):
+        self.model, self.groups = model, groups
+        self.mags: list[Optional[torch.Tensor]] = [None] * len(groups)
+        self.handles: list = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self.handles)
+
+    def attach(self) -> None:
+        if self.handles:
+            return
+        mods = dict(self.model.named_modules())
+        for i, g in enumerate(self.groups):
+            slot = g.readers[0]
+            self.handles.append(mods[slot.name].register_forward_pre_hook(self._hook(i, slot, g.width)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def take(self) -> list[Optional[torch.Tensor]]:
+        """The last magnitudes, cleared: a reduction is used once."""
+        out, self.mags = self.mags, [None] * len(self.groups)
+        return out
+
+    def _hook(self, i: int, slot: Slot, width: int):
+        def hook(module, args):
+            if not (module.training and torch.is_grad_enabled()):  # evaluation, BN recalibration, tracing
+                return
+            x = args[0].detach()
+            seg = x.narrow(1, slot.offset, width * slot.factor)
+            if slot.factor > 1:  # a flatten: (N, width·factor) -> (N, width, factor)
+                seg = seg.reshape(seg.shape[0], width, slot.factor)
+                dims = (0, 2)
+            else:
+                dims = tuple(d for d in range(seg.dim()) if d != 1)
+            n = seg.numel() // width
+            self.mags[i] = torch.linalg.vector_norm(seg, ord=1, dim=dims, dtype=torch.float32) / n
+        return hook
+
+
+def outgoing_magnitude(model: nn.Module, group: UnitGroup, mods: Optional[dict] = None) -> torch.Tensor:
+    """Mean |w| over every outgoing weight of each unit (all readers' columns), float32 on the device."""
+    mods = mods or dict(model.named_modules())
+    total, count = None, 0
+    for slot in group.readers:
+        w = mods[slot.name].weight.detach()
+        cols = w.narrow(1, slot.offset, group.width * slot.factor)
+        if w.dim() == 2:
+            s = torch.linalg.vector_norm(cols.reshape(w.shape[0], group.width, slot.factor), ord=1, dim=(0, 2),
+                                         dtype=torch.float32)
+            count_one = w.shape[0] * slot.factor
+        else:
+            s = torch.linalg.vector_norm(cols, ord=1, dim=tuple(d for d in range(w.dim()) if d != 1),
+                                         dtype=torch.float32)
+            count_one = w.numel() // w.shape[1]
+        total = s if total is None else total + s
+        count += count_one
+    return total / count
+
+
+def _he_normal(like: torch.Tensor, n: int) -> torch.Tensor:
+    """n new rows for ``like`` (a weight, out × ...): He-normal with the fan-out of the whole layer, NR's rule for
+    new channels (nr.surgery), so ReDo, CBP and NR-IP differ only in which units they renew and when."""
+    fan_out = like.shape[0] * math.prod(like.shape[2:])
+    return torch.randn((n, *like.shape[1:]), device=like.device, dtype=like.dtype) * math.sqrt(2.0 / max(1, fan_out))
+
+
+@torch.no_grad()
+def recycle_units(model: nn.Module, group: UnitGroup, idx: torch.Tensor, opt=None, mods: Optional[dict] = None) -> None:
+    """Recycle channels ``idx`` (a long tensor on the model's device; its length is known without a host sync)
+    of ``group`` in place: incoming weights re-initialised, BNs reset, outgoing weights zeroed, and the optimizer
+    state of every edited entry zeroed."""
+    from nr_study.nr.optim_state import zero_optimizer_state
+
+    n = idx.shape[0]
+    if n == 0:
+        return
+    mods = mods or dict(model.named_modules())
+    producer = mods[group.producer]
+    _renew_rows(producer, idx, n, opt)
+    for slot in group.depthwise:  # on the unit's path: a fresh filter, like a new channel's
+        _renew_rows(mods[slot.name], _positions(slot, idx), n, opt)
+    for slot in group.norms:
+        bn, pos = mods[slot.name], _positions(slot, idx)
+        if bn.affine:
+            bn.weight.index_fill_(0, pos, 1.0)
+            bn.bias.index_fill_(0, pos, 0.0)
+            zero_optimizer_state(opt, bn.weight, pos)
+            zero_optimizer_state(opt, bn.bias, pos)
+        if bn.track_running_stats:
+            bn.running_mean.index_fill_(0, pos, 0.0)
+            bn.running_var.index_fill_(0, pos, 1.0)
+    for slot in group.readers:
+        w, pos = mods[slot.name].weight, _positions(slot, idx)
+        w.index_fill_(1, pos, 0.0)
+        zero_optimizer_state(opt, w, pos, 1)
+
+
+def _renew_rows(layer: nn.Module, rows: torch.Tensor, n: int, opt) -> None:
+    from nr_study.nr.optim_state import zero_optimizer_state
+
+    w = layer.weight
+    w.index_copy_(0, rows, _he_normal(w, n))
+    zero_optimizer_state(opt, w, rows)
+    if layer.bias is not None:
+        layer.bias.index_fill_(0, rows, 0.0)
+        zero_optimizer_state(opt, layer.bias, rows)
+
+
+def dormant_mask(mag: torch.Tensor, tau: float) -> torch.Tensor:
+    """ReDo's rule: score = mean |activation| / the layer's mean score (+1e-9, dopamine's), dormant when <= τ."""
+    return mag / (mag.mean() + 1e-9) <= tau
