@@ -92,6 +92,19 @@ class SearchSpace:
     def grid_dims(self) -> list[Dim]:
         return [d for d in self.dims if d.kind == "grid"]
 
+    def grid_points(self, repeat_key: str = REPEAT_KEY) -> list[dict]:
+        """The flat configs of the grid's values x seeds (`repeat_key`: the seed index), in the order Ray's
+        BasicVariantGenerator makes them; optuna grids nothing here (it proposes every value)."""
+        grid = self.grid_dims if self.search != "optuna" else []
+        out = []
+        for combo in itertools.product(*[d.values for d in grid]):
+            for r in range(self.repeat):
+                cfg = {d.key: v for d, v in zip(grid, combo)}
+                if self.repeat > 1:
+                    cfg[repeat_key] = r
+                out.append(cfg)
+        return out
+
     @property
     def sampled_dims(self) -> list[Dim]:
         return [d for d in self.dims if d.kind != "grid"]
@@ -312,26 +325,21 @@ def expand_trials(space: SearchSpace) -> list[dict]:
     """The trials a grid/random sweep will run (sampled dims shown as their distribution); for optuna,
     one row per proposed configuration x seed with every dim shown as its distribution."""
     rows = []
-    grid = space.grid_dims if space.search != "optuna" else []
     for sample in range(space.num_samples):
-        for combo in itertools.product(*[d.values for d in grid]):
-            for r in range(space.repeat):
-                cfg = {d.key: v for d, v in zip(grid, combo)}
-                if space.repeat > 1:
-                    cfg[REPEAT_KEY if space.search != "optuna" else TRIAL_INDEX_KEY] = r
-                values = space.trial_values(cfg)
-                full = space.trial_config(cfg)
-                shown = {d.key: cfg[d.key] if d.key in cfg else "~" + d.describe() for d in space.dims}
-                shown["seed"] = values["seed"]
-                variant = cfg.get(VARIANT_KEY)
-                try:
-                    cell = space.cell_name(full, values, variant)
-                    if space.sampled_dims and space.cell:
-                        cell += " (+ sampled values)"
-                except ConfigError:
-                    cell = "?"
-                rows.append({"name": space.run_name(full, values), "values": shown, "cell": cell,
-                             "sample": sample})
+        for cfg in space.grid_points(REPEAT_KEY if space.search != "optuna" else TRIAL_INDEX_KEY):
+            values = space.trial_values(cfg)
+            full = space.trial_config(cfg)
+            shown = {d.key: cfg[d.key] if d.key in cfg else "~" + d.describe() for d in space.dims}
+            shown["seed"] = values["seed"]
+            variant = cfg.get(VARIANT_KEY)
+            try:
+                cell = space.cell_name(full, values, variant)
+                if space.sampled_dims and space.cell:
+                    cell += " (+ sampled values)"
+            except ConfigError:
+                cell = "?"
+            rows.append({"name": space.run_name(full, values), "values": shown, "cell": cell,
+                         "sample": sample})
         if space.search == "optuna":
             break
     return rows

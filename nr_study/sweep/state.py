@@ -210,20 +210,8 @@ def can_rebuild(space) -> bool:
 
 
 def grid_configs(space) -> list[dict]:
-    """The flat Ray configs Ray's BasicVariantGenerator makes for a grid space (see SearchSpace.param_space)."""
-    import itertools
-
-    from nr_study.sweep.space import REPEAT_KEY
-
-    out = []
-    grid = space.grid_dims
-    for combo in itertools.product(*[d.values for d in grid]):
-        for r in range(space.repeat):
-            cfg = {d.key: v for d, v in zip(grid, combo)}
-            if space.repeat > 1:
-                cfg[REPEAT_KEY] = r
-            out.append(cfg)
-    return out
+    """The flat Ray configs Ray's BasicVariantGenerator makes for a grid space (SearchSpace.grid_points)."""
+    return space.grid_points()
 
 
 def trial_config_of(sweep_dir: Path, trial_id: str) -> Optional[dict]:
