@@ -156,7 +156,7 @@ class RunState:
                                    weight_decay=o.weight_decay, nesterov=o.nesterov and o.momentum > 0)
         self._opt_params = named  # by name: a later surgery replaces the modules these tensors belong to
         if sources is not None and o.momentum > 0 and any(v is not None for v in old.values()):
-            from nr_study.nr.carry import carry_state
+            from nr_study.nr.optim_state import carry_state
 
             carried = carry_state(sources, old, dict(named))
             for n, p in named:

@@ -13,7 +13,7 @@ import torch
 
 from nr_study.errors import UnsupportedGraphError
 from nr_study.nr import build_graph, rejuvenate
-from nr_study.nr.carry import carry_state
+from nr_study.nr.optim_state import carry_state
 from nr_study.train import train
 from tests.nets import kill_channels
 from tests.randnets import random_net

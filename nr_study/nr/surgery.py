@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.nn.utils import skip_init
 
 from nr_study.nr.settings import SCHEMES
-from nr_study.nr.carry import ParamSources
+from nr_study.nr.optim_state import ParamSources
 from nr_study.nr.cost import CONSTRAINTS, graph_utilization, keep_one_per_side, live_masks, widths_cost
 from nr_study.nr.graph import ChannelGraph, Layer, build_graph, split_sides
 from nr_study.nr.schemes import CAConv, CRConv, conv_like
