@@ -62,6 +62,7 @@ class ContinualBackprop(Method):
         c = self.cfg.cbp
         self.step += 1
         t = self.step
+        picks = []
         for i, (group, h) in enumerate(zip(self.groups, self.probe.take())):
             if h is None:  # no training forward reached this group's reader (never in fit)
                 continue
@@ -80,11 +81,12 @@ class ContinualBackprop(Method):
             corrected = util / (1.0 - c.decay ** age)  # bias correction of the running average (ConvGnT's)
             candidates = torch.where(age > c.maturity, corrected, torch.full_like(util, float("inf")))
             idx = torch.topk(candidates, k, largest=False).indices
-            recycle_units(self.model, group, idx, self.opt, self.mods)
+            picks.append((group, idx))
             util.index_fill_(0, idx, 0.0)
             self.born[i].index_fill_(0, idx, t)
             self.recent[i].append((t, k))
             self.recycled += k
+        recycle_units(self.model, picks, self.opt, self.mods)
         return None
 
     def metrics(self):

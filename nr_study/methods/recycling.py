@@ -180,34 +180,37 @@ def _he_normal(like: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def recycle_units(model: nn.Module, group: UnitGroup, idx: torch.Tensor, opt=None, mods: Optional[dict] = None) -> None:
-    """Recycle channels ``idx`` (a long tensor on the model's device; its length is known without a host sync)
-    of ``group`` in place: incoming weights re-initialised, BNs reset, outgoing weights zeroed, and the optimizer
-    state of every edited entry zeroed."""
+def recycle_units(model: nn.Module, picks: list[tuple[UnitGroup, torch.Tensor]], opt=None,
+                  mods: Optional[dict] = None) -> None:
+    """Recycle, in place, channels ``idx`` of each ``(group, idx)`` (long tensors on the model's device, whose
+    lengths are known without a host sync): incoming weights re-initialised and BNs reset for all of them first,
+    then every outgoing weight zeroed, so a weight that is both a recycled unit's outgoing and another's incoming
+    ends at zero (dopamine's order: a recycled unit's outgoing weights are all zero); the optimizer state of
+    every edited entry is zeroed."""
     from nr_study.nr.optim_state import zero_optimizer_state
 
-    n = idx.shape[0]
-    if n == 0:
-        return
+    picks = [(g, idx) for g, idx in picks if idx.shape[0]]
     mods = mods or dict(model.named_modules())
-    producer = mods[group.producer]
-    _renew_rows(producer, idx, n, opt)
-    for slot in group.depthwise:  # on the unit's path: a fresh filter, like a new channel's
-        _renew_rows(mods[slot.name], _positions(slot, idx), n, opt)
-    for slot in group.norms:
-        bn, pos = mods[slot.name], _positions(slot, idx)
-        if bn.affine:
-            bn.weight.index_fill_(0, pos, 1.0)
-            bn.bias.index_fill_(0, pos, 0.0)
-            zero_optimizer_state(opt, bn.weight, pos)
-            zero_optimizer_state(opt, bn.bias, pos)
-        if bn.track_running_stats:
-            bn.running_mean.index_fill_(0, pos, 0.0)
-            bn.running_var.index_fill_(0, pos, 1.0)
-    for slot in group.readers:
-        w, pos = mods[slot.name].weight, _positions(slot, idx)
-        w.index_fill_(1, pos, 0.0)
-        zero_optimizer_state(opt, w, pos, 1)
+    for group, idx in picks:
+        n = idx.shape[0]
+        _renew_rows(mods[group.producer], idx, n, opt)
+        for slot in group.depthwise:  # on the unit's path: a fresh filter, like a new channel's
+            _renew_rows(mods[slot.name], _positions(slot, idx), n, opt)
+        for slot in group.norms:
+            bn, pos = mods[slot.name], _positions(slot, idx)
+            if bn.affine:
+                bn.weight.index_fill_(0, pos, 1.0)
+                bn.bias.index_fill_(0, pos, 0.0)
+                zero_optimizer_state(opt, bn.weight, pos)
+                zero_optimizer_state(opt, bn.bias, pos)
+            if bn.track_running_stats:
+                bn.running_mean.index_fill_(0, pos, 0.0)
+                bn.running_var.index_fill_(0, pos, 1.0)
+    for group, idx in picks:
+        for slot in group.readers:
+            w, pos = mods[slot.name].weight, _positions(slot, idx)
+            w.index_fill_(1, pos, 0.0)
+            zero_optimizer_state(opt, w, pos, 1)
 
 
 def _renew_rows(layer: nn.Module, rows: torch.Tensor, n: int, opt) -> None:

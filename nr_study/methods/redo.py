@@ -51,14 +51,14 @@ class ReDo(Method):
 
         from nr_study.methods.recycling import dormant_mask, recycle_units
 
-        dormant, total = 0, 0
+        picks, total = [], 0
         for group, mag in zip(self.groups, mags):
             if mag is None:  # no training forward reached this group's reader (never in fit)
                 continue
-            idx = torch.nonzero(dormant_mask(mag, self.cfg.redo.tau)).flatten()  # one host sync per period
-            recycle_units(self.model, group, idx, self.opt, self.mods)
-            dormant += idx.shape[0]
+            picks.append((group, torch.nonzero(dormant_mask(mag, self.cfg.redo.tau)).flatten()))  # a host sync
             total += group.width
+        recycle_units(self.model, picks, self.opt, self.mods)
+        dormant = sum(idx.shape[0] for _, idx in picks)
         self.recycled += dormant
         self.dormant = dormant / total if total else 0.0
 
