@@ -23,6 +23,8 @@ EXPECTED = {
     "surgery_s[resnet50]": 0.5, "surgery_s[vgg19_bn_cifar]": 0.5,
     "layer_ca_two/plain": 1.3, "layer_ca_four/plain": 1.3, "layer_cr/plain": 1.3, "layer_ca_two/ca_four": None,
     "ca_nest_3/1": None, "step_odd/round8": None,
+    "step_redo/plain[vgg_small]": 1.03, "step_cbp/plain[vgg_small]": 1.10,
+    "step_redo/plain[resnet164_cifar]": 1.03, "step_cbp/plain[resnet164_cifar]": 1.10,
     "sweep_makespan/ideal": 1.10, "sweep_makespan/ideal[reuse_actors]": 1.10, "mlflow_share": 0.02,
     "run_nr/bl": 1.10, "run_nr_round8/bl": None, "step_rejuvenated/bl": None, "run_gap_by_part": None,
 }

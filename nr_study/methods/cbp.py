@@ -57,18 +57,22 @@ class ContinualBackprop(Method):
     def end_of_step(self):
         import torch
 
-        from nr_study.methods.recycling import outgoing_magnitude, recycle_units
+        from nr_study.methods.recycling import outgoing_sum, recycle_units
 
         c = self.cfg.cbp
         self.step += 1
         t = self.step
+        reduced = self.probe.take()
+        seen = [i for i, r in enumerate(reduced) if r is not None]  # all of them in fit
+        if seen:
+            torch._foreach_mul_([self.util[i] for i in seen], c.decay)  # one launch for every layer
         picks = []
-        for i, (group, h) in enumerate(zip(self.groups, self.probe.take())):
-            if h is None:  # no training forward reached this group's reader (never in fit)
-                continue
-            self.last[i] = h
-            util = self.util[i]
-            util.mul_(c.decay).add_(h * outgoing_magnitude(self.model, group, self.mods), alpha=1.0 - c.decay)
+        for i in seen:
+            group, (h_sum, h_count) = self.groups[i], reduced[i]
+            w_sum, w_count = outgoing_sum(group, self.mods)
+            util = self.util[i]  # += (1 - η) · mean |h| · mean |w_out|, the means folded into one scalar
+            util.addcmul_(h_sum, w_sum, value=(1.0 - c.decay) / (h_count * w_count))
+            self.last[i] = h_sum
             # mature: age t - born > m; a unit born at s < t - m is mature again, so only the recent starts count
             self.recent[i] = [(s, n) for s, n in self.recent[i] if s >= t - c.maturity]
             mature = 0 if t <= c.maturity else group.width - sum(n for _, n in self.recent[i])

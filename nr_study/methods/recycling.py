@@ -105,13 +105,15 @@ def _positions(slot: Slot, idx: torch.Tensor) -> torch.Tensor:
 
 
 class Probe:
-    """Mean |activation| of every unit on a training forward: a forward pre-hook on each group's first reader
-    reduces its input on the device (one L1 norm per group, no host sync) into ``mags[i]`` (float32, one value
-    per channel)."""
+    """|activation| of every unit on a training forward: a forward pre-hook on each group's first reader reduces
+    its input on the device (one L1 norm per group, no host sync) into ``sums[i]`` (float32, per channel: the
+    sum of |x| over the batch and positions) and ``counts[i]`` (how many values each sum holds), so the mean is
+    sums[i] / counts[i] and a per-step user can fold the division into its own update."""
 
     def __init__(self, model: nn.Module, groups: list[UnitGroup]):
         self.model, self.groups = model, groups
-        self.mags: list[Optional[torch.Tensor]] = [None] * len(groups)
+        self.sums: list[Optional[torch.Tensor]] = [None] * len(groups)
+        self.counts: list[int] = [0] * len(groups)
         self.handles: list = []
 
     @property
@@ -131,9 +133,11 @@ class Probe:
             h.remove()
         self.handles = []
 
-    def take(self) -> list[Optional[torch.Tensor]]:
-        """The last magnitudes, cleared: a reduction is used once."""
-        out, self.mags = self.mags, [None] * len(self.groups)
+    def take(self) -> list[Optional[tuple[torch.Tensor, int]]]:
+        """(sum, count) per group from the last training forward (None: none reached its reader), cleared: a
+        reduction is used once."""
+        out = [None if s is None else (s, n) for s, n in zip(self.sums, self.counts)]
+        self.sums = [None] * len(self.groups)
         return out
 
     def _hook(self, i: int, slot: Slot, width: int):
@@ -147,29 +151,27 @@ class Probe:
                 dims = (0, 2)
             else:
                 dims = tuple(d for d in range(seg.dim()) if d != 1)
-            n = seg.numel() // width
-            self.mags[i] = torch.linalg.vector_norm(seg, ord=1, dim=dims, dtype=torch.float32) / n
+            self.sums[i] = torch.linalg.vector_norm(seg, ord=1, dim=dims, dtype=torch.float32)
+            self.counts[i] = seg.numel() // width
         return hook
 
 
-def outgoing_magnitude(model: nn.Module, group: UnitGroup, mods: Optional[dict] = None) -> torch.Tensor:
-    """Mean |w| over every outgoing weight of each unit (all readers' columns), float32 on the device."""
-    mods = mods or dict(model.named_modules())
+def outgoing_sum(group: UnitGroup, mods: dict) -> tuple[torch.Tensor, int]:
+    """(Σ |w| over every outgoing weight of each unit — all readers' columns —, how many weights each sum
+    holds): float32 on the device, one reduction per reader."""
     total, count = None, 0
     for slot in group.readers:
         w = mods[slot.name].weight.detach()
         cols = w.narrow(1, slot.offset, group.width * slot.factor)
         if w.dim() == 2:
-            s = torch.linalg.vector_norm(cols.reshape(w.shape[0], group.width, slot.factor), ord=1, dim=(0, 2),
-                                         dtype=torch.float32)
-            count_one = w.shape[0] * slot.factor
+            cols = cols.reshape(w.shape[0], group.width, slot.factor)
+            s = torch.linalg.vector_norm(cols, ord=1, dim=(0, 2), dtype=torch.float32)
         else:
             s = torch.linalg.vector_norm(cols, ord=1, dim=tuple(d for d in range(w.dim()) if d != 1),
                                          dtype=torch.float32)
-            count_one = w.numel() // w.shape[1]
         total = s if total is None else total + s
-        count += count_one
-    return total / count
+        count += cols.numel() // group.width
+    return total, count
 
 
 def _he_normal(like: torch.Tensor, n: int) -> torch.Tensor:
@@ -224,6 +226,8 @@ def _renew_rows(layer: nn.Module, rows: torch.Tensor, n: int, opt) -> None:
         zero_optimizer_state(opt, layer.bias, rows)
 
 
-def dormant_mask(mag: torch.Tensor, tau: float) -> torch.Tensor:
-    """ReDo's rule: score = mean |activation| / the layer's mean score (+1e-9, dopamine's), dormant when <= τ."""
-    return mag / (mag.mean() + 1e-9) <= tau
+def dormant_mask(total: torch.Tensor, count: int, tau: float) -> torch.Tensor:
+    """ReDo's rule: score = mean |activation| / the layer's mean score (+1e-9, dopamine's), dormant when <= τ;
+    ``total``/``count`` as the Probe reduces them."""
+    mean = total / count
+    return mean / (mean.mean() + 1e-9) <= tau

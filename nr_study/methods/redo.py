@@ -52,10 +52,10 @@ class ReDo(Method):
         from nr_study.methods.recycling import dormant_mask, recycle_units
 
         picks, total = [], 0
-        for group, mag in zip(self.groups, mags):
-            if mag is None:  # no training forward reached this group's reader (never in fit)
+        for group, reduced in zip(self.groups, mags):
+            if reduced is None:  # no training forward reached this group's reader (never in fit)
                 continue
-            picks.append((group, torch.nonzero(dormant_mask(mag, self.cfg.redo.tau)).flatten()))  # a host sync
+            picks.append((group, torch.nonzero(dormant_mask(*reduced, self.cfg.redo.tau)).flatten()))  # a sync
             total += group.width
         recycle_units(self.model, picks, self.opt, self.mods)
         dormant = sum(idx.shape[0] for _, idx in picks)
