@@ -366,3 +366,27 @@ def test_bad_values_are_one_line_naming_key_value_and_allowed(key, value, says):
     with pytest.raises(ConfigError) as exc:
         config_from_dict({"method": "CBP", section: {field: value}})
     assert str(exc.value) == says
+
+
+def test_recycling_is_logged_and_plotted(tracking_uri, tmp_path):
+    """End to end: ReDo and CBP runs log `recycled` and `dormant` each epoch to MLflow, and `nr-study plots`'
+    recycling figure draws them beside the BL run of the same table."""
+    from nr_study.analysis.plots import plot_recycling
+    from nr_study.analysis.runs import RunStore
+    from nr_study.train import train
+
+    base = {"model": {"name": "vgg_small", "kwargs": {"width": 8}},
+            "data": {"name": "synthetic", "n_train": 256, "n_test": 64},
+            "train": {"epochs": 2, "batch_size": 32, "threads": 1},
+            "tracking": {"experiment": "recyclers-plot", "tags": {"nr.table": "recyclers_test"}},
+            "redo": {"tau": 1.0, "every": 3}, "cbp": {"replacement_rate": 0.02, "maturity": 2}}
+    for method in ("BL", "ReDo", "CBP"):
+        train({**base, "method": method}, tracking_uri=tracking_uri, progress=False)
+    runs = RunStore(tracking_uri, ["recyclers-plot"]).finished()
+    res = plot_recycling(runs, tmp_path)
+    assert {p.suffix for p in res.files} == {".png", ".svg"}
+    assert len(res.data) == 3 and sum(v["baseline"] for v in res.data.values()) == 1
+    for v in res.data.values():
+        assert v["epoch"] == [1, 2] and len(v["top1_acc"]) == 2
+        if not v["baseline"]:
+            assert 0 < v["recycled"][0] < v["recycled"][1] and all(0 <= d <= 1 for d in v["dormant"])

@@ -14,6 +14,8 @@ metric skips that run for that plot; nothing is filled in).
                  `nr.delta_lambda`, `nr.delta_r`), mean ± std over seeds as error bars
 - rejuvenations  error vs number of rejuvenations (Table 5 as a plot), paper's Table 5 overlaid
 - trajectories   λ and parameter utilization vs epoch, rejuvenations marked
+- recycling      ReDo / CBP runs: units recycled so far (`recycled`), the dormant fraction (`dormant`) and top-1
+                 accuracy vs epoch, the BL runs of the same tables dashed
 - pareto_<sweep> Optuna 2-objective sweeps: test_err vs params, non-dominated trials marked. A sweep = the runs
                  sharing a `nr.sweep` tag; it is Optuna when its parent run (or a trial) has a tag/param like
                  `sweep.search` = optuna, and its objectives come from `sweep.objectives` ("test_err:min,params:min").
@@ -39,6 +41,7 @@ from nr_study.analysis.runs import RunRecord, RunStore, rejuvenation_count
 from nr_study.analysis.stats import mean_std
 from nr_study.analysis.tables import parse_common
 from nr_study.analysis.tradeoff_plots import plot_importances, plot_pareto, plot_tradeoff
+from nr_study.methods import METHODS
 
 MAX_LINES = 12
 
@@ -301,6 +304,52 @@ def plot_trajectories(runs: list[RunRecord], out_dir: str | Path) -> PlotResult:
 
 
 # ---------------------------------------------------------------------------------------------------
+RECYCLERS = tuple(m for m, info in METHODS.items() if {"redo", "cbp"} & set(info.reads))  # ReDo, CBP
+
+
+def plot_recycling(runs: list[RunRecord], out_dir: str | Path) -> PlotResult:
+    """The recyclers' Figure 1: units recycled so far (`recycled`), the fraction of units dormant at the last
+    scoring (`dormant`) and top-1 accuracy vs epoch, one line per ReDo / CBP run; the BL runs of the same
+    tables (dashed, accuracy only) for comparison."""
+    notes: list[str] = []
+    pool = _newest([r for r in runs if r.get("method") in RECYCLERS and "recycled" in r.metrics], MAX_LINES,
+                   "the recycling plot", notes)
+    tables = {r.get("table") for r in pool} - {None}
+    baselines = _newest([r for r in runs if r.get("method") == "BL" and r.get("table") in tables
+                         and "test_err" in r.metrics], 3, "the recycling plot's baselines", notes)
+    labels = line_labels(pool + baselines)
+    data: dict[str, Any] = {}
+    for r in pool + baselines:
+        err = dict(r.history("test_err"))
+        epochs = sorted(err)
+        rec, dor = (dict(r.history("recycled")), dict(r.history("dormant"))) if r in pool else ({}, {})
+        data[labels[r.run_id]] = {"epoch": epochs, "recycled": [rec.get(e) for e in epochs],
+                                  "dormant": [dor.get(e) for e in epochs],
+                                  "top1_acc": [100.0 - err[e] for e in epochs], "baseline": r not in pool}
+    title = "Recycling (ReDo, CBP): units recycled, dormant fraction and top-1 accuracy vs epoch"
+    if not pool:
+        return PlotResult("recycling", title, data, [], notes + ["no ReDo or CBP run with a recycled history"])
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for i, (label, s) in enumerate(data.items()):
+        if s["baseline"]:
+            a3.plot(s["epoch"], s["top1_acc"], "--", color="black", alpha=0.4 + 0.2 * (i % 3), label=f"{label} (baseline)")
+            continue
+        nan = [math.nan if v is None else v for v in s["recycled"]], [math.nan if v is None else v for v in s["dormant"]]
+        a1.plot(s["epoch"], nan[0], "-", color=line_color(i), label=label)
+        a2.plot(s["epoch"], nan[1], "-", color=line_color(i), label=label)
+        a3.plot(s["epoch"], s["top1_acc"], "-", color=line_color(i), label=label)
+    a1.set(title="Units recycled so far", xlabel="Epoch", ylabel="Units (channels)")
+    a2.set(title="Dormant at the last scoring", xlabel="Epoch", ylabel="Fraction of units", ylim=(0, 1.05))
+    a3.set(title="Top-1 test accuracy", xlabel="Epoch", ylabel="Top-1 accuracy (%)")
+    for a in (a1, a2, a3):
+        a.grid(alpha=0.3)
+        a.legend(loc="best")
+    integer_epochs(a1, a2, a3)
+    fig.suptitle(title)
+    return PlotResult("recycling", title, data, save_figure(fig, out_dir, "recycling"), notes)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------
 def make_all(store: RunStore, out_dir: str | Path, mode: str = "final") -> list[PlotResult]:
@@ -311,6 +360,7 @@ def make_all(store: RunStore, out_dir: str | Path, mode: str = "final") -> list[
     results.append(plot_tr_sweep(runs, out_dir, mode))
     results.append(plot_rejuvenations(runs, out_dir, paper, mode))
     results.append(plot_trajectories(runs, out_dir))
+    results.append(plot_recycling(runs, out_dir))
     pareto = plot_pareto(runs, out_dir, store.parents)
     results += pareto
     results += plot_importances(runs, out_dir, store.parents)
