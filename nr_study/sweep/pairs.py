@@ -69,8 +69,7 @@ def train_pair(ctx, cfg, client) -> dict:
 
     from nr_study.checkpoint import load_checkpoint
     from nr_study.files import read_json
-    from nr_study.sweep.runs import clear_tracking_error, find_child
-    from nr_study.tracking import open_run
+    from nr_study.sweep.runs import own_run
     from nr_study.train import train
 
     pcfg = pair_config(cfg, ctx.space.pair_with)
@@ -89,11 +88,7 @@ def train_pair(ctx, cfg, client) -> dict:
         pcfg = dataclasses.replace(pcfg, tracking=dataclasses.replace(
             pcfg.tracking, run_name=f"{ctx.space.pair_with}-pair-{key[:8]}-s{pcfg.seed}"))
         local = load_checkpoint(folder)
-        run_id = (local or {}).get("run_id") or find_child(client, ctx, trial)
-        if run_id is not None:  # a retry: the run a tracking outage ended FAILED continues
-            clear_tracking_error(client, run_id)
-        else:
-            run_id = open_run(ctx.tracking_uri, pcfg, tags=tags, parent_run_id=ctx.parent_run_id).run_id
+        run_id = own_run(client, ctx, trial, local, pcfg, tags)
         if local is not None and int(local.get("epoch", 0)) >= int(local.get("end_epoch", pcfg.train.epochs)) \
                 and client.get_run(run_id).info.status == FINISHED:
             history = local["history"]  # trained to the end; the worker died before result.json was written

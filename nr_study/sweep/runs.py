@@ -31,6 +31,19 @@ def find_child(client, ctx: TrialContext, trial_id: str) -> Optional[str]:
     return runs[0].info.run_id if runs else None
 
 
+def own_run(client, ctx: TrialContext, trial_id: str, local: Optional[dict], cfg, tags: dict) -> str:
+    """The MLflow run a trial (or a paired baseline) trains into: the one its checkpoint names, else the one an
+    earlier attempt opened under the parent (a retry, a resumed sweep: its tracking-outage error tag dropped, it
+    continues), else a new child run — opened before training, so a retry before any checkpoint finds it."""
+    from nr_study.tracking import open_run
+
+    run_id = (local or {}).get("run_id") or find_child(client, ctx, trial_id)
+    if run_id is not None:
+        clear_tracking_error(client, run_id)
+        return run_id
+    return open_run(ctx.tracking_uri, cfg, tags=tags, parent_run_id=ctx.parent_run_id).run_id
+
+
 def server_answers(uri: str, timeout: float = 3.0) -> bool:
     """The tracking server answers HTTP at all (its /health, or any reply below 500 from a proxy in front)."""
     import urllib.error

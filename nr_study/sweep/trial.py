@@ -12,7 +12,7 @@ from typing import Optional
 from nr_study.files import write_json_atomic
 from nr_study.names import FINISHED, TAG_GPUS, TAG_NODE, TAG_TRIAL
 from nr_study.sweep.faults import check_disk
-from nr_study.sweep.runs import clear_tracking_error, find_child, wait_for_tracking
+from nr_study.sweep.runs import own_run, wait_for_tracking
 from nr_study.sweep.space import SearchSpace
 from nr_study.tracking import client_for
 
@@ -107,7 +107,7 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
     attempt = 0
     while True:
         try:
-            return _trial_attempt(config, ctx, cfg, trial_id, run_name, tags, work, local, reported, attempt)
+            return _trial_attempt(config, ctx, cfg, trial_id, run_name, tags, work, local, reported)
         except TrackingError as exc:
             check_disk(ctx.sweep_dir, ctx.store_dir)  # a store on a full disk answers 503 as if overloaded
             attempt += 1
@@ -117,20 +117,15 @@ def trial_fn(config: dict, ctx: TrialContext) -> None:
 
 
 def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name: str, tags: dict, work: Path,
-                   local: Optional[dict], reported: dict, attempt: int) -> None:
+                   local: Optional[dict], reported: dict) -> None:
     from ray import tune
 
     from nr_study.train import train
-    from nr_study.tracking import open_run
 
     ray_epoch = reported["epoch"]
     resume = local is not None
     client = client_for(ctx.tracking_uri)
-    run_id = (local or {}).get("run_id") or find_child(client, ctx, trial_id)
-    if run_id is not None and attempt:
-        clear_tracking_error(client, run_id)
-    if run_id is None:  # first start: create the child run now, so a retry before any checkpoint finds it
-        run_id = open_run(ctx.tracking_uri, cfg, tags=tags, parent_run_id=ctx.parent_run_id).run_id
+    run_id = own_run(client, ctx, trial_id, local, cfg, tags)
 
     # Epochs the local checkpoint holds beyond Ray's last persisted one (the worker died between the
     # trainer's checkpoint and its report): report them now so Ray's iteration count matches the run.
