@@ -62,6 +62,9 @@ class DataCfg:
     augment: Optional[bool] = F(None, doc="null: dataset default (cifar/imagenet yes, others no)")
     image_size: int = F(224, choice((224, 128)), doc="imagenet crop size")
     num_workers: int = F(4, rng(0, MAX_THREADS), doc="imagenet DataLoader workers")
+    synthetic_stand_in: bool = F(False, doc="train on synthetic data of this dataset's shape and class count "
+                                 "(data.synthetic.noise; n_train / n_test as set, else synthetic's defaults) "
+                                 "instead of reading it: what nr-study sweep --smoke runs")
     synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)
 
 

@@ -1,4 +1,6 @@
 """Datasets by name: fashion_mnist (offline idx files), cifar10, cifar100, imagenet (folder), synthetic.
+With data.synthetic_stand_in a named dataset is replaced by synthetic data of its shape and class count
+(`nr-study sweep --smoke`: the real architecture at the real input size, no files needed).
 
 Small datasets live as tensors on the training device (uint8 images, or float for synthetic) and are
 augmented a whole batch at a time: no DataLoader, no workers. ImageNet is an ImageFolder read by a DataLoader.
@@ -233,17 +235,21 @@ def load_cifar(name: str, root: Path, download: bool):
 
 
 def make_synthetic(shape, num_classes: int, n_train: int, n_test: int, noise: float, seed: int):
-    """Learnable random data: each class has a smooth random mean image (std 1); samples add Gaussian noise."""
+    """Learnable random data: each class has a smooth random mean image (std 1); samples add Gaussian noise.
+    A sample's mean is made from its class's low-resolution draw when drawn (the same values as making every
+    class's first): ImageNet's 1000 classes at 224 px would otherwise hold 600 MB of means for a few images."""
     c, h, w = shape
     g = torch.Generator().manual_seed(int(seed) + 12345)
     low = torch.randn(num_classes, c, max(1, min(4, h)), max(1, min(4, w)), generator=g)
-    means = F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False) if (h, w) != low.shape[2:] \
-        else low
-    means = means / means.flatten(1).std(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
+
+    def means(y):
+        m = F.interpolate(low[y], size=(h, w), mode="bilinear", align_corners=False) if (h, w) != low.shape[2:] \
+            else low[y]
+        return m / m.flatten(1).std(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
 
     def draw(n):
         y = torch.randint(0, num_classes, (n,), generator=g)
-        x = means[y] + noise * torch.randn(n, c, h, w, generator=g)
+        x = means(y) + noise * torch.randn(n, c, h, w, generator=g)
         return x, y
 
     xtr, ytr = draw(n_train)
@@ -259,21 +265,35 @@ def _subset(x, y, n: Optional[int], seed: int, salt: int):
     return x[idx], y[idx]
 
 
+IMAGENET_CLASSES = 1000  # what an ImageNet stand-in has; a real ImageNet folder has as many as its class folders
+SHAPES = {"fashion_mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
+
+
+def dataset_shape(dcfg) -> tuple[tuple, int]:
+    """(C, H, W) and the class count of the dataset a DataCfg names, without reading it (ImageNet: data.image_size
+    and ImageNet-1k's classes): what a synthetic stand-in copies."""
+    if dcfg.name == "synthetic":
+        return tuple(dcfg.synthetic.shape), int(dcfg.synthetic.num_classes)
+    if dcfg.name == "imagenet":
+        size = int(dcfg.image_size)
+        return (3, size, size), IMAGENET_CLASSES
+    return SHAPES[dcfg.name]
+
+
 def build_data(dcfg, device="cpu", seed: int = 0):
     """Build the dataset named by a DataCfg. `seed` drives shuffling/augmentation; data.subset_seed the subset."""
     device = torch.device(device)
     name = dcfg.name
     root = Path(dcfg.root).expanduser().absolute() if dcfg.root else default_data_root()
-    if name == "imagenet":
+    if name == "imagenet" and not dcfg.synthetic_stand_in:
         return _build_imagenet(dcfg, root, device, seed)
     mean = std = None
     crop_pad, flip = 0, False
-    if name == "synthetic":
-        s = dcfg.synthetic
+    if name == "synthetic" or dcfg.synthetic_stand_in:
+        shape, num_classes = dataset_shape(dcfg)
         n_tr = dcfg.n_train or 1024
         n_te = dcfg.n_test or 512
-        xtr, ytr, xte, yte = make_synthetic(tuple(s.shape), s.num_classes, n_tr, n_te, s.noise, dcfg.subset_seed)
-        num_classes = s.num_classes
+        xtr, ytr, xte, yte = make_synthetic(shape, num_classes, n_tr, n_te, dcfg.synthetic.noise, dcfg.subset_seed)
         augment = bool(dcfg.augment)
         crop_pad, flip = (2 if augment else 0), augment
     else:

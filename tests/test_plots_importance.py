@@ -53,3 +53,23 @@ def test_importances_and_parallel_coordinates_of_a_random_sweep(tmp_path):
     par = res["parallel_imp"].data
     assert par["columns"] == ["junk", "method", "nr.tr", "test_err"] and len(par["rows"]) == 16
     assert sorted(row[-1] for row in par["rows"]) == sorted(50.0 - 40.0 * (0.1 + 0.05 * i) for i in range(16))
+
+
+def test_an_objective_equal_in_every_trial_is_a_note_not_a_crash(tmp_path):
+    """Optuna's fANOVA raised 'Encountered zero total variance in all trees' when every trial had the same
+    objective (found by `nr-study sweep --smoke`: four test images give equal errors), and `nr-study plots`
+    failed as a whole. Now that sweep's importances are a note."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    e = c.create_experiment("flat")
+    parent = c.create_run(e, tags={"nr.sweep": "flat", "nr.role": "sweep"}).info.run_id
+    c.log_batch(parent, params=[Param("space.method", "grid(BL, NR)"), Param("sweep.search", "grid")])
+    c.set_terminated(parent)
+    for method in ("BL", "NR", "BL", "NR"):
+        rid = c.create_run(e, tags={"nr.sweep": "flat", "mlflow.parentRunId": parent}).info.run_id
+        c.log_batch(rid, params=[Param("method", method)], metrics=[Metric("final_test_err", 75.0, 0, 0)])
+        c.set_terminated(rid)
+    store = RunStore(uri)
+    (res,) = TP.plot_importances(store.finished(), tmp_path / "out", store.parents)
+    assert res.name == "importance_flat" and not res.files
+    assert any("test_err is 75 in every one of the 4 finished trials" in n for n in res.notes), res.notes

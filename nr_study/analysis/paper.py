@@ -16,6 +16,7 @@ from nr_study.files import read_yaml
 PAPER_YAML = Path(__file__).with_name("paper_results.yaml")
 VALUE_NAMES = {"top1": "Top-1", "top5": "Top-5", "params": "Params", "flops": "FLOPs"}  # a paper entry's values
 UNIT_SCALE = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+FIGURE1_TABLES = ("figure1", "fig1")  # the nr.table tags `nr-study plots` draws as the paper's Figure 1
 
 
 @dataclass

@@ -35,7 +35,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from nr_study.analysis.paper import Paper, load_paper
+from nr_study.analysis.paper import FIGURE1_TABLES, Paper, load_paper
 from nr_study.analysis.plotting import PlotResult, count_unit, integer_epochs, is_nr, line_color, plt, save_figure
 from nr_study.analysis.runs import RunRecord, RunStore, rejuvenation_count
 from nr_study.analysis.stats import mean_std
@@ -97,7 +97,7 @@ def plot_figure1(runs: list[RunRecord], out_dir: str | Path) -> PlotResult:
     """Figure 1: parameter/FLOPs utilization and top-1 accuracy vs epoch, one line per run; the BL runs of
     the same tables (dashed, accuracy only) for comparison."""
     notes: list[str] = []
-    tagged = [r for r in runs if (r.get("table") or "").lower() in ("figure1", "fig1")]
+    tagged = [r for r in runs if (r.get("table") or "").lower() in FIGURE1_TABLES]
     pool = tagged or [r for r in runs if "util_params" in r.metrics and is_nr(r)]
     if not tagged:
         notes.append("no runs tagged nr.table=figure1: using every NR run with a util_params history")

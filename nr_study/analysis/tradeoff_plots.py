@@ -278,6 +278,10 @@ def sweep_study(members: list[RunRecord], dicts: list[dict]):
     if len(rows) < 2 or not dists:
         notes.append(f"{len(rows)} finished trial(s), {len(dists)} varying key(s): nothing to rank")
         return None, list(dists), objective, notes
+    if len({y for _, y in rows}) < 2:  # fANOVA raises on it ("zero total variance"); a smoke run's 4 test images do it
+        notes.append(f"{objective} is {rows[0][1]:g} in every one of the {len(rows)} finished trials: nothing to "
+                     f"attribute to the swept keys")
+        return None, list(dists), objective, notes
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize" if mode == "min" else "maximize")
     for p, y in rows:

@@ -1,4 +1,5 @@
-"""`nr-study sweep FILE [--address ADDR] [--tracking-uri URI] [--resume [DIR]] [--dry-run] [--set KEY=VALUE ...]`."""
+"""`nr-study sweep FILE [--address ADDR] [--tracking-uri URI] [--resume [DIR]] [--dry-run] [--smoke] [--set KEY=VALUE
+...]`."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="SWEEP_DIR",
                     help="finish an interrupted sweep (default: the latest one of this name under <runs>/sweeps)")
     ap.add_argument("--dry-run", action="store_true", help="print the expanded trials and resources; run nothing")
+    ap.add_argument("--smoke", action="store_true",
+                    help="run every trial for a few steps on synthetic data of its dataset's shape, on this machine, "
+                         "through Ray, MLflow, a forced worker restart, --resume and the tables, before the real "
+                         "launch: one line per trial, exit 2 if any failed (with --dry-run: what it would run)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a search-space key (e.g. num_samples=4, space.nr.tr=[0.3]) or a base config "
                          "key (e.g. train.epochs=2); repeatable")
@@ -43,6 +48,8 @@ def cli_main(argv) -> int:
     from nr_study.sweep.space import dry_run_text, load_search_space
 
     path = Path(args.file)
+    if args.smoke:
+        return _smoke(args, path)
     space = load_search_space(path, args.overrides)
     if args.dry_run:
         from nr_study.sweep.ray_setup import cluster_resources
@@ -71,3 +78,25 @@ def cli_main(argv) -> int:
               f"continue the sweep with: {summary.get('resume_command')}", file=sys.stderr)
         return 1
     return 0
+
+
+def _smoke(args, path: Path) -> int:
+    """--smoke (nr_study.sweep.smoke_run): on this machine, into a store of its own, resuming itself."""
+    from nr_study.errors import ConfigError
+
+    for flag, value in (("--address", args.address), ("--tracking-uri", args.tracking_uri),
+                        ("--resume", args.resume)):
+        if value:
+            raise ConfigError(f"--smoke with {flag}: not allowed; the smoke runs on this machine's own Ray, logs to "
+                              f"an MLflow store of its own (<runs>/smoke/, never the tables' store) and runs "
+                              f"--resume itself")
+    from nr_study.sweep.smoke_run import describe, prepare, run_smoke
+
+    if args.dry_run:
+        from nr_study.sweep.space import dry_run_text
+
+        sm = prepare(path, args.overrides, runs=args.runs)
+        print("\n".join(describe(sm)))
+        print(dry_run_text(sm.smoke))
+        return 0
+    return run_smoke(path, args.overrides, runs=args.runs)
