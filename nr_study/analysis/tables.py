@@ -28,8 +28,8 @@ comparison stands on is on the page.
 In every table a cell holds runs of one configuration (runs.configuration: the logged params but
 seed, paths and tracking): a cell whose runs differ in more is split, labelled by the keys that differ
 ('BL [width=11]'; the paper tables, whose layout is fixed, leave it empty), and said so in the notes. A pair
-is two runs of one seed that differ only in what the method defines (method, nr.*, fs.*, slim.*, the
-after-rejuvenation protocol), never in model, data, optimiser or training settings, but for what the
+is two runs of one seed that differ only in what the method defines (method, nr.*, fs.*, slim.*, redo.*,
+cbp.*, the after-rejuvenation protocol), never in model, data, optimiser or training settings, but for what the
 comparison names: equal compute lets train.epochs differ, and a sweep table's cell named 'BL,width=11' is
 compared across model.kwargs.width.
 

@@ -78,7 +78,6 @@ def bench_recyclers(sz: Sizes, device: torch.device) -> list[dict]:
                             f"{d}; blocks of {block} steps, CBP every step (ρ {cbp.cfg.cbp.replacement_rate:g}, "
                             f"maturity 0: {cbp.recycled} replacements over {cbp.step} steps, {len(cbp.groups)} "
                             f"layers); {shape}"))
-            del arms, base
         except Exception as exc:  # one failing model must not hide the other rows
             rows.extend(error_row(n, GOALS[k], "ratio", exc) for n, k in zip(names, ("redo", "cbp")))
     return rows

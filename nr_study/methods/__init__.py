@@ -31,5 +31,5 @@ from nr_study.methods import redo, cbp  # noqa: E402 - the recyclers register af
 
 load_plugins()
 
-__all__ = ["baseline", "rejuvenation", "METHODS", "MethodInfo", "register_method", "resolved_nr", "Event", "Method", "make_method",
+__all__ = ["baseline", "rejuvenation", "redo", "cbp", "METHODS", "MethodInfo", "register_method", "resolved_nr", "Event", "Method", "make_method",
            "prunable_graph", "prunable_gammas", "slim_prune", "fs_spec"]

@@ -27,8 +27,9 @@ RESULT_FILE = "result.json"
 
 def pair_config(cfg, method: str):
     """The configuration `cfg` trained as `method`: everything but the method the same. The settings the method
-    never reads (the nr / fs / slim sections outside its `reads`, what follows a rejuvenation for a method that
-    never changes the model) are reset to their defaults, so trials that differ only there share one pair."""
+    never reads (the method-owned sections, registry.SECTIONS, outside its `reads`; what follows a rejuvenation
+    for a method that never changes the model) are reset to their defaults, so trials that differ only there
+    share one pair."""
     from nr_study.methods import METHODS
     from nr_study.methods.registry import SECTIONS
 
