@@ -47,6 +47,9 @@ OPTUNA_DB = "optuna.db"
 EPOCH_METRICS = ("train_loss", "train_err", "lr", "epoch_time", "images_per_s", "test_err", "test_err5",
                  "util_params", "util_flops", "params", "flops", "lambda", "rejuvenations", "recycled", "dormant",
                  "total_epochs", "train_flops")
+# Per epoch as well, by runs that train two classifiers (NR-CR with nr.cr_heads separate once it has rejuvenated,
+# BL-2H): each head's test error; test_err is their sum's.
+HEAD_METRICS = ("test_err_s", "test_err_r")
 # Logged once at the end (no step).
 SUMMARY_METRICS = ("final_test_err", "best_test_err", "final_params", "final_flops")
 EPOCH_KEY = "test_err"  # the metric whose history says which epochs a run already has

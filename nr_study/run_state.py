@@ -228,7 +228,7 @@ class RunState:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 recalibrate_bn(self.model, ((self._layout(x), y) for x, y in batches))
         self.model.eval()
-        n, wrong1, wrong5 = 0, 0, 0
+        n, wrong1, wrong5, wrong_heads = 0, 0, 0, {}
         for x, y in self.data.test_batches(self.cfg.train.eval_batch_size):
             x = self._layout(x)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -236,8 +236,11 @@ class RunState:
             hit = out.topk(min(5, out.shape[1]), dim=1).indices == y[:, None]
             wrong1 += int((~hit[:, 0]).sum())
             wrong5 += int((~hit.any(1)).sum())
+            for name, logits in self.method.head_outputs().items():  # two classifiers: each one's error too
+                wrong_heads[name] = wrong_heads.get(name, 0) + int((logits.argmax(1) != y).sum())
             n += len(y)
-        return {"test_err": 100.0 * wrong1 / max(1, n), "test_err5": 100.0 * wrong5 / max(1, n)}
+        return {"test_err": 100.0 * wrong1 / max(1, n), "test_err5": 100.0 * wrong5 / max(1, n),
+                **{f"test_err_{name}": 100.0 * w / max(1, n) for name, w in wrong_heads.items()}}
 
     def measure(self) -> dict:
         """util_params, util_flops, params, flops of the current model by the core's cost model (the channel

@@ -67,12 +67,14 @@ def available_cpus() -> int:
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
-               after_backward: Optional[Callable[[], None]] = None, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step: forward (bf16 autocast when `amp`), cross-entropy, backward, `after_backward()` (the
-    method's L1 subgradient), SGD step. Returns (loss, logits), not synchronised. nr-study bench times this."""
+               after_backward: Optional[Callable[[], None]] = None, amp: bool = False,
+               loss_fn: Optional[Callable] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step: forward (bf16 autocast when `amp`), the loss (`loss_fn(out, y)`, the method's;
+    default cross-entropy), backward, `after_backward()` (the method's L1 subgradient), SGD step. Returns (loss,
+    logits), not synchronised. nr-study bench times this."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(x)
-        loss = F.cross_entropy(out.float(), y)
+        loss = loss_fn(out, y) if loss_fn is not None else F.cross_entropy(out.float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if after_backward is not None:
@@ -136,7 +138,8 @@ def fit(run: "RunState", tracker, on_epoch_end: Optional[Callable] = None, progr
                     break
                 run.set_lr()
                 with time_in("steps"):  # forward, backward, optimizer step (less the method's L1, timed apart)
-                    loss, out = train_step(run.model, run.opt, x, y, after_backward=after_backward, amp=run.amp)
+                    loss, out = train_step(run.model, run.opt, x, y, after_backward=after_backward, amp=run.amp,
+                                           loss_fn=method.loss)
                 run.step += 1
                 run.train_flops += 3 * run.image_flops * len(y)  # forward + backward (≈ 2 × forward)
                 stats.add(loss, out, y)  # a NaN/inf loss stops the run here

@@ -102,8 +102,9 @@ def test_method(method, found_widths, l1_spy, tracking_uri, tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["nr.method"] == method
 
     # -- the same metric names for every method --------------------------------------------------------------
-    assert set(run.data.metrics) == EPOCH_METRICS | SUMMARY_METRICS
-    assert all(set(r) == EPOCH_METRICS | {"epoch"} for r in h)
+    heads = set(N.HEAD_METRICS) if METHODS[method].scheme == "cr" else set()  # two classifiers (cr_heads separate)
+    assert set(run.data.metrics) == EPOCH_METRICS | SUMMARY_METRICS | heads
+    assert all(set(r) == EPOCH_METRICS | {"epoch"} | heads for r in h)
 
     # -- the defining behaviour ------------------------------------------------------------------------------
     arts = {f.path for f in c.list_artifacts(rid)} | {f.path for f in c.list_artifacts(rid, "rejuvenations")}
@@ -132,7 +133,14 @@ def test_method(method, found_widths, l1_spy, tracking_uri, tmp_path):
         assert method_state["step"] == STEPS and 0 < h[0]["recycled"] < h[1]["recycled"] == method_state["recycled"]
         assert all(0.0 <= r["dormant"] <= 1.0 for r in h)
     else:  # no L1, no event, no state: the architecture is the one training started with
-        assert calls == [] and method_state == {}
+        assert calls == []
+        if method == "BL-2H":  # two disjoint halves of equal width within the baseline's budget (18,248 params)
+            blocks = [m for m in model_from_payload(load_checkpoint(tmp_path / "ref")["model"]).modules()
+                      if type(m).__name__ == "CRConv"]
+            assert blocks and all(m.s_out == m.r_out for m in blocks) and ref["final_params"] <= 18248
+            assert set(method_state) == {"halves"}
+        else:
+            assert method_state == {}
         assert h[0]["params"] == h[1]["params"] == ref["final_params"]
         assert [r["lambda"] for r in h] == [0.0, 0.0] and ref["rejuvenations"] == 0
     if method not in RECYCLERS:

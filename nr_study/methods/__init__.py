@@ -17,19 +17,19 @@ the work, a thin class says when). The loop (nr_study.train) calls the events an
 An Event is surgery or a prune: the new model (the loop adopts it and rebuilds its optimizer), the report it logs
 as an artifact, and what the learning-rate schedule does next.
 
-One file per method family (baseline, rejuvenation, from_scratch, slimming, redo, cbp; what the two
+One file per method family (baseline, two_halves, rejuvenation, from_scratch, slimming, redo, cbp; what the two
 recyclers share: recycling), each class registering itself
 beside its implementation (registry.register_method). A new method is one new file: a Method subclass with
 @register_method("NAME", ...); a module outside the package is loaded through $NR_STUDY_METHODS.
 """
 from nr_study.methods.registry import METHODS, MethodInfo, load_plugins, register_method, resolved_nr
 from nr_study.methods.base import Event, Method, make_method, prunable_gammas, prunable_graph
-from nr_study.methods import baseline, rejuvenation  # the built-in families register on import
+from nr_study.methods import baseline, two_halves, rejuvenation  # the built-in families register on import
 from nr_study.methods.from_scratch import fs_spec
 from nr_study.methods.slimming import slim_prune
 from nr_study.methods import redo, cbp  # noqa: E402 - the recyclers register after the NR family and SLIM (listing order)
 
 load_plugins()
 
-__all__ = ["baseline", "rejuvenation", "redo", "cbp", "METHODS", "MethodInfo", "register_method", "resolved_nr", "Event", "Method", "make_method",
+__all__ = ["baseline", "two_halves", "rejuvenation", "redo", "cbp", "METHODS", "MethodInfo", "register_method", "resolved_nr", "Event", "Method", "make_method",
            "prunable_graph", "prunable_gammas", "slim_prune", "fs_spec"]

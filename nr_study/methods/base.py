@@ -49,6 +49,7 @@ class Method:
     def __init__(self, cfg: Config, input_shape: tuple, tracking_uri: Optional[str] = None):
         self.cfg, self.input_shape, self.tracking_uri = cfg, input_shape, tracking_uri
         self.resumed = False
+        self.heads = None  # nr.heads.SplitHeads where the method trains two classifiers (NR-CR separate, BL-2H)
 
     @classmethod
     def check_config(cls, cfg: Config) -> list[str]:
@@ -62,6 +63,29 @@ class Method:
     def on_optimizer(self, opt: torch.optim.Optimizer) -> None:
         """The optimizer the loop built (at the start, after an event, on a resume before its state is loaded into
         it): a method that edits weights in place keeps it to zero their optimizer state."""
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch: cross-entropy of the output, or with two heads CE(S) + CE(R)."""
+        if self.heads is not None and self.heads.active:
+            return self.heads.loss(y)
+        import torch.nn.functional as F
+
+        return F.cross_entropy(out.float(), y)
+
+    def head_outputs(self) -> dict:
+        """Each head's logits of the last forward, by name ({} with one head): their errors are logged too."""
+        return self.heads.outputs() if self.heads is not None and self.heads.active else {}
+
+    def set_heads(self, model: nn.Module, survivors: Optional[dict]) -> None:
+        """Two classifiers over the model's S and R (``survivors``: |S| per split group's producer), replacing
+        any earlier ones; None: one head."""
+        if self.heads is not None:
+            self.heads.remove()
+        self.heads = None
+        if survivors:
+            from nr_study.nr.heads import SplitHeads
+
+            self.heads = SplitHeads(model, self.input_shape, survivors)
 
     def after_backward(self) -> None:
         pass

@@ -102,6 +102,11 @@ class ChannelGraph:
     def free_groups(self) -> list[Group]:
         return [g for g in self.groups.values() if g.free]
 
+    def head_layers(self) -> list[Layer]:
+        """The layers whose output no layer or BN reads: the model's outputs (a classifier, an auxiliary head)."""
+        read = {g for layer in self.layers for g, _ in layer.in_layout} | {g for bn in self.bns for g, _ in bn.layout}
+        return [layer for layer in self.layers if layer.out_group is not None and layer.out_group not in read]
+
 
 class _Tracer(torch.fx.Tracer):
     """Keeps our split convolutions opaque: the graph treats them as one conv."""

@@ -146,7 +146,8 @@ class NeuralRejuvenation:
         return rejuvenate(self.model, self.input_shape, self.cfg.target_ratio, self.cfg.constraint, self.cfg.scheme,
                           self.cfg.rescale, self.cfg.realloc, inplace=True, threshold=self.cfg.dead_threshold,
                           gamma0=self.cfg.gamma0, graph=self.graph, impl=self.cfg.impl, round_to=round_to,
-                          sources=self.cfg.carry_momentum)[1]
+                          sources=self.cfg.carry_momentum, gamma_new=self.cfg.gamma_new,
+                          head_init=self.cfg.new_head_init)[1]
 
     def _collect_gammas(self) -> None:
         modules = dict(self.model.named_modules())

@@ -35,7 +35,15 @@ class NRCfg:
     scheme: Optional[str] = F(None, choice(SCHEMES), doc="null: the method's scheme")
     rescale: Optional[bool] = F(None, doc="null: the method's default")
     realloc: Optional[bool] = F(None, doc="null: the method's default")
-    gamma0: float = F(1.0, rng(0.0, lo_open=True), doc="γ of a rejuvenated channel (a fresh BN's)")
+    gamma0: float = F(1.0, rng(0.0, lo_open=True), doc="neural rescaling's target: survivors with |γ| below it "
+                      "are scaled up to it")
+    gamma_new: float = F(0.5, rng(0.0, lo_open=True), doc="γ of a rejuvenated channel (the official code's 0.5; "
+                         "its outgoing weights are 0, so any value keeps the function)")
+    new_head_init: str = F("zero", choice(("zero", "normal")), doc="the classifier's columns reading new channels: "
+                           "zero keeps the function exactly; normal: N(0, 0.01) as the official code")
+    cr_heads: str = F("separate", choice(("joint", "separate")), doc="NR-CR after a rejuvenation: separate = the "
+                      "official two classifiers (the head run on S and on R, loss CE(S) + CE(R), prediction from "
+                      "their sum); joint: one head over [S; R]")
     carry_momentum: bool = F(False, doc="SGD momentum follows the surviving weights across a rejuvenation "
                              "(rescaling inverted, new entries 0); false: the paper's fresh optimizer")
     dead_threshold: float = F(0.01, rng(0.0, 1.0, True, True))

@@ -154,7 +154,8 @@ AUTO_ROUND_TO = 8  # round_to None: GPU kernels tile by 8 (and oneDNN on CPU blo
 def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constraint: str = "params",
                scheme: str = "nr", rescale: bool = True, realloc: bool = True, inplace: bool = False,
                threshold: float = 0.01, gamma0: float = 1.0, graph: ChannelGraph | None = None,
-               impl: str = "two", round_to: int | None = 1, sources: bool = False
+               impl: str = "two", round_to: int | None = 1, sources: bool = False, gamma_new: float = 0.5,
+               head_init: str = "zero"
                ) -> tuple[nn.Module, RejuvenationReport]:
     """Rejuvenate ``model``'s dead channels under target_ratio · c(A as first built); returns (model, report).
 
@@ -218,7 +219,8 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
         report.widths_after[g.producer] = widths[g.id]
         report.survivors[g.producer] = s_count[g.id]
         report.rejuvenated[g.producer] = r_count[g.id]
-    options = dict(scheme=scheme, gamma0=gamma0, impl=impl, densify_cr=no_growth is None)
+    options = dict(scheme=scheme, gamma0=gamma0, impl=impl, densify_cr=no_growth is None, gamma_new=gamma_new,
+                   head_init=head_init)
     if sources:  # replayed without rescaling on a coded copy: where every kept entry goes
         report.sources = ParamSources.of_surgery(model, lambda twin: apply_surgery(
             twin, copy.deepcopy(graph), live_idx, r_count, rescale=False, **options))
@@ -268,8 +270,11 @@ def prune(model: nn.Module, input_shape, keep_masks: dict[str, torch.Tensor], in
 
 def apply_surgery(model: nn.Module, graph: ChannelGraph, keep: dict[int, torch.Tensor], n_new: dict[int, int],
                   scheme: str = "nr", rescale: bool = False, gamma0: float = 1.0, impl: str = "two",
-                  report: RejuvenationReport | None = None, densify_cr: bool = False) -> None:
+                  report: RejuvenationReport | None = None, densify_cr: bool = False, gamma_new: float = 0.5,
+                  head_init: str = "zero") -> None:
     """Rebuild, in place, every layer and BN touching a changed group: group g becomes [keep[g]; n_new[g] new].
+    New channels start with BN γ = ``gamma_new``, β = 0; the model's output layers read them with zero weights
+    (``head_init`` "zero": the function is kept) or N(0, 0.01) ("normal", the official code's classifier).
 
     ``densify_cr``: a rejuvenation makes every survivor S, so NR-CR's absent cross blocks become zeros
     (exact: the map is linear) and the layer is dense again; a prune keeps the CR blocks as they are."""
@@ -302,6 +307,7 @@ def apply_surgery(model: nn.Module, graph: ChannelGraph, keep: dict[int, torch.T
             offset += width * f
         return torch.cat(parts)
 
+    heads = {layer.name for layer in graph.head_layers()}
     with torch.no_grad():
         for layer in graph.layers:
             in_src = layout_src(layer.in_layout)
@@ -310,11 +316,15 @@ def apply_surgery(model: nn.Module, graph: ChannelGraph, keep: dict[int, torch.T
             if _unchanged(in_src, graph.width(layer.in_layout)) and _unchanged(out_src, n_out):
                 continue
             new = _remap_layer(modules[layer.name], layer, in_src, out_src, scheme, impl)
+            if head_init == "normal" and layer.name in heads and type(new) is nn.Linear:
+                new_cols = torch.nonzero(in_src < 0).flatten().to(new.weight.device)
+                new.weight[:, new_cols] = 0.01 * torch.randn(new.weight.shape[0], len(new_cols),
+                                                             device=new.weight.device, dtype=new.weight.dtype)
             model.set_submodule(layer.name, new.train(modules[layer.name].training))
         for bn in graph.bns:
             s = layout_src(bn.layout)
             if not _unchanged(s, graph.width(bn.layout)):
-                model.set_submodule(bn.name, _remap_bn(modules[bn.name], s, gamma0))
+                model.set_submodule(bn.name, _remap_bn(modules[bn.name], s, gamma_new))
     for gid, s in src.items():
         graph.groups[gid].width = len(s)
     graph.sides = split_sides(model, graph)
@@ -525,8 +535,8 @@ def _slice_conv(conv: nn.Module, out_keep: torch.Tensor, in_keep: torch.Tensor) 
     return new
 
 
-def _remap_bn(old: nn.Module, src: torch.Tensor, gamma0: float) -> nn.Module:
-    """Survivors keep γ, β and running stats; new channels start at γ0, β = 0, mean 0, var 1.
+def _remap_bn(old: nn.Module, src: torch.Tensor, gamma_new: float) -> nn.Module:
+    """Survivors keep γ, β and running stats; new channels start at γ = gamma_new, β = 0, mean 0, var 1.
 
     With momentum=None (a cumulative average over num_batches_tracked batches) the counter restarts when
     channels are added, so the new channels' statistics are estimated from their own batches, not diluted."""
@@ -537,7 +547,7 @@ def _remap_bn(old: nn.Module, src: torch.Tensor, gamma0: float) -> nn.Module:
     idx = src.clamp(min=0)
     with torch.no_grad():
         if old.affine:
-            new.weight.copy_(torch.where(ok, old.weight[idx], torch.full_like(new.weight, gamma0)))
+            new.weight.copy_(torch.where(ok, old.weight[idx], torch.full_like(new.weight, gamma_new)))
             new.bias.copy_(torch.where(ok, old.bias[idx], torch.zeros_like(new.bias)))
         if old.track_running_stats:
             new.running_mean.copy_(torch.where(ok, old.running_mean[idx], torch.zeros_like(new.running_mean)))
