@@ -62,17 +62,152 @@ def test_cpu_tables_have_three_seeds():
 def test_paper_settings_in_gpu_files():
     t4 = load_search_space(REPO / "search_spaces" / "table4_cifar_compression.yaml")
     assert t4.base["nr"]["tr"] == 0.25 and t4.base["nr"]["target_ratio"] == 0.5
-    assert {d.key for d in t4.dims} >= {"data.name", "model.name", "method"}
+    assert {k for d in t4.dims for v in (d.variants or {}).values() for k in v} >= {"data.name", "model.name", "method"}
     t1 = load_search_space(REPO / "search_spaces" / "table1_ablation.yaml")
     assert t1.base["nr"]["tr"] == 0.25 and t1.base["data"]["image_size"] == 128
     assert t1.base["model"]["name"] == "vgg19_simplified_imagenet"
     t2 = load_search_space(REPO / "search_spaces" / "table2_imagenet.yaml")
-    assert t2.base["train"]["epochs"] == 90 and t2.base["train"]["batch_size"] == 256
     assert t2.base["nr"]["delta_lambda"] == 5e-5 and t2.base["nr"]["window_epochs"] == 30
     t3 = load_search_space(REPO / "search_spaces" / "table3_mobilenet.yaml")
     assert t3.base["optim"]["schedule"] == "cosine" and t3.base["nr"]["constraint"] == "flops"
     t5 = load_search_space(REPO / "search_spaces" / "table5_multi_nr.yaml")
     assert [d for d in t5.dims if d.key == "nr.max_rejuvenations"][0].values == [0, 1, 2, 3, 4, 5]
+
+
+# The official repository's README (joe-siyuan-qiao/NeuralRejuvenation-CVPR19): the fixed sparsity per dataset and
+# architecture of its CIFAR commands and results table (docs/fidelity.md).
+OFFICIAL_CIFAR_LAMBDA = {("cifar10", "vgg19_bn_cifar"): 1.5e-4, ("cifar10", "resnet164_cifar"): 1.5e-4,
+                         ("cifar10", "densenet_bc_100_40"): 1e-4, ("cifar100", "vgg19_bn_cifar"): 3e-4,
+                         ("cifar100", "resnet164_cifar"): 2.5e-4, ("cifar100", "densenet_bc_100_40"): 2e-4}
+
+
+def _trials(name: str):
+    """Every trial of a shipped space as the trainer gets it: (validated Config, run name)."""
+    space = load_search_space(REPO / "search_spaces" / name)
+    return space, [space.resolve_trial(point)[:2] for point in space.grid_points()]
+
+
+def _official_cifar(cfg) -> None:
+    """The authors' CIFAR command: 300 epochs after the rejuvenation, lr 0.1 / 10 at 150 and 225, batch 64,
+    wd 1e-4, Tr 0.25, a fixed λ from step 1, utilization once per epoch."""
+    o, t, nr = cfg.optim, cfg.train, cfg.nr
+    assert (t.epochs, tuple(o.milestones), o.schedule, o.gamma, t.after_rejuvenation) == \
+        (300, (150, 225), "step", 0.1, "reset_epochs"), cfg.tracking.run_name
+    assert (t.batch_size, o.lr, o.momentum, o.weight_decay) == (64, 0.1, 0.9, 1e-4)
+    assert (nr.tr, nr.lambda_mode, nr.delta_t, nr.delta_t_unit) == (0.25, "fixed", 1, "epoch")
+    assert nr.lambda_fixed == OFFICIAL_CIFAR_LAMBDA[(cfg.data.name, cfg.model.name)], cfg.tracking.run_name
+
+
+def test_table4_follows_the_official_cifar_protocol_and_slim_its_own(capsys):
+    """table4: BL and NR-CR on the official CIFAR schedule (NR-CR with the README's λ for its dataset and
+    architecture, one rejuvenation to 0.5 C); SLIM on Network Slimming's (160 epochs, 80/120, then 160 epochs of
+    fine-tuning on a restarted schedule). The dry run prints the schedule, the protocol and each arm's λ."""
+    space, trials = _trials("table4_cifar_compression.yaml")
+    arms = {}
+    for cfg, name in trials:
+        arms.setdefault(cfg.method, set()).add((cfg.data.name, cfg.model.name))
+        if cfg.method == "SLIM":
+            assert (cfg.train.epochs, tuple(cfg.optim.milestones), cfg.slim.prune_epoch, cfg.slim.restart_schedule) \
+                == (320, (80, 120), 160, True), name
+            assert cfg.slim.l1 == (1e-4 if cfg.model.name.startswith("vgg") else 1e-5), name
+            continue
+        assert (cfg.train.epochs, tuple(cfg.optim.milestones), cfg.train.batch_size) == (300, (150, 225), 64), name
+        if cfg.method == "NR-CR":
+            _official_cifar(cfg)
+            assert (cfg.nr.max_rejuvenations, cfg.nr.target_ratio, cfg.nr.constraint) == (1, 0.5, "params")
+            assert cfg.nr.rescale in (None, False)  # the CIFAR script never rescales
+    assert arms == {m: set(OFFICIAL_CIFAR_LAMBDA) for m in ("BL", "SLIM", "NR-CR")}
+
+    from nr_study.cli import main
+
+    assert main(["sweep", str(REPO / "search_spaces" / "table4_cifar_compression.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs 300, batch 64, lr 0.1 (step)" in out
+    assert "schedule: step (lr x0.1 after epochs [150, 225]), weight decay 0.0001; after a rejuvenation: reset_epochs" in out
+    assert "nr: tr 0.25, lambda fixed 0.00015, target 0.5 x C (params), up to 1 rejuvenation(s)" in out
+    for lam in (0.00015, 0.0001, 0.0003, 0.00025, 0.0002):
+        assert f"NR-CR,lambda_fixed={lam:g}" in out
+    rows = [line for line in out.splitlines() if " SLIM-" in line]  # the trial rows of SLIM
+    assert len(rows) == 6 and all("SLIM,epochs=320,milestones=[80, 120]" in line for line in rows)
+
+
+def test_table5_follows_the_official_cifar_protocol(capsys):
+    space, trials = _trials("table5_multi_nr.yaml")
+    seen = set()
+    for cfg, name in trials:
+        assert cfg.method == "NR-CR" and cfg.model.name == "vgg19_bn_cifar" and cfg.nr.target_ratio == 1.0
+        _official_cifar(cfg)
+        seen.add((cfg.data.name, cfg.nr.max_rejuvenations))
+    assert seen == {(d, k) for d in ("cifar10", "cifar100") for k in range(6)}
+
+    from nr_study.cli import main
+
+    assert main(["sweep", str(REPO / "search_spaces" / "table5_multi_nr.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "after epochs [150, 225]" in out and "after a rejuvenation: reset_epochs" in out
+    assert "cifar10,lambda_fixed=0.00015" in out and "cifar100,lambda_fixed=0.0003" in out
+
+
+@pytest.mark.parametrize("name, tr, schedule", [("table1_ablation.yaml", 0.25, "step"),
+                                                ("table2_imagenet.yaml", 0.5, "step"),
+                                                ("table3_mobilenet.yaml", 0.5, "cosine")])
+def test_imagenet_tables_follow_the_official_imagenet_protocol(name, tr, schedule, capsys):
+    """The authors' ImageNet command: 100 epochs at batch 128 counted from the rejuvenation, lr 0.1 / 10 at 30, 60
+    and 90 (Table 3: cosine, the paper's), wd 1e-4; λ adaptive from 0, +5e-5 after each epoch r fell by less than
+    0.01; Tr 0.5 (Table 1: 0.25, its caption); one rejuvenation."""
+    space, trials = _trials(name)
+    for cfg, run in trials:
+        o, t, nr = cfg.optim, cfg.train, cfg.nr
+        assert (t.epochs, t.batch_size, t.after_rejuvenation) == (100, 128, "reset_epochs"), run
+        assert (o.lr, o.momentum, o.weight_decay, o.schedule) == (0.1, 0.9, 1e-4, schedule), run
+        if schedule == "step":
+            assert (tuple(o.milestones), o.gamma) == ((30, 60, 90), 0.1), run
+        assert (nr.lambda_mode, nr.delta_lambda, nr.delta_r, nr.delta_t, nr.delta_t_unit) == \
+            ("adaptive", 5e-5, 0.01, 1, "epoch"), run
+        assert (nr.tr, nr.max_rejuvenations, nr.target_ratio) == (tr, 1, 1.0), run
+
+    from nr_study.cli import main
+
+    assert main(["sweep", str(REPO / "search_spaces" / name), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs 100, batch 128" in out and "after a rejuvenation: reset_epochs" in out
+    assert f"nr: tr {tr:g}, lambda adaptive (+5e-05 while r falls less than 0.01 per 1 epoch(s))" in out
+    assert ("after epochs [30, 60, 90]" in out) == (schedule == "step")
+
+
+def _official_lrs(k: int, epochs: int = 300, schedule=(150, 225), lr: float = 0.1, gamma: float = 0.1) -> list:
+    """The lr of each epoch as the authors' cifar.py / imagenet.py loop sets it, the rejuvenation after its k-th
+    epoch: each epoch before it (that one included) adds one epoch to the total and shifts the milestones by one;
+    the lr is multiplied by gamma at the start of an epoch that is a milestone."""
+    total, ms, cur, out, e = epochs, list(schedule), lr, [], 0
+    while e < total:
+        if e in ms:
+            cur *= gamma
+        out.append(cur)
+        e += 1
+        if e <= k:
+            total, ms = total + 1, [m + 1 for m in ms]
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 7, 40, 150])
+def test_reset_epochs_is_the_official_milestone_shift(k):
+    """train.after_rejuvenation reset_epochs (run_state.adopt: the schedule's offset at the rejuvenation's step,
+    train.epochs more epochs after its epoch; lr_at counts the milestones from the offset) gives every epoch the
+    lr the official loop gives it, and as many epochs, wherever the rejuvenation falls before the first milestone
+    (after it, nr_study's schedule would already have dropped: docs/fidelity.md; the spaces' windows avoid it)."""
+    from nr_study.config import config_from_dict
+    from nr_study.run_state import lr_at
+
+    o = config_from_dict({"optim": {"lr": 0.1, "schedule": "step", "milestones": [150, 225], "gamma": 0.1}}).optim
+    spe = 7  # steps per epoch: any
+    total = k + 300  # what tests/test_train.py::test_after_rejuvenation_protocols checks of a reset_epochs run
+    ours = [lr_at(o, total, spe, e * spe, 0 if e < k else k * spe) for e in range(total)]
+    official = _official_lrs(k)
+    assert len(official) == total
+    assert ours == pytest.approx(official)
+    late = [lr_at(o, 160 + 300, spe, e * spe, 0 if e < 160 else 160 * spe) for e in range(160 + 300)]
+    assert late != pytest.approx(_official_lrs(160))  # a rejuvenation after epoch 150: the official lr is still 0.1
 
 
 # ------------------------------------------------------------------------------------------ schema

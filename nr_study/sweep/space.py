@@ -382,6 +382,7 @@ def dry_run_text(space: SearchSpace, cluster: dict | None = None) -> str:
                  f"{space.base['data']['name']}, epochs {space.base['train']['epochs']}, batch "
                  f"{space.base['train']['batch_size']}, lr {space.base['optim']['lr']:g} "
                  f"({space.base['optim']['schedule']})")
+    lines += protocol_lines(space)
     tag_txt = ", ".join(f"{k}={v}" for k, v in space.tags.items())
     if tag_txt:
         lines.append(f"tags: {tag_txt}")
@@ -398,6 +399,29 @@ def dry_run_text(space: SearchSpace, cluster: dict | None = None) -> str:
     for row in table:
         lines.append("  " + "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
     return "\n".join(lines)
+
+
+def protocol_lines(space: SearchSpace) -> list[str]:
+    """The base config's lr schedule and what follows a rejuvenation, and NR's settings where a trial's method
+    runs NR's hook: what a full-scale space mirrors of the official commands (a variant's or a dimension's own
+    values show in its label)."""
+    from nr_study.methods import METHODS
+    from nr_study.sweep.space_fields import _values_of
+
+    o, t, nr = space.base["optim"], space.base["train"], space.base.get("nr") or {}
+    sched = o["schedule"] + (f" (lr x{o['gamma']:g} after epochs {list(o['milestones'])})"
+                             if o["schedule"] == "step" else "")
+    lines = [f"schedule: {sched}, weight decay {o['weight_decay']:g}; after a rejuvenation: "
+             f"{t['after_rejuvenation']}"]
+    methods = {str(m) for m in _values_of("method", space.base, space.dims)}
+    if nr and any(m in METHODS and METHODS[m].hook for m in methods):
+        lam = (f"fixed {nr['lambda_fixed']:g}" if nr["lambda_mode"] == "fixed" else
+               f"adaptive (+{nr['delta_lambda']:g} while r falls less than {nr['delta_r']:g} per "
+               f"{nr['delta_t']} {nr['delta_t_unit']}(s))")
+        window = f", NR window {nr['window_epochs']} epochs" if nr.get("window_epochs") else ""
+        lines.append(f"nr: tr {nr['tr']:g}, lambda {lam}, target {nr['target_ratio']:g} x C ({nr['constraint']}), "
+                     f"up to {nr['max_rejuvenations']} rejuvenation(s){window}")
+    return lines
 
 
 def dump_document(doc: dict) -> str:
