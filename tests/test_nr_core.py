@@ -121,7 +121,7 @@ def test_rescaling_restores_gamma0_and_counts():
     model = make("plain_vgg")
     graph = build_graph(model, INPUT)
     kill_channels(model, graph, 0.3, seed=3)
-    new, rep = rejuvenate(model, INPUT, 1.0, rescale=True)
+    new, rep = rejuvenate(model, INPUT, 1.0, rescale=True, gamma_new=1.0)  # new channels at γ0 too: every γ >= 1
     assert rep.rescaled_channels > 0
     for m in new.modules():
         if isinstance(m, nn.BatchNorm2d):

@@ -33,7 +33,8 @@ def zero_optimizer_state(opt: torch.optim.Optimizer | None, param: torch.Tensor,
 class ParamSources:
     """Where each entry of a rebuilt model's parameters came from: ``index[name]`` holds, per entry of the new
     parameter ``name``, its position in the old parameters laid end to end in ``old`` order (name, numel),
-    or -1 for a new entry; ``scale[name]`` is old value / new value where rescaling changed it (1 elsewhere).
+    or -1 for a new entry; ``scale[name]`` (old names, old shapes) the factor rescaling put on an old entry's
+    gradient (absent: 1).
     What SGD momentum needs to follow the surviving weights across a surgery (:func:`carry_state`)."""
 
     old: list[tuple[str, int]]
@@ -62,18 +63,23 @@ class ParamSources:
             index[n] = torch.where(is_code, code, -1.0).long()
         return cls(old, index)
 
-    def values_before(self, model: nn.Module) -> torch.Tensor:
-        return torch.cat([p.detach().flatten().double().cpu() for _, p in model.named_parameters()])
-
-    def set_scales(self, before: torch.Tensor, model: nn.Module) -> None:
-        """old / new value of each kept entry: 1 unless neural rescaling moved it (γ·s, β·s, readers' w / s)."""
-        for n, p in model.named_parameters():
-            idx = self.index[n]
-            new = p.detach().double().cpu()
-            old = torch.where(idx >= 0, before[idx.clamp(min=0)], 0.0)
-            moved = (idx >= 0) & (old != 0) & (new != 0) & (old != new)
-            if moved.any():
-                self.scale[n] = torch.where(moved, old / torch.where(moved, new, 1.0), 1.0)
+    def rescaled(self, model: nn.Module, bn_weights: set[str], rescale: Callable[[nn.Module], None]) -> None:
+        """Neural rescaling multiplies γ and β by s and divides the readers' weights by s; their gradients (and so
+        momentum) scale by the inverse. The factors come from ``rescale`` run on a float64 copy whose entries are
+        1 (γ keeps its value: the rescaling decides on it): a 1 becomes its value factor — exact, zeros
+        included (a zero weight's gradient scales too). Kept as the gradient factor per old entry, ``scale``."""
+        twin = copy.deepcopy(model).to("cpu", torch.float64)
+        with torch.no_grad():
+            for n, p in twin.named_parameters():
+                if n not in bn_weights:
+                    p.fill_(1.0)
+        gammas = {n: p.detach().clone() for n, p in twin.named_parameters() if n in bn_weights}
+        rescale(twin)
+        for n, p in twin.named_parameters():
+            v = p.detach()
+            factor = torch.where(gammas[n] != 0, gammas[n] / v, 1.0) if n in gammas else 1.0 / v
+            if bool((factor != 1).any()):
+                self.scale[n] = factor
 
 
 def carry_state(sources: ParamSources, old_state: dict[str, torch.Tensor | None], new_params: dict[str, torch.Tensor]
@@ -83,14 +89,16 @@ def carry_state(sources: ParamSources, old_state: dict[str, torch.Tensor | None]
     by 1/s when its weight scales by s), a new entry 0."""
     if not sources.old:
         return {n: torch.zeros_like(p) for n, p in new_params.items()}
-    flat = torch.cat([(old_state.get(n) if old_state.get(n) is not None else torch.zeros(k)).detach().flatten()
-                      .double().cpu() for n, k in sources.old])
+    def old_entries(n: str, k: int) -> torch.Tensor:
+        v = old_state.get(n)
+        v = v.detach().flatten().double().cpu() if v is not None else torch.zeros(k, dtype=torch.float64)
+        return v * sources.scale[n].flatten() if n in sources.scale else v
+
+    flat = torch.cat([old_entries(n, k) for n, k in sources.old])
     out = {}
     for n, p in new_params.items():
         idx = sources.index[n]
         v = torch.where(idx >= 0, flat[idx.clamp(min=0)], 0.0)
-        if n in sources.scale:
-            v = v * sources.scale[n]
         out[n] = v.to(device=p.device, dtype=p.dtype).view_as(p).contiguous(memory_format=_layout_of(p))
     return out
 

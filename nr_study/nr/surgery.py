@@ -224,10 +224,11 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
     if sources:  # replayed without rescaling on a coded copy: where every kept entry goes
         report.sources = ParamSources.of_surgery(model, lambda twin: apply_surgery(
             twin, copy.deepcopy(graph), live_idx, r_count, rescale=False, **options))
-    before = report.sources.values_before(model) if sources else None
+    if sources and rescale:  # the factors neural rescaling puts on the kept entries' gradients
+        bn_weights = {f"{bn.name}.weight" for bn in graph.bns}
+        report.sources.rescaled(model, bn_weights, lambda twin: _rescale(dict(twin.named_modules()), graph,
+                                                                         live_idx, gamma0, None))
     apply_surgery(model, graph, live_idx, r_count, rescale=rescale, report=report, **options)
-    if sources:
-        report.sources.set_scales(before, model)
     report.cost_after = graph_utilization(model, graph, constraint, masks={}).total
     return model, report
 
