@@ -125,3 +125,20 @@ def test_training_logs_each_heads_error_and_refuses_up_front(tracking_uri, tmp_p
     with pytest.raises(ConfigError, match=r"^method NR-CR on model 'resnet164_cifar': nr.cr_heads: separate"):
         train(bad, tracking_uri=tracking_uri, checkpoint_dir=tmp_path / "c", progress=False)
     assert not (tmp_path / "c" / "state.pt").exists()
+
+
+def test_tables_say_which_fidelity_options_their_runs_used():
+    from nr_study.analysis.builders import fidelity_note
+    from nr_study.analysis.runs import RunRecord
+
+    def run(i, method, **params):
+        return RunRecord(f"r{i}", "e", "FINISHED", {"nr.method": method}, {"method": method, **params}, {})
+
+    runs = [run(0, "BL"), run(1, "NR-CR", **{"nr.cr_heads": "separate", "nr.gamma_new": "0.5"}),
+            run(2, "NR-CR", **{"nr.cr_heads": "joint", "nr.gamma_new": "0.5", "nr.scheme": "None"}),
+            run(3, "NR", **{"nr.cr_heads": "separate", "nr.gamma_new": "0.5"}),  # heads: NR-CR's option only
+            run(4, "NR-CR")]  # logged before the options existed: one head, γ 1
+    (note,) = fidelity_note(runs)
+    assert "nr.cr_heads joint (2 runs) / separate (1 run)" in note
+    assert "nr.gamma_new 0.5 (3 runs) / 1.0 (1 run)" in note and "nr.new_head_init zero;" in note
+    assert fidelity_note([run(0, "BL")]) == []

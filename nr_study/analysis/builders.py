@@ -98,6 +98,34 @@ def budget_note(runs: list[RunRecord]) -> list[str]:
     return ["training epochs by method: " + "; ".join(parts)]
 
 
+# The options where nr_study follows the paper's text or the official code (docs/fidelity.md), and what a run logged
+# before the option existed did (its params lack the key).
+FIDELITY_OPTIONS = {"nr.cr_heads": "joint", "nr.gamma_new": "1.0", "nr.new_head_init": "zero",
+                    "nr.carry_momentum": "False"}
+
+
+def fidelity_note(runs: list[RunRecord]) -> list[str]:
+    """Which fidelity options the table's NR runs used (every value seen, with how many runs): a table mixing
+    them says so. nr.cr_heads is NR-CR's (and BL-2H's) only."""
+    seen: dict[str, dict[str, int]] = {}
+    for r in runs:
+        method = r.get("method")
+        if method not in NR_METHODS and method != "BL-2H":
+            continue
+        scheme = r.params.get("nr.scheme")
+        scheme = scheme if scheme not in (None, "", "None") else METHODS[method].scheme
+        for key, before in FIDELITY_OPTIONS.items():
+            if key != "nr.cr_heads" or scheme == "cr":
+                counts = seen.setdefault(key, {})
+                counts[r.params.get(key, before)] = counts.get(r.params.get(key, before), 0) + 1
+    if not seen:
+        return []
+    parts = [f"{key} " + (next(iter(vals)) if len(vals) == 1 else
+                          " / ".join(f"{v} ({n} run{'s' * (n != 1)})" for v, n in sorted(vals.items())))
+             for key, vals in seen.items()]
+    return ["fidelity options of the NR runs (docs/fidelity.md): " + "; ".join(parts)]
+
+
 
 def mixed_note(cell: str, runs: list[RunRecord], what: str) -> str | None:
     """A note when a cell's runs are more than one configuration (runs.configuration), else None."""
@@ -195,7 +223,7 @@ def build_paper_table(paper: Paper, key: str, store: RunStore, mode: str = "fina
         for v in table.values:
             cells[(e.row, e.col, v)] = make_cell(e.values[v], by_cell[e.cell], v, mode)
     built = BuiltTable(key, table.title, table.caption, table.row_label, rows, columns, cells, ids,
-                       notes=_status_note(store, key) + budget_note(runs) + notes + _missing_notes(by_cell, table.values, mode), metric=mode,
+                       notes=_status_note(store, key) + budget_note(runs) + fidelity_note(runs) + notes + _missing_notes(by_cell, table.values, mode), metric=mode,
                        n_runs=sum(len(v) for v in by_cell.values()), halves=table.halves)
     if "relative_gain" in table.extra:
         built.columns.append(Column("", "relative_gain"))
@@ -354,7 +382,7 @@ def build_cpu_table(paper: Paper, key: str, store: RunStore, mode: str = "final"
     spec = paper.cpu_tables[key]
     values = list(spec.get("values") or ["top1"])
     runs = store.finished({"table": key})
-    notes = _status_note(store, key) + budget_note(runs)
+    notes = _status_note(store, key) + budget_note(runs) + fidelity_note(runs)
     cols = _cpu_columns(spec, runs, notes)
     ref_label, ref_vals = _cpu_reference(paper, spec, cols, values)
     _sort_cpu_columns(spec, cols)
@@ -397,7 +425,7 @@ def build_cells_table(paper: Paper | None, key: str, store: RunStore, mode: str 
     scheduler stopped early are left out (their error is that of a shorter training), and said so. `paper` is
     not read (a sweep's table has no paper numbers): it is the signature every table kind's builder shares."""
     runs = store.finished({"table": key})
-    notes = _status_note(store, key) + budget_note(runs)
+    notes = _status_note(store, key) + budget_note(runs) + fidelity_note(runs)
     by_cell: dict[str, list[RunRecord]] = {}
     for r in runs:
         by_cell.setdefault(r.get("cell") or r.get("method") or "?", []).append(r)
