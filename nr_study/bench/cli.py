@@ -13,6 +13,7 @@ import torch
 
 from nr_study.bench.layers import bench_layer, bench_nesting
 from nr_study.bench.makespan import bench_sweep
+from nr_study.bench.heads import bench_heads
 from nr_study.bench.recyclers import bench_recyclers
 from nr_study.bench.runs import bench_runs
 from nr_study.bench.settings import Sizes
@@ -24,7 +25,8 @@ from nr_study.files import check_writable_dir, write_json_atomic
 
 
 # the row families, in the order they run (--only picks among these keys)
-SECTIONS = {"steps": bench_steps, "widths": bench_widths, "recyclers": bench_recyclers, "surgery": bench_surgery,
+SECTIONS = {"steps": bench_steps, "widths": bench_widths, "recyclers": bench_recyclers, "heads": bench_heads,
+            "surgery": bench_surgery,
             "layer": bench_layer,
             "nesting": bench_nesting,
             "sweep": bench_sweep, "runs": bench_runs}
