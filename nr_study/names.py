@@ -26,6 +26,9 @@ TAG_CODE_VERSION, TAG_ERROR = "nr.code_version", "nr.error"
 # A paired sweep (pair_with): "true" on a pair's own run (no trial, in no table); on a trial's run, its pair's id.
 TAG_PAIRED_BASELINE, TAG_PAIR_RUN = "nr.paired_baseline", "nr.pair_run"
 DELTA_METRIC = "delta_test_err"  # a paired trial's test_err − its pair's at the same epoch (points)
+# Under reset_epochs (the paper's protocol) a trial trains more epochs than train.epochs: its second pair, BL for
+# as many epochs as it trained (equal training compute), its id and the final difference to it.
+TAG_PAIR_RUN_COMPUTE, DELTA_COMPUTE_METRIC = "nr.pair_run_compute", "delta_test_err_compute"
 # The code a run ran: MLflow's own git tag (the UI shows it on the run page) and the versions of the stack.
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 VERSION_TAGS = {"torch": "nr.version.torch", "ray": "nr.version.ray", "mlflow": "nr.version.mlflow",

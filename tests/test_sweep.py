@@ -233,6 +233,42 @@ def test_paired_sweep_trains_each_baseline_once_and_reports_the_exact_difference
     assert [row["test_err"] for row in direct["history"]] == [pair_err[seed1.info.run_id][e] for e in (1, 2)]
 
 
+def test_reset_epochs_trial_is_paired_at_equal_epochs_and_at_equal_compute(mlflow_server, local_ray, runs):
+    # The paper's protocol: NR rejuvenates in epoch 2, then trains train.epochs (2) more: 4 epochs in all. Its
+    # equal-epochs pair (BL, 2 epochs) meets its epochs counted from the rejuvenation (3, 4 <-> 1, 2; epoch 1,
+    # before it, <-> 1); its equal-compute pair is BL for 4 epochs, trained once the total is known.
+    from nr_study.analysis.builders import build_cells_table
+    from nr_study.analysis.runs import RunStore
+
+    doc = make_doc("paired_reset", space={"method": ["NR"]}, pair_with="BL", tags={"table": "paired_reset"},
+                   base={"train.after_rejuvenation": "reset_epochs"})
+    summary = run(doc, mlflow_server)
+    client = client_for(mlflow_server)
+    kids = children_of(client, summary)
+    (trial,) = [r for r in kids if r.data.tags.get("nr.paired_baseline") != "true"]
+    pairs = {r.info.run_id: r for r in kids if r.data.tags.get("nr.paired_baseline") == "true"}
+    assert len(pairs) == 2 and all(r.info.status == "FINISHED" for r in kids)
+
+    def hist(run_id, key):
+        return {int(m.step): m.value for m in client.get_metric_history(run_id, key)}
+
+    mine, delta = hist(trial.info.run_id, "test_err"), hist(trial.info.run_id, "delta_test_err")
+    assert sorted(mine) == [1, 2, 3, 4] and trial.data.metrics["rejuvenations"] == 1
+    epochs_pair, compute_pair = trial.data.tags["nr.pair_run"], trial.data.tags["nr.pair_run_compute"]
+    base = hist(epochs_pair, "test_err")
+    assert sorted(base) == [1, 2] and sorted(hist(compute_pair, "test_err")) == [1, 2, 3, 4]
+    assert sorted(delta) == [1, 3, 4]  # epoch 2 (the rejuvenation's) meets no epoch of the pair
+    for e, off in ((1, 0), (3, 2), (4, 2)):
+        assert delta[e] == pytest.approx(mine[e] - base[e - off], abs=1e-9)
+    assert trial.data.metrics["delta_test_err_compute"] == pytest.approx(
+        mine[4] - hist(compute_pair, "test_err")[4], abs=1e-9)
+    assert pairs[compute_pair].data.tags["nr.cell"] == "BL (paired baseline, 4 epochs: equal compute)"
+    table = build_cells_table(None, "paired_reset", RunStore(mlflow_server.url, ["test-paired_reset"]))
+    assert {c.value for c in table.columns} >= {"paired:own", "paired:own_compute"}
+    assert table.paired_cells[("NR", "paired:own_compute")].mean == pytest.approx(
+        trial.data.metrics["delta_test_err_compute"])
+
+
 def test_worker_killed_while_training_the_pair_continues_it(mlflow_server, local_ray, runs, tmp_path):
     # The pair trains first, so it is what the one-time kill after epoch 1's checkpoint hits; the retried trial
     # takes the lock again and continues the pair from its checkpoint in the same run, then trains itself.

@@ -24,6 +24,7 @@ from nr_study.analysis.table_model import BuiltTable, Column, make_cell, run_val
 from nr_study.errors import ConfigError
 from nr_study.labels import distinct_labels, varying_keys
 from nr_study.methods import METHODS
+from nr_study.names import DELTA_COMPUTE_METRIC
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -434,13 +435,17 @@ def build_cells_table(paper: Paper | None, key: str, store: RunStore, mode: str 
     bases = sorted(c for c, rs in by_cell.items() if all(r.get("method") == "BL" for r in rs))  # e.g. a width-scaled BL too
     own = {c: own_pair_difference(rs) for c, rs in by_cell.items()}
     own = {c: p for c, p in own.items() if p.n}
+    own_compute = {c: p for c, rs in by_cell.items() if (p := own_pair_difference(rs, DELTA_COMPUTE_METRIC)).n}
     if runs and not bases and not own:
         notes.append("no BL cell: no paired column")
     rows = sorted(by_cell, key=lambda c: (c not in bases, own[c].mean if c in own else math.inf, c))
     values = ["top1", "params", "flops", "rejuvenations"]
     columns = [Column("", v) for v in values]
     if own:
-        columns.append(Column("Δ vs its own paired BL", "paired:own", single=True))
+        columns.append(Column("Δ vs its own paired BL" + (", equal epochs" if own_compute else ""), "paired:own",
+                              single=True))
+    if own_compute:
+        columns.append(Column("Δ vs its own paired BL, equal compute", "paired:own_compute", single=True))
     columns += [Column(f"Δ vs {b}, paired", f"paired:{b}", single=True) for b in bases]
     cells = {(row, "", v): make_cell(PaperValue(None, None), by_cell[row], v, mode) for row in rows for v in values}
     built = BuiltTable(key, f"Sweep table {key!r}", "", "Cell", rows, columns, cells, {(r, ""): r for r in rows},
@@ -451,6 +456,10 @@ def build_cells_table(paper: Paper | None, key: str, store: RunStore, mode: str 
         captions.append("Δ vs its own paired BL is each run's test error minus that of the BL the sweep trained "
                         "with the same seed, data, architecture and epochs (pair_with), at the last epoch; rows are "
                         "sorted by it")
+    if own_compute:
+        captions.append("under train.after_rejuvenation reset_epochs (the paper's protocol: train.epochs more after "
+                        "the rejuvenation) the equal-epochs BL trained train.epochs; the equal-compute one as many "
+                        "epochs as the run did")
     if bases:
         captions.append(f"The Δ vs <cell> columns compare each with a BL cell ({', '.join(bases)}) at "
                         f"{BASIS_TEXT['equal_epochs']}")
@@ -458,6 +467,8 @@ def build_cells_table(paper: Paper | None, key: str, store: RunStore, mode: str 
         built.caption = "Rows are the sweep's cells. " + ". ".join(captions) + "."
     for c, pr in own.items():
         built.paired_cells[(c, "paired:own")] = pr
+    for c, pr in own_compute.items():
+        built.paired_cells[(c, "paired:own_compute")] = pr
     for b in bases:
         for row in rows:
             if row != b:

@@ -82,12 +82,13 @@ def paired_difference(runs: list[RunRecord], baselines: list[RunRecord], basis: 
     return out, notes
 
 
-def own_pair_difference(runs: list[RunRecord]) -> Paired:
+def own_pair_difference(runs: list[RunRecord], metric: str = DELTA_METRIC) -> Paired:
     """The paired difference each run of a paired sweep measured against its own baseline (same seed, data,
-    architecture, epochs): per seed (a seed's runs averaged), mean [95 % t interval] (n seeds)."""
+    architecture; `metric` DELTA_METRIC: the same epochs, DELTA_COMPUTE_METRIC: as many epochs as a reset_epochs
+    run trained): per seed (a seed's runs averaged), mean [95 % t interval] (n seeds)."""
     by_seed: dict[str, list[float]] = {}
     for r in runs:
-        d = r.final(DELTA_METRIC)
+        d = r.final(metric)
         if d is not None:
             by_seed.setdefault(r.get("seed") or r.run_id, []).append(d)
     return t_interval(seed_means(by_seed))

@@ -51,16 +51,18 @@ def pair_key(cfg) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def delta_row(row: dict, pair_history: list[dict]) -> dict:
-    """The paired difference for one of the trial's epoch rows (empty when the pair has no such epoch)."""
+def delta_row(row: dict, pair_history: list[dict], epochs: int) -> dict:
+    """The paired difference for one of the trial's epoch rows (empty when the pair has no such epoch). Under
+    reset_epochs the trial's epochs count again from its rejuvenation (total_epochs = that epoch + `epochs`), as
+    its lr schedule does: its epoch t meets the pair's epoch t - (total_epochs - epochs), last with last."""
     by_epoch = {int(r["epoch"]): r for r in pair_history}
-    other = by_epoch.get(int(row["epoch"]))
+    other = by_epoch.get(int(row["epoch"]) - (int(row.get("total_epochs", epochs)) - epochs))
     if other is None:
         return {}
     return {DELTA_METRIC: float(row["test_err"]) - float(other["test_err"])}
 
 
-def train_pair(ctx, cfg, client) -> dict:
+def train_pair(ctx, cfg, client, basis: str = "equal epochs") -> dict:
     """The trial's pair, trained now or read back: {"run_id", "history": [{"epoch", "test_err"}, ...]}.
 
     One trial trains it under an exclusive lock on <sweep>/pairs/<key>.lock; the others wait on the lock and
@@ -84,8 +86,9 @@ def train_pair(ctx, cfg, client) -> dict:
         if result.is_file():
             return read_json(result, "paired baseline result")
         trial = f"pair-{key}"
-        tags = {TAG_SWEEP: ctx.space.name, TAG_TRIAL: trial, TAG_PAIRED_BASELINE: "true",
-                TAG_CELL: f"{ctx.space.pair_with} (paired baseline)"}
+        cell = f"{ctx.space.pair_with} (paired baseline" + (
+            ")" if basis == "equal epochs" else f", {pcfg.train.epochs} epochs: {basis})")
+        tags = {TAG_SWEEP: ctx.space.name, TAG_TRIAL: trial, TAG_PAIRED_BASELINE: "true", TAG_CELL: cell}
         pcfg = dataclasses.replace(pcfg, tracking=dataclasses.replace(
             pcfg.tracking, run_name=f"{ctx.space.pair_with}-pair-{key[:8]}-s{pcfg.seed}"))
         local = load_checkpoint(folder)

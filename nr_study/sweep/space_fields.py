@@ -313,9 +313,6 @@ def _parse_pair_with(raw, base, dims, objectives, scheduler, err) -> str | None:
         return None
     if base and raw in {str(v) for v in _values_of("method", base, dims)}:
         err("pair_with", f"{raw}: method {raw} is the paired baseline itself; sweep the methods compared with it")
-    if base and "reset_epochs" in {str(v) for v in _values_of("train.after_rejuvenation", base, dims)}:
-        err("pair_with", f"{raw}: train.after_rejuvenation reset_epochs trains more epochs than its baseline, so no "
-                         f"epoch pairs them; allowed with pair_with: continue, restart_schedule")
     return raw
 
 

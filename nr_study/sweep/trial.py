@@ -147,7 +147,7 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
 
         pair = train_pair(ctx, cfg, client)
         client.set_tag(run_id, TAG_PAIR_RUN, pair["run_id"])
-        row_extras = functools.partial(delta_row, pair_history=pair["history"])
+        row_extras = functools.partial(delta_row, pair_history=pair["history"], epochs=cfg.train.epochs)
     final: dict = {}
 
     def on_epoch_end(row: dict, checkpoint_dir: Optional[str]) -> None:
@@ -168,8 +168,31 @@ def _trial_attempt(config: dict, ctx: TrialContext, cfg, trial_id: str, run_name
     if final:
         extra = {k: summary[k] for k in ("final_test_err", "best_test_err", "final_params", "final_flops")
                  if isinstance(summary.get(k), (int, float))}
+        if ctx.space.pair_with:
+            extra.update(_compute_pair(ctx, cfg, client, run_id, summary))
         tune.report(_numeric({**final["row"], **extra}),
                     checkpoint=tune.Checkpoint.from_directory(final["checkpoint_dir"]))
+
+
+def _compute_pair(ctx: TrialContext, cfg, client, run_id: str, summary: dict) -> dict:
+    """A trial that trained more epochs than train.epochs (reset_epochs: the paper's protocol) gets a second
+    pair, BL for as many epochs as it trained (equal training compute), trained now (its total is known once it
+    has rejuvenated) and shared by every trial with the same total: its id and the final difference to it are
+    logged on the trial's run. Nothing for a trial that trained train.epochs (the first pair is both bases)."""
+    import dataclasses
+
+    from nr_study.names import DELTA_COMPUTE_METRIC, TAG_PAIR_RUN_COMPUTE
+    from nr_study.sweep.pairs import train_pair
+
+    total = int(summary["history"][-1].get("total_epochs", cfg.train.epochs))
+    if total <= cfg.train.epochs or not isinstance(summary.get("final_test_err"), (int, float)):
+        return {}
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=total))
+    pair = train_pair(ctx, longer, client, basis="equal compute")
+    delta = float(summary["final_test_err"]) - float(pair["history"][-1]["test_err"])
+    client.set_tag(run_id, TAG_PAIR_RUN_COMPUTE, pair["run_id"])
+    client.log_metric(run_id, DELTA_COMPUTE_METRIC, delta)
+    return {DELTA_COMPUTE_METRIC: delta}
 
 
 def _write_trial_config(work: Path, config: dict) -> None:
