@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from nr_study.errors import ConfigError
 from nr_study.models import create_model
 from nr_study.nr import build_graph, rejuvenate, utilization
-from nr_study.nr.heads import SplitHeads, check_two_heads, split_halves
+from nr_study.nr.heads import SplitHeads, check_two_heads
+from nr_study.nr.splits import split_halves
 from nr_study.train import train
 from tests.nets import PlainVGG, TinyResNet, kill_channels
 

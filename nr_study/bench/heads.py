@@ -1,5 +1,5 @@
 """NR-CR's two classifiers against one (nr.cr_heads separate vs joint): the same model in NR-CR's block form
-(two equal halves, nr.heads.split_halves), one training step each, alternated on one batch. Separate runs the
+(two equal halves, nr.splits.split_halves), one training step each, alternated on one batch. Separate runs the
 head twice (on S's and on R's features) and sums two cross-entropies: the row says what that costs per step."""
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def bench_heads(sz: Sizes, device: torch.device) -> list[dict]:
     from nr_study.methods import Method
     from nr_study.models import create_model
     from nr_study.nr import build_graph
-    from nr_study.nr.heads import check_two_heads, split_halves
+    from nr_study.nr.heads import check_two_heads
+    from nr_study.nr.splits import split_halves
     from nr_study.train import train_step
 
     cuda = device.type == "cuda"

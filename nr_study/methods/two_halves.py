@@ -17,7 +17,8 @@ class TwoHalves(Method):
         self.halves = None
 
     def on_fit_start(self, model):
-        from nr_study.nr.heads import check_two_heads, split_halves
+        from nr_study.nr.heads import check_two_heads
+        from nr_study.nr.splits import split_halves
 
         if not self.resumed:  # a resumed run's checkpoint holds the two halves already
             graph = prunable_graph(model, self.input_shape, "BL-2H", self.cfg.model.name)

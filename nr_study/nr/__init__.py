@@ -11,7 +11,8 @@ _EXPORTS = {
     "NeuralRejuvenation": "hook",
     "CAConv": "schemes", "CRConv": "schemes",
     "LambdaController": "sparsity", "l1_subgradient_": "sparsity", "zero_optimizer_state": "optim_state",
-    "RejuvenationReport": "surgery", "prune": "surgery", "rejuvenate": "surgery", "split_to_ca": "surgery",
+    "RejuvenationReport": "surgery", "prune": "surgery", "rejuvenate": "surgery", "split_to_ca": "splits",
+    "split_halves": "splits",
 }
 
 

@@ -5,7 +5,7 @@ are two disjoint sub-networks up to the classifier. The official code runs the c
 weights and bias: once with R's input features zeroed (S's logits), once with S's zeroed (R's logits); the loss is
 CE(S) + CE(R) and the prediction comes from their sum. `SplitHeads` does that with a forward hook on the head
 layer — the model itself is unchanged, so its graph, cost and checkpoints are those of the joint model — and
-`split_halves` builds the control that trains such two halves from the first step (BL-2H).
+nr.splits.split_halves builds the control that trains such two halves from the first step (BL-2H).
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def r_features(graph: ChannelGraph, layer, survivors: dict[str, int]) -> torch.T
 class SplitHeads:
     """The head layer run on S's and on R's features (same weights and bias): the model outputs their sum, and
     `outputs()` gives each for the loss and the per-head errors. Installed as a forward hook; `remove()`.
-    ``survivors``: |S| per split group's producer (a rejuvenation's report, or split_halves')."""
+    ``survivors``: |S| per split group's producer (a rejuvenation's report, or nr.splits.split_halves')."""
 
     def __init__(self, model: nn.Module, input_shape, survivors: dict[str, int], graph: ChannelGraph | None = None):
         graph = graph or build_graph(model, input_shape)
@@ -85,38 +85,6 @@ class SplitHeads:
         if self._handle is not None:
             self._handle.remove()
             self._handle, self._last, self.active = None, {}, False
-
-
-def split_halves(model: nn.Module, input_shape, target_ratio: float = 1.0, constraint: str = "params",
-                 graph: ChannelGraph | None = None) -> tuple[nn.Module, dict]:
-    """BL-2H, in place: every free group becomes two halves of equal width S and R, NR-CR's form (no cross
-    blocks, so two disjoint sub-networks up to the layers with fixed outputs), the widths the largest whose cost
-    is at most target_ratio · C. The weights are not a trained net's: the caller initialises them (it trains from
-    step 1). Returns (model, {producer: half width})."""
-    from nr_study.nr.cost import widths_cost
-    from nr_study.nr.surgery import apply_surgery, base_cost
-
-    graph = graph or build_graph(model, input_shape)
-    target = target_ratio * base_cost(model, graph)[constraint]
-    free = graph.free_groups()
-
-    def halves(m: float) -> dict[int, int]:  # at most the current width: the surgery keeps h of its channels
-        return {g.id: min(g.width, max(1, int(m * g.width / 2))) for g in free}
-
-    def cost(m: float) -> int:
-        h = halves(m)
-        return widths_cost(graph, h, h, constraint, scheme="cr")
-
-    if cost(0.0) > target:
-        raise ValueError(f"target_ratio: {target_ratio}: two halves of one channel each cost {cost(0.0)} "
-                         f"{constraint}, more than the target {int(target)}; allowed: a larger target_ratio")
-    lo, hi = 0.0, 2.0
-    for _ in range(60):  # the largest m whose (step-function) cost fits
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(mid) <= target else (lo, mid)
-    h = halves(lo)
-    apply_surgery(model, graph, {g.id: torch.arange(h[g.id]) for g in free}, dict(h), scheme="cr")
-    return model, {g.producer: h[g.id] for g in free}
 
 
 def check_two_heads(model: nn.Module, graph: ChannelGraph) -> None:
