@@ -221,16 +221,22 @@ def rejuvenate(model: nn.Module, input_shape, target_ratio: float = 1.0, constra
         report.rejuvenated[g.producer] = r_count[g.id]
     options = dict(scheme=scheme, gamma0=gamma0, impl=impl, densify_cr=no_growth is None, gamma_new=gamma_new,
                    head_init=head_init)
-    if sources:  # replayed without rescaling on a coded copy: where every kept entry goes
-        report.sources = ParamSources.of_surgery(model, lambda twin: apply_surgery(
-            twin, copy.deepcopy(graph), live_idx, r_count, rescale=False, **options))
-    if sources and rescale:  # the factors neural rescaling puts on the kept entries' gradients
-        bn_weights = {f"{bn.name}.weight" for bn in graph.bns}
-        report.sources.rescaled(model, bn_weights, lambda twin: _rescale(dict(twin.named_modules()), graph,
-                                                                         live_idx, gamma0, None))
+    if sources:
+        report.sources = _sources(model, graph, live_idx, r_count, options, rescale)
     apply_surgery(model, graph, live_idx, r_count, rescale=rescale, report=report, **options)
     report.cost_after = graph_utilization(model, graph, constraint, masks={}).total
     return model, report
+
+
+def _sources(model: nn.Module, graph: ChannelGraph, keep, n_new, options: dict, rescale: bool) -> ParamSources:
+    """Where the surgery sends every kept entry (replayed without rescaling on a coded copy), and the factors
+    neural rescaling puts on the kept entries' gradients (replayed on a copy of ones)."""
+    out = ParamSources.of_surgery(model, lambda twin: apply_surgery(twin, copy.deepcopy(graph), keep, n_new,
+                                                                    rescale=False, **options))
+    if rescale:
+        out.rescaled(model, {f"{bn.name}.weight" for bn in graph.bns},
+                     lambda twin: _rescale(dict(twin.named_modules()), graph, keep, options["gamma0"], None))
+    return out
 
 
 def _target(model: nn.Module, input_shape, graph: ChannelGraph | None, inplace: bool):
