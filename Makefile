@@ -52,7 +52,7 @@ test-latest:
 	NR_STUDY_UNLOCKED=1 build/latest-venv/bin/python -m pytest -q tests -m "not slow" -p no:cacheprovider
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=25   # the slowest tests listed: where the suite's time goes
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests -m "not slow"
