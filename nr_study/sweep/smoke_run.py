@@ -6,7 +6,7 @@ cluster run goes through, on this machine, before a day of GPU time finds the mi
    own, `<runs>/smoke/<name>-<time>/` (its MLflow store, sweep folder, logs, report): the smoke's runs never
    reach the store the real tables read.
 2. launch: `nr-study sweep <smoke file> --tracking-uri <the smoke's own mlflow server>` in a child process: the
-   real Ray, MLflow, checkpoints; the fault injection SIGKILLs the first trial to checkpoint epoch 1 and the
+   real Ray, MLflow, checkpoints; the fault injection SIGKILLs the first trial to finish epoch 1 and the
    sweep's retry continues it. Once a checkpoint is written after that kill the launch gets Ctrl-C (SIGINT).
 3. resume: `nr-study sweep <smoke file> --resume <its folder> ...` finishes it (re-running nothing finished).
 4. check: per trial, from Ray's state and the MLflow run: finished, one run with each epoch once, its model
@@ -303,7 +303,7 @@ def check(sm: Smoke, uri: str, sweep_dir: Path, report: Path) -> tuple[list[Verd
         else:
             v.problem = _run_problem(client, run, cfg, v)
         if v.problem is None and t.num_failures:
-            v.done.append(f"SIGKILLed after its epoch-1 checkpoint and retried ({t.num_failures}x)")
+            v.done.append(f"SIGKILLed after epoch 1 and retried from its checkpoint ({t.num_failures}x)")
         if v.problem is None and built is not None:
             table = tags.get(TAG_TABLE)
             placed = [c for tb, c in where.get(run.info.run_id, []) if tb == table]
