@@ -244,9 +244,11 @@ def _run_problem(client, run, cfg, trial) -> Optional[str]:
     info = METHODS.get(cfg.method)
     if info is not None and info.hook and cfg.nr.max_rejuvenations > 0:
         first = dict((int(x.step), x.value) for x in client.get_metric_history(rid, "rejuvenations")).get(1, 0)
-        if first < 1 or "rejuvenations" not in arts:
+        if first < 1:
             return (f"no rejuvenation after epoch 1 (nr.tr {cfg.nr.tr}, nr.{cfg.nr.constraint}): the surgery did "
                     f"not run")
+        if "rejuvenations" not in arts:
+            return "rejuvenated after epoch 1, but no report of it was logged (rejuvenations/NNN.json)"
         trial.done.append(f"{int(m.get('rejuvenations', first))} rejuvenation(s) from epoch 1")
     if info is not None and "slim" in info.reads:
         if "slim_prune.json" not in arts:
