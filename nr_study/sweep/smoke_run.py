@@ -348,7 +348,8 @@ def run_smoke(path, overrides=(), *, runs=None, select: Optional[list] = None, o
         if sweep_dir is None:
             say(f"FAILED  launch (exit {rc}): {last_error(sm.folder / LAUNCH_LOG)}")
             return 2
-        killed = "after the forced worker kill and a checkpoint since" if sm.marker.exists() else "(no trial was killed)"
+        killed = ("after the forced worker kill and a checkpoint since" if sm.marker.exists()
+                  else "(no trial was killed)")
         say(f"launch: {'interrupted (Ctrl-C) ' + killed if interrupted else 'ended before it was interrupted'}, "
             f"exit {rc}")
         say(f"resume: --resume {sweep_dir} (log {sm.folder / RESUME_LOG})")
@@ -369,9 +370,26 @@ def run_smoke(path, overrides=(), *, runs=None, select: Optional[list] = None, o
         say(f"FAILED  {line}")
     say(f"tables and plots: {sm.folder / 'report' / 'index.html'}")
     ok = not failed and not overall
+    freed = drop_checkpoints(sm) if ok else ""
     say(f"smoke {'passed' if ok else 'FAILED'}: {len(verdicts) - len(failed)} of {sm.smoke.num_trials} trial(s) ok "
-        f"in {time.monotonic() - started:.0f} s; {sm.folder} holds {_size(sm.folder)} (delete it when done)")
+        f"in {time.monotonic() - started:.0f} s; {sm.folder} holds {_size(sm.folder)}{freed} (delete it when done)")
     return 0 if ok else 2
+
+
+def drop_checkpoints(sm: Smoke) -> str:
+    """A passed smoke's checkpoints (the trainer's state.pt and Ray's two copies per trial: 7 GB for Table 5's
+    twelve VGG-19 trials) are of no further use; a failed smoke keeps everything to look at."""
+    import shutil
+
+    gone = 0
+    for p in sm.folder.glob("sweeps/*/trials/*/state.pt"):
+        gone += p.stat().st_size
+        p.unlink()
+    for d in sm.folder.glob("sweeps/*/*/checkpoint_*"):
+        if d.is_dir():
+            gone += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            shutil.rmtree(d)
+    return f" after its checkpoints ({gone / 2**20:.0f} MiB) were removed" if gone else ""
 
 
 def _size(folder: Path) -> str:
