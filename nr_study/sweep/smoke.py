@@ -133,7 +133,9 @@ def smoke_document(doc: dict, space, *, cpus: int, cuda: bool, marker: str) -> t
         key = ALIASES.get(str(raw_key), str(raw_key))
         if key == VARIANT_KEY:
             entries = spec if isinstance(spec, list) else next(iter(spec.values()))
-            for entry in entries:
+            labels = next(d.values for d in space.dims if d.key == VARIANT_KEY)
+            for entry, label in zip(entries, labels):
+                entry.setdefault("name", label)  # a variant keeps its label (its trial's name) when values change
                 for k in list(entry):
                     ck = ALIASES.get(str(k), str(k))
                     if ck in values and entry[k] != values[ck]:
