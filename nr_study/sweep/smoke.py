@@ -136,11 +136,12 @@ def smoke_document(doc: dict, space, *, cpus: int, cuda: bool, marker: str) -> t
             labels = next(d.values for d in space.dims if d.key == VARIANT_KEY)
             for entry, label in zip(entries, labels):
                 entry.setdefault("name", label)  # a variant keeps its label (its trial's name) when values change
+                own = _variant_overrides(space, entry, device)  # its own values: min(its epochs, 2), ...
                 for k in list(entry):
                     ck = ALIASES.get(str(k), str(k))
-                    if ck in values and entry[k] != values[ck]:
-                        note(_group(ck), f"space.variant[{entry.get('name', '')}].{k}", entry[k], values[ck])
-                        entry[k] = values[ck]
+                    if ck in own and entry[k] != own[ck]:
+                        note(_group(ck), f"space.variant[{entry.get('name', '')}].{k}", entry[k], own[ck])
+                        entry[k] = own[ck]
         elif key in values:  # a dimension over a key the smoke sets: one value (those trials are one smoke trial)
             out["space"][raw_key] = [values[key]]
             note(_group(key), f"space.{raw_key}", spec, [values[key]])
@@ -170,6 +171,18 @@ def smoke_document(doc: dict, space, *, cpus: int, cuda: bool, marker: str) -> t
         f"testing.{k} -> {_fmt(v)}" for k, v in testing.items()]
     _check_every_trial(out, space.path, device)
     return out, groups
+
+
+def _variant_overrides(space, entry: dict, device: str) -> dict:
+    """The smoke's values for a variant's own settings (its epochs or batch, not the base's)."""
+    from nr_study.config import config_from_dict, config_to_dict, set_dotted
+    from nr_study.sweep.space_fields import ALIASES
+
+    d = copy.deepcopy(space.base)
+    for k, v in entry.items():
+        if k != "name":
+            set_dotted(d, ALIASES.get(str(k), str(k)), v)
+    return config_overrides(config_to_dict(config_from_dict(d)), device, every_method=True)
 
 
 def _check_every_trial(doc: dict, path: str, device: str) -> None:
