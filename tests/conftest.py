@@ -29,3 +29,14 @@ TINY = {
 def tiny_cfg() -> dict:
     """A nested config dict for a seconds-long CPU run: vgg_small (width 8) on 512 synthetic 1x28x28 images."""
     return copy.deepcopy(TINY)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs for a module's sweeps (test_searchers keeps its own of 1 CPU)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()

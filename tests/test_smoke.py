@@ -247,16 +247,6 @@ def smoke_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_SCALE)
 def test_smoke_of_a_shipped_full_scale_space(name, smoke_server, local_ray, tmp_path, monkeypatch):

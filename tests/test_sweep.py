@@ -61,16 +61,6 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
     d = tmp_path / "runs"
