@@ -114,11 +114,16 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
 def kill_channels(model: nn.Module, graph, fraction: float = 0.4, seed: int = 0) -> dict[int, torch.Tensor]:
     """Make a random subset of every free group's channels dead: γ = β = 0 in every BN over them."""
     g = torch.Generator().manual_seed(seed)
-    modules = dict(model.named_modules())
     dead = {}
     for grp in graph.free_groups():
         n_dead = int(grp.width * fraction)
         dead[grp.id] = torch.randperm(grp.width, generator=g)[:n_dead]
+    return silence(model, graph, dead)
+
+
+def silence(model: nn.Module, graph, dead: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Channels dead[g] of each group g made dead: γ = β = 0 in every BN over them (a concatenation included)."""
+    modules = dict(model.named_modules())
     with torch.no_grad():
         for bn in graph.bns:
             offset = 0

@@ -23,7 +23,7 @@ from nr_study.methods.cbp import ContinualBackprop
 from nr_study.methods.recycling import unit_groups
 from nr_study.methods.redo import ReDo
 from nr_study.nr import build_graph, zero_optimizer_state
-from tests.nets import INPUT, TINY_NETS, kill_channels, randomize_bn
+from tests.nets import INPUT, TINY_NETS, kill_channels, randomize_bn, silence
 from tests.randnets import random_net
 
 # the core fuzz's nets (its NR_FUZZ_SEEDS widens the draw); 100 by default: a seed takes ~1.5 s on a busy CPU
@@ -213,17 +213,7 @@ def kill(model: nn.Module, graph, counts: dict[int, int], seed: int) -> dict[int
     """counts[g] channels of each free group g made dormant: γ = β = 0 in every BN over them."""
     g = torch.Generator().manual_seed(seed)
     dead = {gid: torch.randperm(graph.groups[gid].width, generator=g)[:n].sort().values for gid, n in counts.items()}
-    mods = dict(model.named_modules())
-    with torch.no_grad():
-        for bn in graph.bns:
-            offset = 0
-            for gid, f in bn.layout:
-                if gid in dead:
-                    pos = (dead[gid][:, None] * f + torch.arange(f)).flatten() + offset
-                    mods[bn.name].weight[pos] = 0
-                    mods[bn.name].bias[pos] = 0
-                offset += graph.groups[gid].width * f
-    return dead
+    return silence(model, graph, dead)
 
 
 def cbp(model, shape, **kw) -> ContinualBackprop:
