@@ -140,6 +140,7 @@ class RunState:
             self.epoch, self.step, self.sched_offset = int(ck["epoch"]), int(ck["global_step"]), int(ck["sched_offset"])
             self.end_epoch, self.train_flops = int(ck["end_epoch"]), int(ck["train_flops"])
             self.history = [dict(r) for r in ck["history"]]
+            self.pending = [(a, dict(r)) for a, r in json.loads(ck.get("pending_json", "[]"))]
             set_rng_state(ck["rng"])  # last: building consumed random numbers
 
     def _placed(self, model: nn.Module) -> nn.Module:
@@ -271,9 +272,11 @@ class RunState:
             "epoch": self.epoch, "global_step": self.step, "sched_offset": self.sched_offset,
             "end_epoch": self.end_epoch, "train_flops": self.train_flops,
             "rng": rng_state(), "run_id": self.tracker.run_id, "history": self.history,
+            "pending_json": json.dumps(self.pending),  # a kill before they are logged must not lose them
         }, self.ckpt_dir / CKPT_NAME)
 
     def log_pending(self) -> None:
+        """The events' reports, once their epoch's checkpoint holds them (again after a resume: same files)."""
         for name, obj in self.pending:
             self.tracker.log_dict(obj, name)
         self.pending.clear()

@@ -350,6 +350,7 @@ def _tracked(run: RunState, ck: Optional[dict], started: float, *, run_id, tags,
         tracker.log_data(cfg.data, run.data)
         if ck is not None:
             tracker.sync_history(run.history)
+            run.log_pending()  # the reports of an epoch whose logging a kill cut short
             if progress:
                 print(f"resumed from {ckpt_dir / CKPT_NAME} at epoch {run.epoch} (run {tracker.run_id})", flush=True)
         set_rng_state(rng)

@@ -183,6 +183,30 @@ def test_resume_after_rejuvenation_is_exact_and_logs_each_epoch_once(nr_run, tra
         assert steps(c, rid, k) == [1, 2, 3, 4], k
 
 
+def test_a_cut_after_the_rejuvenations_checkpoint_still_logs_its_report(nr_run, tracking_uri, tmp_path, monkeypatch):
+    # The rejuvenation's epoch is checkpointed, then its logging fails (a kill or MLflow down there): the report
+    # travels in the checkpoint and the resume logs it; without it the run would finish with no rejuvenation file.
+    (at,) = [r["epoch"] for r in nr_run["history"] if r["rejuvenations"] == 1][:1]
+    real_log = T.RunTracker.log_epoch
+
+    def flaky(self, epoch, metrics):
+        if epoch == at:
+            raise ConnectionError("tracking server unreachable")
+        return real_log(self, epoch, metrics)
+
+    monkeypatch.setattr(T.RunTracker, "log_epoch", flaky)
+    with pytest.raises(ConnectionError):
+        train(copy.deepcopy(NR), tracking_uri=tracking_uri, checkpoint_dir=tmp_path, progress=False)
+    c = MlflowClient(tracking_uri)
+    rid = load_checkpoint(tmp_path)["run_id"]
+    assert c.list_artifacts(rid, "rejuvenations") == []
+    monkeypatch.setattr(T.RunTracker, "log_epoch", real_log)
+    train(copy.deepcopy(NR), tracking_uri=tracking_uri, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert [f.path for f in c.list_artifacts(rid, "rejuvenations")] == ["rejuvenations/001.json"]
+    rep = json.loads(Path(T.download_artifact(rid, "rejuvenations/001.json", tracking_uri, str(tmp_path))).read_text())
+    assert rep["epoch"] == at and rep["widths_before"] != rep["widths_after"]
+
+
 # 32 steps an epoch: NR rejuvenates once near step 27 (epoch 1, or 2 on a CPU whose numerics shift it a little)
 NR32 = dict(NR, data=dict(BASE["data"], n_train=1024, n_test=64), optim={"lr": 0.1, "schedule": "cosine"},
             train=dict(BASE["train"], epochs=2))
