@@ -18,10 +18,9 @@ minutes on this machine (the keys, old -> new, are printed before it starts):
 - the sweep: its own name and MLflow experiment (`<name>-smoke`, `<experiment>-smoke`, tag nr.smoke), the
   CPUs/GPU this machine has, FIFO (every trial runs to its end), one retry per trial, and the test-only fault
   injection: the first trial to finish epoch 1 is SIGKILLed once, so the sweep's retry runs (it reloads the
-  epoch-1 checkpoint, after an NR trial's surgery). It is killed after its epoch is logged, not between the
-  checkpoint and the logging: a kill there loses the epoch's rejuvenation report (rejuvenations/NNN.json: the
-  trainer keeps it to log after the checkpoint, and the checkpoint does not hold it), which this smoke found and
-  would report for every NR trial killed there.
+  epoch-1 checkpoint, after an NR trial's surgery). It is killed between the checkpoint and the epoch's logging,
+  the hardest moment: the resumed run must still log that epoch and its rejuvenation report (the report travels
+  in the checkpoint; the per-trial check fails a trial that rejuvenated without one).
 
 `smoke_variant(config) -> (config, {key: (old, new)})` is the rule for one training config; `smoke_document`
 applies it to a search-space document (its base for every method, and any dimension over a key it sets) and
@@ -165,7 +164,7 @@ def smoke_document(doc: dict, space, *, cpus: int, cuda: bool, marker: str) -> t
     tags = dict(out.get("tags") or {})
     tags["smoke"] = "true"
     out["tags"] = tags
-    testing = {"kill_at_epoch": 1, "kill_point": "after_epoch", "kill_once_marker": str(marker)}
+    testing = {"kill_at_epoch": 1, "kill_point": "after_checkpoint", "kill_once_marker": str(marker)}
     base["testing"] = testing
     groups["fault injection (once, the first trial to finish epoch 1; its retry continues it)"] = [
         f"testing.{k} -> {_fmt(v)}" for k, v in testing.items()]
