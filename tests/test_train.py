@@ -156,24 +156,29 @@ def test_nr_rejuvenates_and_logs_event(nr_run, tracking_uri, tmp_path):
     assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
-def test_resume_after_rejuvenation_is_exact_and_logs_each_epoch_once(nr_run, tracking_uri, tmp_path, monkeypatch):
-    ref = nr_run["history"]
+def _train_until_logging_fails_at(epoch: int, tracking_uri, ckpt_dir, monkeypatch) -> None:
+    """NR trains until MLflow "goes down" right after `epoch`'s checkpoint is written (the run stops there)."""
     real_log = T.RunTracker.log_epoch
 
-    def flaky(self, epoch, metrics):  # MLflow "goes down" right after epoch 3's checkpoint is written
-        if epoch == 3:
+    def flaky(self, e, metrics):
+        if e == epoch:
             raise ConnectionError("tracking server unreachable")
-        return real_log(self, epoch, metrics)
+        return real_log(self, e, metrics)
 
-    monkeypatch.setattr(T.RunTracker, "log_epoch", flaky)
-    with pytest.raises(ConnectionError):
-        train(copy.deepcopy(NR), tracking_uri=tracking_uri, checkpoint_dir=tmp_path, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(T.RunTracker, "log_epoch", flaky)
+        with pytest.raises(ConnectionError):
+            train(copy.deepcopy(NR), tracking_uri=tracking_uri, checkpoint_dir=ckpt_dir, progress=False)
+
+
+def test_resume_after_rejuvenation_is_exact_and_logs_each_epoch_once(nr_run, tracking_uri, tmp_path, monkeypatch):
+    ref = nr_run["history"]
+    _train_until_logging_fails_at(3, tracking_uri, tmp_path, monkeypatch)
     ck = load_checkpoint(tmp_path)
     assert ck["epoch"] == 3 and ck["rejuvenations"] == 1 and ck["model"]["arch_spec_json"]
     c = MlflowClient(tracking_uri)
     rid = ck["run_id"]
     assert c.get_run(rid).info.status == "FAILED" and steps(c, rid, "test_err") == [1, 2]
-    monkeypatch.setattr(T.RunTracker, "log_epoch", real_log)
 
     s = train(copy.deepcopy(NR), tracking_uri=tracking_uri, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert s["run_id"] == rid and c.get_run(rid).info.status == "FINISHED"
@@ -186,21 +191,11 @@ def test_resume_after_rejuvenation_is_exact_and_logs_each_epoch_once(nr_run, tra
 def test_a_cut_after_the_rejuvenations_checkpoint_still_logs_its_report(nr_run, tracking_uri, tmp_path, monkeypatch):
     # The rejuvenation's epoch is checkpointed, then its logging fails (a kill or MLflow down there): the report
     # travels in the checkpoint and the resume logs it; without it the run would finish with no rejuvenation file.
-    (at,) = [r["epoch"] for r in nr_run["history"] if r["rejuvenations"] == 1][:1]
-    real_log = T.RunTracker.log_epoch
-
-    def flaky(self, epoch, metrics):
-        if epoch == at:
-            raise ConnectionError("tracking server unreachable")
-        return real_log(self, epoch, metrics)
-
-    monkeypatch.setattr(T.RunTracker, "log_epoch", flaky)
-    with pytest.raises(ConnectionError):
-        train(copy.deepcopy(NR), tracking_uri=tracking_uri, checkpoint_dir=tmp_path, progress=False)
+    at = next(r["epoch"] for r in nr_run["history"] if r["rejuvenations"] == 1)
+    _train_until_logging_fails_at(at, tracking_uri, tmp_path, monkeypatch)
     c = MlflowClient(tracking_uri)
     rid = load_checkpoint(tmp_path)["run_id"]
     assert c.list_artifacts(rid, "rejuvenations") == []
-    monkeypatch.setattr(T.RunTracker, "log_epoch", real_log)
     train(copy.deepcopy(NR), tracking_uri=tracking_uri, checkpoint_dir=tmp_path, resume=True, progress=False)
     assert [f.path for f in c.list_artifacts(rid, "rejuvenations")] == ["rejuvenations/001.json"]
     rep = json.loads(Path(T.download_artifact(rid, "rejuvenations/001.json", tracking_uri, str(tmp_path))).read_text())
