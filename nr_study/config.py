@@ -153,12 +153,17 @@ class TrackingCfg:
 @dataclass(frozen=True)
 class FaultInjectionCfg:
     """The `testing:` section — for tests only, never for a real run: the trainer SIGKILLs its own process at a
-    known point, so the fault tests can check what a kill leaves (checkpoints, runs, retries). Kept apart from
-    the training settings it has nothing to do with."""
+    known point, so the fault tests can check what a kill leaves (checkpoints, runs, retries), or kills channels
+    so that the smoke's NR trials rejuvenate at once. Kept apart from the training settings it has nothing to do
+    with."""
 
     kill_at_epoch: Optional[int] = F(None, rng(1), doc="SIGKILL the training process at this epoch")
     kill_once_marker: Optional[str] = F(None, doc="kill only while this file is absent (it is created then)")
     kill_point: str = F("after_epoch", choice(("after_checkpoint", "after_epoch")))
+    silence_fraction: Optional[float] = F(None, rng(0.0, 1.0, True, True),
+                                          doc="NR methods: zero the γ of this fraction (more if r stays >= Tr) of "
+                                              "every layer's weakest channels before each end-of-epoch check "
+                                              "(the smoke)")
 
 
 @dataclass(frozen=True)

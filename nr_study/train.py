@@ -148,6 +148,7 @@ def fit(run: "RunState", tracker, on_epoch_end: Optional[Callable] = None, progr
                 with time_in("adopt"):  # a new model: optimizer rebuilt, cost measured
                     run.adopt(event, progress)
         stats.check()
+        _smoke_silence(run)
         with time_in("method_events"):
             event = method.end_of_epoch()
         with time_in("adopt"):
@@ -176,6 +177,23 @@ def fit(run: "RunState", tracker, on_epoch_end: Optional[Callable] = None, progr
         _fault_kill(run.cfg.testing, run.epoch, "after_epoch")
     run.phases["method_l1"] = run.phases.get("method_l1", 0.0)
     run.phases["steps"] = run.phases.get("steps", 0.0) - run.phases["method_l1"]  # L1 ran inside the steps
+
+
+def _smoke_silence(run: "RunState") -> None:
+    """The `testing:` section's silence_fraction (the smoke): while an NR method can still rejuvenate, the weakest
+    channels of every layer die before its end-of-epoch check — that fraction, more where r would stay at or
+    above Tr (99 %, then all but one a layer: r's floor) — so it rejuvenates now, from survivors in every layer as
+    after a real run's L1. (One channel a layer everywhere makes the regrowth uniform: VGG-16 at 224 px regrew
+    580 channels in every layer, its 224 px layers too.)"""
+    from nr_study.nr.cost import silence_weakest
+
+    fraction, hook = run.cfg.testing.silence_fraction, getattr(run.method, "hook", None)
+    if not fraction or hook is None or not hook.flag_on:
+        return
+    for f in (fraction, 1.0 - (1.0 - fraction) / 10, 1.0):
+        silence_weakest(hook.model, hook.graph, f)
+        if hook.utilization().ratio < hook.cfg.tr:
+            return
 
 
 def _fault_kill(testing, epoch: int, point: str) -> None:

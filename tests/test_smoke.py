@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from nr_study.config import config_from_dict, config_to_dict, flatten
-from nr_study.sweep.smoke import (SMOKE_BATCH, SMOKE_DEAD_THRESHOLD, SMOKE_EPOCHS, SMOKE_STEPS, SMOKE_TEST_IMAGES,
+from nr_study.sweep.smoke import (SMOKE_BATCH, SMOKE_EPOCHS, SMOKE_SILENCED, SMOKE_STEPS, SMOKE_TEST_IMAGES,
                                   smoke_variant)
 from nr_study.sweep.space import load_search_space
 
@@ -23,9 +23,9 @@ FULL_SCALE = ["table1_ablation.yaml", "table2_imagenet.yaml", "table3_mobilenet.
 CPU_SCALE = ["fmnist_table4.yaml", "fmnist_table5.yaml", "demo.yaml"]
 # Every key a smoke trial may train differently from the trial it stands for (the module doc of smoke.py says why).
 MAY_CHANGE = {"train.epochs", "train.batch_size", "train.device", "train.threads", "data.n_train", "data.n_test",
-              "data.synthetic_stand_in", "nr.delta_t", "nr.delta_t_unit", "nr.dead_threshold", "slim.prune_epoch",
+              "data.synthetic_stand_in", "nr.delta_t", "nr.delta_t_unit", "slim.prune_epoch",
               "tracking.experiment", "tracking.run_name",  # the run name shows a variant's smoke value
-              "testing.kill_at_epoch", "testing.kill_point", "testing.kill_once_marker"}
+              "testing.kill_at_epoch", "testing.kill_point", "testing.kill_once_marker", "testing.silence_fraction"}
 MACHINE = (2, False)  # 2 CPUs, no GPU: what the smoke's trials get here
 
 
@@ -45,7 +45,7 @@ def test_smoke_variant_changes_only_what_a_laptop_needs_and_says_what():
     assert changed == {"train.epochs": (90, SMOKE_EPOCHS), "train.batch_size": (256, SMOKE_BATCH),
                        "data.n_train": (None, SMOKE_BATCH * SMOKE_STEPS), "data.n_test": (None, SMOKE_TEST_IMAGES),
                        "train.device": ("cuda", "cpu"), "data.synthetic_stand_in": (False, True),
-                       "nr.dead_threshold": (0.01, SMOKE_DEAD_THRESHOLD)}  # Δt is already 1 epoch
+                       "testing.silence_fraction": (None, SMOKE_SILENCED)}  # Δt is already 1 epoch
     full = config_to_dict(config_from_dict(out))
     # what a cluster run could trip over is kept: architecture, input size, method, NR's own settings
     assert (full["model"]["name"], full["data"]["name"], full["data"]["image_size"], full["method"]) == \
@@ -57,12 +57,12 @@ def test_smoke_variant_changes_only_what_a_laptop_needs_and_says_what():
 
 def test_smoke_variant_sets_only_the_keys_the_method_reads():
     bl = dict(_imagenet_nr(), method="BL")
-    assert not [k for k in smoke_variant(bl)[1] if k.startswith(("nr.", "slim."))]
+    assert not [k for k in smoke_variant(bl)[1] if k.startswith(("nr.", "slim.", "testing."))]
     nr0 = dict(_imagenet_nr(), method="NR-CR", nr={"max_rejuvenations": 0, "delta_t": 20, "delta_t_unit": "step"})
-    assert not [k for k in smoke_variant(nr0)[1] if k.startswith("nr.")]  # nothing to rejuvenate
+    assert not [k for k in smoke_variant(nr0)[1] if k.startswith(("nr.", "testing."))]  # nothing to rejuvenate
     nr = dict(nr0, nr={"delta_t": 20, "delta_t_unit": "step"})
-    assert {k: v for k, v in smoke_variant(nr)[1].items() if k.startswith("nr.")} == {
-        "nr.delta_t": (20, 1), "nr.delta_t_unit": ("step", "epoch"), "nr.dead_threshold": (0.01, SMOKE_DEAD_THRESHOLD)}
+    assert {k: v for k, v in smoke_variant(nr)[1].items() if k.startswith(("nr.", "testing."))} == {
+        "nr.delta_t": (20, 1), "nr.delta_t_unit": ("step", "epoch"), "testing.silence_fraction": (None, SMOKE_SILENCED)}
     slim = dict(_imagenet_nr(), method="SLIM", slim={"prune_epoch": 60})
     assert smoke_variant(slim)[1]["slim.prune_epoch"] == (60, 1)
     small = {"method": "BL", "data": {"name": "synthetic"}, "train": {"epochs": 1, "batch_size": 2}}
@@ -163,7 +163,7 @@ def test_smoke_keeps_a_sweep_table_of_its_own(tmp_path, capsys):
     rc, err, out = _cli(capsys, path, "--smoke", "--dry-run", "--runs", tmp_path / "runs")
     assert rc == 0 and not err, err
     assert "changed, NR methods, to rejuvenate after epoch 1: nr.delta_t_unit step -> epoch, nr.delta_t 20 -> 1, " \
-           "nr.dead_threshold 0.01 -> 0.99999" in out
+           "testing.silence_fraction null -> 0.9" in out
     assert "demo-smoke" in out and not (tmp_path / "runs").exists()
 
 
@@ -253,8 +253,7 @@ def test_smoke_of_a_shipped_full_scale_space(name, smoke_server, local_ray, tmp_
     """One trial of the space through the smoke's own checks: its real architecture at its real input size, its
     method (an NR variant rejuvenates after epoch 1 and its retry reloads the rejuvenated network from the
     checkpoint: the forced kill lands there), the run complete and in a cell of the space's table. Steps of 2
-    images (the command's: SMOKE_BATCH): what a cluster run trips over is the same. (One step an epoch is too few
-    for the γ to spread: MobileNet's r(FLOPs) then stayed above Tr after epoch 1.)"""
+    images (the command's: SMOKE_BATCH): what a cluster run trips over is the same."""
     from nr_study.sweep import smoke
     from nr_study.sweep.runner import run_sweep
     from nr_study.sweep.smoke_run import check, drop_checkpoints, prepare, write
@@ -281,3 +280,30 @@ def test_smoke_of_a_shipped_full_scale_space(name, smoke_server, local_ray, tmp_
     assert drop_checkpoints(sm).startswith(" after its checkpoints (")  # what a passed smoke does; tmp stays small
     assert not list(sm.folder.glob("sweeps/*/trials/*/state.pt"))
     assert not list(sm.folder.glob("sweeps/*/*/checkpoint_*"))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_silencing_leaves_every_layers_strongest_channels_and_nothing_else_live(seed):
+    """testing.silence_fraction (the smoke's way to make NR rejuvenate at once), on random graphs: every free
+    group keeps live exactly its w - min(floor(f w), w - 1) channels of largest |γ|, so each layer keeps
+    survivors (the regrowth follows the architecture) and r falls."""
+    import random
+
+    import torch
+
+    from nr_study.nr import build_graph, live_masks
+    from nr_study.nr.cost import graph_utilization, silence_weakest
+    from tests.randnets import randomize, random_net
+
+    model, shape, _ = random_net(seed, allow_refused=False)
+    randomize(model, seed)
+    graph = build_graph(model, shape)
+    fraction = random.Random(seed).uniform(0.5, 0.95)
+    before = {g.id: model.get_submodule(g.bn).weight.detach().abs().clone() for g in graph.free_groups()}
+    silence_weakest(model, graph, fraction)
+    masks = live_masks(model, graph, 0.01)
+    for gid, gamma in before.items():
+        keep = len(gamma) - min(int(fraction * len(gamma)), len(gamma) - 1)
+        assert set(torch.nonzero(masks[gid]).flatten().tolist()) == set(gamma.topk(keep).indices.tolist()), gid
+    if before:
+        assert graph_utilization(model, graph, "params", masks=masks).ratio < 1.0

@@ -51,6 +51,16 @@ def live_masks(model: nn.Module, graph: ChannelGraph, threshold: float = 0.01) -
     return masks
 
 
+def silence_weakest(model: nn.Module, graph: ChannelGraph, fraction: float) -> None:
+    """Zero the γ of the weakest ``fraction`` of every free group's channels in its unit BN (at least one stays):
+    dead channels on demand, spread over every layer the way L1 leaves them (the smoke's way to rejuvenate now)."""
+    with torch.no_grad():
+        for g in graph.free_groups():
+            gamma = _submodule(model, g.bn).weight
+            k = min(int(fraction * len(gamma)), len(gamma) - 1)
+            gamma[gamma.abs().argsort(stable=True)[:k]] = 0.0
+
+
 def keep_one_per_side(mask: torch.Tensor, score: torch.Tensor, sides: list[torch.Tensor]) -> torch.Tensor:
     """``mask`` with, in every index set of ``sides`` that it leaves empty, the highest-scoring channel added."""
     out = mask.clone()
