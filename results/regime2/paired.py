@@ -4,7 +4,10 @@ error, its BL at equal epochs (nr.pair_run) and, under reset_epochs, its BL at e
 pair of arms (same seed), with the training compute each used. Reads MLflow only; a seed that lacks one side of
 a comparison is left out of that comparison (its n says so).
 
-    python results/regime2/paired.py --experiment nr-regime2 [--tracking-uri URI]
+    python results/regime2/paired.py --experiment nr-regime2 [--tracking-uri URI ...]
+
+More than one --tracking-uri reads the experiment from each store (arms run as separate sweeps in separate run
+folders, e.g. a control trained beside the main sweep) and pairs them by seed as if they were one store's.
 """
 import argparse
 import itertools
@@ -23,9 +26,9 @@ def rejuvenated_at(run) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--experiment", required=True)
-    ap.add_argument("--tracking-uri")
+    ap.add_argument("--tracking-uri", action="append", default=None)
     args = ap.parse_args()
-    runs = RunStore(args.tracking_uri, [args.experiment]).finished()
+    runs = [r for uri in args.tracking_uri or [None] for r in RunStore(uri, [args.experiment]).finished()]
     by_id = {r.run_id: r for r in runs}
     trials = [r for r in runs if r.tags.get(TAG_PAIRED_BASELINE) != "true" and r.tags.get(TAG_CELL)]
     if not trials:
@@ -49,9 +52,8 @@ def main() -> None:
             if r is None:
                 line.append("–")
                 continue
-            rel = flops(r) / flops(bl) if bl else float("nan")
-            line.append(f"{err(r):.2f} (rej {rejuvenated_at(r)}, {int(r.metrics.get('total_epochs', 0))} ep, "
-                        f"{rel:.2f}×)")
+            rel = f", {flops(r) / flops(bl):.2f}×" if bl else ""  # an arm run without pair_with has no BL
+            line.append(f"{err(r):.2f} (rej {rejuvenated_at(r)}, {int(r.metrics.get('total_epochs', 0))} ep{rel})")
             for basis, tag in (("equal epochs", TAG_PAIR_RUN), ("equal compute", TAG_PAIR_RUN_COMPUTE)):
                 b = by_id.get(r.tags.get(tag))
                 if b is not None:
