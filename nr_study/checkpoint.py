@@ -5,8 +5,8 @@ A checkpoint (torch.load(weights_only=True)) holds the configuration (JSON), the
 kwargs, core architecture spec as JSON, weights), the optimizer, the method's state (`Method.state_dict()`), the
 epoch, step, schedule offset, planned epochs and training FLOPs so far, the RNG states, the MLflow run id, the
 metric history and the events' reports not yet logged, so a run resumed after a rejuvenation or a prune continues
-bit for bit on CPU. It is written atomically (a crash or a full disk leaves the previous one), and a file that is not ours, or one written for
-another method/architecture/dataset, is refused with one line before anything runs.
+bit for bit on CPU. It is written atomically (a crash or a full disk leaves the previous one), and a file that is
+not ours, or one written for another method/architecture/dataset, is refused with one line before anything runs.
 """
 from __future__ import annotations
 
